@@ -1,0 +1,213 @@
+//! The control API: line-delimited JSON over a unix socket.
+//!
+//! Request: `{"command": "status"}` (or `pause`, `resume`, `shutdown`,
+//! `dirty-start` with `"source": "kvm-bitmap"`, `dirty-harvest`,
+//! `dirty-stop`, `dirty-stats`). Response: `{"ok": true, "result": ...}` or
+//! `{"ok": false, "error": "..."}`. One request per line; a connection may
+//! send several.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::dirty::DirtySourceKind;
+use crate::runner::VmControl;
+
+/// A request on the control socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    Pause,
+    Resume,
+    Shutdown,
+    DirtyStart { source: DirtySourceKind },
+    DirtyHarvest,
+    DirtyStop,
+    DirtyStats,
+}
+
+/// A response on the control socket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    fn ok(result: Value) -> Self {
+        Response {
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+    fn err(e: impl ToString) -> Self {
+        Response {
+            ok: false,
+            result: None,
+            error: Some(e.to_string()),
+        }
+    }
+}
+
+/// Parses one request line.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))
+}
+
+/// Carries out `req` on the VM.
+pub fn handle(req: &Request, ctl: &VmControl) -> Response {
+    match req {
+        Request::Status => {
+            let d = ctl.dirty.lock().unwrap();
+            Response::ok(json!({
+                "state": ctl.state(),
+                "vcpus": ctl.vcpu_count,
+                "mem_mib": ctl.vm.mem_size() >> 20,
+                "uptime_s": ctl.started.elapsed().as_secs_f64(),
+                "dirty_source": d.source.as_ref().map(|s| s.kind()),
+            }))
+        }
+        Request::Pause => Response::ok(json!({ "state": ctl.pause() })),
+        Request::Resume => Response::ok(json!({ "state": ctl.resume() })),
+        Request::Shutdown => {
+            ctl.stop(0);
+            Response::ok(json!({ "state": "stopping" }))
+        }
+        Request::DirtyStart { source } => match ctl.dirty_start(*source) {
+            Ok(()) => Response::ok(json!({ "source": source })),
+            Err(e) => Response::err(e),
+        },
+        Request::DirtyHarvest => match ctl.dirty_harvest() {
+            Ok(b) => Response::ok(json!({ "pages": b.count(), "ranges": b.ranges().len() })),
+            Err(e) => Response::err(e),
+        },
+        Request::DirtyStop => match ctl.dirty_stop() {
+            Ok(()) => Response::ok(json!({})),
+            Err(e) => Response::err(e),
+        },
+        Request::DirtyStats => {
+            let d = ctl.dirty.lock().unwrap();
+            Response::ok(json!({
+                "source": d.source.as_ref().map(|s| s.kind()),
+                "rounds": d.rounds,
+                "pages_total": d.pages_total,
+                "last_round_pages": d.last_round_pages,
+                "ring_entries_total": ctl.ring.as_ref().map(|r| r.entries_total()),
+            }))
+        }
+    }
+}
+
+fn serve_connection(stream: UnixStream, ctl: &VmControl) {
+    let mut out = match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { return };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let resp = match parse_request(&line) {
+            Ok(req) => handle(&req, ctl),
+            Err(e) => Response::err(e),
+        };
+        let mut text = serde_json::to_string(&resp).expect("response serializes");
+        text.push('\n');
+        if out.write_all(text.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// The listening socket; removes its path when dropped.
+pub struct ApiServer {
+    path: PathBuf,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Serves the API on `path` from a background thread.
+pub fn serve(path: &Path, ctl: Arc<VmControl>) -> std::io::Result<ApiServer> {
+    if path.exists() && UnixStream::connect(path).is_err() {
+        // A socket file left by a dead VMM.
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let c = ctl.clone();
+                let _ = std::thread::Builder::new()
+                    .name("api-conn".into())
+                    .spawn(move || serve_connection(conn, &c));
+            }
+        })?;
+    Ok(ApiServer {
+        path: path.to_path_buf(),
+    })
+}
+
+/// Sends one request and returns the response (the client side).
+pub fn call(path: &Path, req: &Request) -> anyhow::Result<Response> {
+    let mut stream = UnixStream::connect(path)
+        .map_err(|e| anyhow::anyhow!("cannot connect to the API socket {}: {e}", path.display()))?;
+    let mut text = serde_json::to_string(req)?;
+    text.push('\n');
+    stream.write_all(text.as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    if line.is_empty() {
+        anyhow::bail!("the VMM closed the API connection without answering");
+    }
+    Ok(serde_json::from_str(&line)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_tagged_json() {
+        let r = parse_request(r#"{"command":"dirty-start","source":"kvm-ring"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::DirtyStart {
+                source: DirtySourceKind::KvmRing
+            }
+        );
+        assert_eq!(
+            parse_request(r#"{"command":"status"}"#).unwrap(),
+            Request::Status
+        );
+        let text = serde_json::to_string(&Request::DirtyStats).unwrap();
+        assert_eq!(text, r#"{"command":"dirty-stats"}"#);
+    }
+
+    #[test]
+    fn bad_requests_are_rejected_with_a_message() {
+        assert!(parse_request("{").unwrap_err().contains("bad request"));
+        assert!(parse_request(r#"{"command":"reboot"}"#).is_err());
+        assert!(parse_request(r#"{"command":"dirty-start","source":"nope"}"#).is_err());
+    }
+
+    #[test]
+    fn responses_omit_empty_fields() {
+        let t = serde_json::to_string(&Response::err("boom")).unwrap();
+        assert_eq!(t, r#"{"ok":false,"error":"boom"}"#);
+    }
+}

@@ -1,0 +1,229 @@
+//! `ldt-vmm bench dirty`: the VM analogue of the LDT paper's write-only
+//! experiment. A ring-3 flat payload writes W pages of an S-page working set
+//! per round, untracked and under each dirty source, all in one run; the
+//! report gives guest write time relative to untracked, harvest time, and
+//! pages reported vs written.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::arch::layout::PAGE_SIZE;
+use crate::dirty::{self, DirtyOptions, DirtySourceKind};
+use crate::flat::{FlatError, WriterVm, MAX_PAGES_PER_COMMAND};
+
+/// First page of the working set (above the payload at 1 MiB).
+pub const WORKING_SET_BASE: u64 = 2 << 20;
+
+/// Parameters of the dirty benchmark.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct DirtyBenchConfig {
+    pub working_set_pages: u64,
+    pub write_pages: u64,
+    pub bytes_per_page: u32,
+    pub rounds: u32,
+    pub seed: u64,
+    pub ring_entries: u32,
+}
+
+/// Results of one tracking mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct DirtyBenchResult {
+    pub mode: String,
+    pub write_ms_median: f64,
+    pub write_ratio_vs_untracked: f64,
+    pub harvest_ms_median: f64,
+    pub pages_written: u64,
+    pub pages_reported: u64,
+    pub missed: u64,
+    pub false_positives: u64,
+}
+
+/// A small deterministic PRNG (xorshift64*), shared with the tests.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.max(1))
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// `k` distinct values of `0..n`, in random order.
+    pub fn sample(&mut self, n: u64, k: u64) -> Vec<u64> {
+        let mut all: Vec<u64> = (0..n).collect();
+        let k = k.min(n) as usize;
+        for i in 0..k {
+            let j = i + (self.next_u64() % (n - i as u64)) as usize;
+            all.swap(i, j);
+        }
+        all.truncate(k);
+        all
+    }
+}
+
+/// Guest-physical address of working-set page `i`.
+pub fn working_set_page(i: u64) -> u64 {
+    WORKING_SET_BASE + i * PAGE_SIZE
+}
+
+/// Guest RAM the benchmark needs for `pages` working-set pages.
+pub fn mem_mib_for(pages: u64) -> u64 {
+    let end = working_set_page(pages) + (2 << 20);
+    end.div_ceil(2 << 20) * 2
+}
+
+fn median(v: &mut [Duration]) -> f64 {
+    v.sort();
+    v.get(v.len() / 2)
+        .map(|d| d.as_secs_f64() * 1e3)
+        .unwrap_or(0.0)
+}
+
+fn write_pages(
+    vm: &mut WriterVm,
+    pages: &[u64],
+    bytes: u32,
+    value: u8,
+) -> Result<Duration, FlatError> {
+    let mut t = Duration::ZERO;
+    for chunk in pages.chunks(MAX_PAGES_PER_COMMAND) {
+        t += vm.write_round(chunk, bytes, value)?;
+    }
+    Ok(t)
+}
+
+/// Runs one mode (`None` = untracked).
+fn run_mode(
+    cfg: &DirtyBenchConfig,
+    kind: Option<DirtySourceKind>,
+) -> anyhow::Result<DirtyBenchResult> {
+    let ring = (kind == Some(DirtySourceKind::KvmRing)).then_some(cfg.ring_entries);
+    let mut vm = WriterVm::new(mem_mib_for(cfg.working_set_pages), ring)?;
+    let all: Vec<u64> = (0..cfg.working_set_pages).map(working_set_page).collect();
+    // First touch, untimed: the guest faults every page in once.
+    write_pages(&mut vm, &all, 1, 0xff)?;
+
+    let mut source = match kind {
+        Some(k) => {
+            let mut s = dirty::create(k, DirtyOptions::default(), vm.machine.ring.clone())?;
+            dirty::reset_vmm_writes(&vm.machine.vm);
+            s.start(&vm.machine.vm)?;
+            // Drop whatever start reports (INITIALLY_SET reports everything).
+            dirty::harvest(s.as_mut(), &vm.machine.vm)?;
+            Some(s)
+        }
+        None => None,
+    };
+
+    let mut rng = Rng::new(cfg.seed);
+    let (mut writes, mut harvests) = (Vec::new(), Vec::new());
+    let (mut written, mut reported, mut missed, mut fps) = (0, 0, 0, 0);
+    for round in 0..cfg.rounds {
+        let pages: Vec<u64> = rng
+            .sample(cfg.working_set_pages, cfg.write_pages)
+            .into_iter()
+            .map(working_set_page)
+            .collect();
+        writes.push(write_pages(
+            &mut vm,
+            &pages,
+            cfg.bytes_per_page,
+            round as u8,
+        )?);
+        written += pages.len() as u64;
+        if let Some(s) = source.as_mut() {
+            let t = Instant::now();
+            let bitmap = dirty::harvest(s.as_mut(), &vm.machine.vm)?;
+            harvests.push(t.elapsed());
+            reported += bitmap.count();
+            let miss = pages.iter().filter(|p| !bitmap.is_dirty(**p)).count() as u64;
+            missed += miss;
+            fps += bitmap.count() - (pages.len() as u64 - miss);
+        }
+    }
+    if let Some(mut s) = source {
+        s.stop(&vm.machine.vm)?;
+    }
+    vm.stop()?;
+    Ok(DirtyBenchResult {
+        mode: kind
+            .map(|k| k.name().to_string())
+            .unwrap_or_else(|| "untracked".into()),
+        write_ms_median: median(&mut writes),
+        write_ratio_vs_untracked: 0.0,
+        harvest_ms_median: median(&mut harvests),
+        pages_written: written,
+        pages_reported: reported,
+        missed,
+        false_positives: fps,
+    })
+}
+
+/// Runs every mode side by side and fills in the ratios.
+pub fn dirty(cfg: &DirtyBenchConfig) -> anyhow::Result<Vec<DirtyBenchResult>> {
+    let mut results = vec![run_mode(cfg, None)?];
+    for k in DirtySourceKind::ALL {
+        results.push(run_mode(cfg, Some(k))?);
+    }
+    let base = results[0].write_ms_median.max(1e-6);
+    for r in &mut results {
+        r.write_ratio_vs_untracked = r.write_ms_median / base;
+    }
+    Ok(results)
+}
+
+/// The human-readable table.
+pub fn table(cfg: &DirtyBenchConfig, results: &[DirtyBenchResult]) -> String {
+    let mut s = format!(
+        "dirty bench: {} of {} pages per round, {} byte(s) each, {} rounds (guest ring 3)\n",
+        cfg.write_pages, cfg.working_set_pages, cfg.bytes_per_page, cfg.rounds
+    );
+    s += &format!(
+        "{:<11} {:>12} {:>10} {:>12} {:>9} {:>9} {:>6} {:>6}\n",
+        "mode", "write ms", "x untrk", "harvest ms", "written", "reported", "missed", "fp"
+    );
+    for r in results {
+        s += &format!(
+            "{:<11} {:>12.3} {:>10.2} {:>12.3} {:>9} {:>9} {:>6} {:>6}\n",
+            r.mode,
+            r.write_ms_median,
+            r.write_ratio_vs_untracked,
+            r.harvest_ms_median,
+            r.pages_written,
+            r.pages_reported,
+            r.missed,
+            r.false_positives
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_is_distinct_and_in_range() {
+        let mut r = Rng::new(7);
+        let s = r.sample(1000, 300);
+        let mut d = s.clone();
+        d.sort();
+        d.dedup();
+        assert_eq!(d.len(), 300);
+        assert!(s.iter().all(|x| *x < 1000));
+        assert_eq!(Rng::new(7).sample(1000, 300), s, "deterministic for a seed");
+        assert_eq!(r.sample(5, 10).len(), 5);
+    }
+
+    #[test]
+    fn memory_covers_the_working_set() {
+        let mib = mem_mib_for(16384);
+        assert!(mib << 20 > working_set_page(16384));
+        assert_eq!(mib % 2, 0);
+    }
+}

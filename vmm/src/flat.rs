@@ -1,0 +1,192 @@
+//! The flat-payload harness: runs the built-in `writer` payload one round at
+//! a time, telling it which pages to write, so tests and benchmarks know the
+//! exact set of pages the guest wrote in every round.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::arch::cpuid::CpuProfile;
+use crate::arch::layout::{FLAT_CMD_ADDR, FLAT_CMD_END, PAGE_SIZE};
+use crate::builder::{self, BootSource, BuildError, Machine, VmResources};
+use crate::devices::console::ConsoleOut;
+use crate::vm::vcpu::{VcpuError, VcpuEvent};
+
+/// The writer payload (see `payloads/writer.S`).
+pub const WRITER_PAYLOAD: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/writer.bin"));
+/// A payload that prints a line from ring 3 and resets.
+pub const HELLO_PAYLOAD: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.bin"));
+/// A payload that triple-faults.
+pub const TRIPLE_FAULT_PAYLOAD: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/triple-fault.bin"));
+
+const OP_STOP: u32 = 0;
+const OP_WRITE: u32 = 1;
+const HEADER_BYTES: u64 = 16;
+
+/// Most pages one command can list.
+pub const MAX_PAGES_PER_COMMAND: usize =
+    ((FLAT_CMD_END - FLAT_CMD_ADDR - HEADER_BYTES) / 4) as usize;
+
+/// Errors of the harness.
+#[derive(Debug, thiserror::Error)]
+pub enum FlatError {
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("writing the command block: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+    #[error("cannot write the payload to a temporary file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("payload reset the VM before its sync point")]
+    UnexpectedReset,
+    #[error("command lists {0} pages, at most {MAX_PAGES_PER_COMMAND} fit")]
+    TooManyPages(usize),
+    #[error("bytes per page must be 1..=4096 (got {0})")]
+    BadBytes(u32),
+}
+
+/// A VM running the writer payload, stopped at its sync point between rounds.
+pub struct WriterVm {
+    pub machine: Machine,
+    pub console: Arc<Mutex<Vec<u8>>>,
+    rounds: u32,
+}
+
+/// Writes an embedded payload to a file (the loader takes a path, like the CLI).
+pub fn payload_file(bytes: &[u8], name: &str) -> std::io::Result<tempfile_path::TempPath> {
+    tempfile_path::TempPath::create(bytes, name)
+}
+
+impl WriterVm {
+    /// Boots the writer with `mem_mib` MiB of RAM and runs it to its first
+    /// sync point. `dirty_ring` enables KVM's dirty ring with that many entries.
+    pub fn new(mem_mib: u64, dirty_ring: Option<u32>) -> Result<Self, FlatError> {
+        let file = payload_file(WRITER_PAYLOAD, "writer")?;
+        let (out, console) = ConsoleOut::buffer();
+        let res = VmResources {
+            mem_mib,
+            vcpus: 1,
+            cpu_profile: CpuProfile::detect(),
+            boot: BootSource::Flat(file.path().to_path_buf()),
+            dirty_ring_entries: dirty_ring,
+            console: out,
+        };
+        let machine = builder::build(&res)?;
+        let mut vm = WriterVm {
+            machine,
+            console,
+            rounds: 0,
+        };
+        vm.resume_to_sync()?;
+        Ok(vm)
+    }
+
+    /// Guest-physical pages (4 KiB aligned) of the command block that a
+    /// command listing `pages` pages occupies: the VMM writes them.
+    pub fn command_pages(pages: usize) -> Vec<u64> {
+        let end = FLAT_CMD_ADDR + HEADER_BYTES + 4 * pages as u64;
+        (FLAT_CMD_ADDR..end).step_by(PAGE_SIZE as usize).collect()
+    }
+
+    /// Runs one round: the payload writes `bytes` bytes of `value` at the
+    /// start of each page in `pages` (guest-physical, page aligned), then
+    /// stops at its sync point. Returns the time the vCPU ran.
+    pub fn write_round(
+        &mut self,
+        pages: &[u64],
+        bytes: u32,
+        value: u8,
+    ) -> Result<Duration, FlatError> {
+        if pages.len() > MAX_PAGES_PER_COMMAND {
+            return Err(FlatError::TooManyPages(pages.len()));
+        }
+        if bytes == 0 || bytes as u64 > PAGE_SIZE {
+            return Err(FlatError::BadBytes(bytes));
+        }
+        let mut block = Vec::with_capacity(HEADER_BYTES as usize + 4 * pages.len());
+        for w in [OP_WRITE, pages.len() as u32, bytes, value as u32] {
+            block.extend_from_slice(&w.to_le_bytes());
+        }
+        for p in pages {
+            block.extend_from_slice(&((p / PAGE_SIZE) as u32).to_le_bytes());
+        }
+        self.machine
+            .vm
+            .memory
+            .write_slice(&block, GuestAddress(FLAT_CMD_ADDR))?;
+        let t = Instant::now();
+        self.resume_to_sync()?;
+        Ok(t.elapsed())
+    }
+
+    /// Tells the payload to stop; it resets the VM.
+    pub fn stop(mut self) -> Result<(), FlatError> {
+        self.machine
+            .vm
+            .memory
+            .write_obj(OP_STOP, GuestAddress(FLAT_CMD_ADDR))?;
+        match self.machine.vcpus[0].run()? {
+            VcpuEvent::Reset => Ok(()),
+            other => Err(VcpuError::Unexpected {
+                cpu: 0,
+                exit: format!("{other:?} instead of the reset"),
+            }
+            .into()),
+        }
+    }
+
+    /// Rounds completed so far.
+    pub fn rounds(&self) -> u32 {
+        self.rounds
+    }
+
+    fn resume_to_sync(&mut self) -> Result<(), FlatError> {
+        loop {
+            match self.machine.vcpus[0].run()? {
+                VcpuEvent::FlatSync(n) => {
+                    self.rounds = n;
+                    return Ok(());
+                }
+                VcpuEvent::Kicked => continue,
+                VcpuEvent::Reset => return Err(FlatError::UnexpectedReset),
+            }
+        }
+    }
+}
+
+/// A file holding an embedded payload, removed when dropped.
+pub mod tempfile_path {
+    use std::path::{Path, PathBuf};
+
+    pub struct TempPath(PathBuf);
+
+    impl TempPath {
+        pub fn create(bytes: &[u8], name: &str) -> std::io::Result<TempPath> {
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path =
+                std::env::temp_dir().join(format!("ldt-vmm-{}-{n}-{name}.bin", std::process::id()));
+            std::fs::write(&path, bytes)?;
+            Ok(TempPath(path))
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempPath {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+/// Whether `path` is readable as a flat payload (for CLI messages).
+pub fn is_file(path: &Path) -> bool {
+    path.is_file()
+}

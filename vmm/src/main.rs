@@ -1,0 +1,289 @@
+//! The `ldt-vmm` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use ldt_vmm::api::{self, Request};
+use ldt_vmm::arch::cpuid::CpuProfile;
+use ldt_vmm::bench::{self, DirtyBenchConfig};
+use ldt_vmm::builder::{self, BootSource, VmResources};
+use ldt_vmm::devices::console::ConsoleOut;
+use ldt_vmm::dirty::{DirtyOptions, DirtySourceKind};
+use ldt_vmm::loader::LinuxBoot;
+use ldt_vmm::runner::{self, RunOptions};
+
+/// Words every Linux guest gets: serial console, reset through the i8042
+/// (which ends the VM), no PCI or modules to probe.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off nomodules i8042.noaux i8042.nomux i8042.dumbkbd";
+
+#[derive(Parser)]
+#[command(
+    name = "ldt-vmm",
+    version,
+    about = "A small KVM VMM with dirty-page tracking for live migration",
+    long_about = "ldt-vmm boots Linux guests (ELF vmlinux or bzImage) or flat test payloads on KVM,\n\
+tracks the pages they dirty with KVM's dirty logs, and is controlled over a JSON API.\n\n\
+Examples:\n  ldt-vmm run images/guest.img\n  ldt-vmm run --flat payload.bin\n  \
+ldt-vmm run vmlinux --initrd initrd.cpio --mem 512 --vcpus 2 --api /tmp/vm.sock\n  \
+ldt-vmm ctl --api /tmp/vm.sock status\n  ldt-vmm bench dirty --write-pages 4096"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest and run it until it powers off.
+    #[command(
+        after_help = "Examples:\n  ldt-vmm run images/guest.img --cmdline-append 'ldt.run=uname%20-a'\n  \
+ldt-vmm run /boot/vmlinuz --initrd initrd.img --cpu-profile compat\n  \
+ldt-vmm run --flat payload.bin   # payload built with: as --64 p.S -o p.o && ld -Ttext=0x100000 --oformat binary p.o -o payload.bin\n\n\
+The process exits with the guest's status: 0 when it resets through the i8042, the byte it wrote to\n\
+port 0x501 if any, 1 on a VMM or guest error (triple fault, KVM internal error)."
+    )]
+    Run(RunArgs),
+    /// Send a command to a running VM's API socket and print the JSON answer.
+    #[command(after_help = "Examples:\n  ldt-vmm ctl --api /tmp/vm.sock status\n  \
+ldt-vmm ctl --api /tmp/vm.sock dirty-start kvm-ring\n  ldt-vmm ctl --api /tmp/vm.sock dirty-harvest")]
+    Ctl(CtlArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Linux kernel: ELF vmlinux (64-bit entry) or bzImage.
+    #[arg(required_unless_present = "flat", conflicts_with = "flat")]
+    kernel: Option<PathBuf>,
+    /// Boot a flat payload instead: loaded and entered at 0x100000 in 64-bit mode.
+    #[arg(long, value_name = "FILE")]
+    flat: Option<PathBuf>,
+    /// Initramfs for the kernel.
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    /// Replace the default kernel command line.
+    #[arg(long, value_name = "STR", conflicts_with = "cmdline_append")]
+    cmdline: Option<String>,
+    /// Words to add to the default kernel command line.
+    #[arg(long, value_name = "STR")]
+    cmdline_append: Option<String>,
+    /// Guest RAM in MiB (a multiple of 2).
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Serve the JSON control API on this unix socket.
+    #[arg(long, value_name = "SOCKET")]
+    api: Option<PathBuf>,
+    /// CPU features: `compat` hides what this project's PVM hosts cannot emulate.
+    /// Default: compat where /sys/module/kvm_pvm exists, host elsewhere.
+    #[arg(long, value_enum)]
+    cpu_profile: Option<CpuProfile>,
+    #[command(flatten)]
+    dirty: DirtyArgs,
+}
+
+#[derive(Args, Clone, Copy)]
+struct DirtyArgs {
+    /// Enable KVM's dirty ring with this many entries per vCPU (needed for the
+    /// kvm-ring source; it must exist before the vCPUs and then replaces the bitmap sources).
+    #[arg(long, value_name = "ENTRIES")]
+    dirty_ring: Option<u32>,
+    /// kvm-clear: pages per KVM_CLEAR_DIRTY_LOG call (multiple of 64; default 1 GiB worth).
+    #[arg(long, default_value_t = DirtyOptions::default().clear_chunk_pages, value_name = "PAGES")]
+    clear_chunk_pages: u64,
+    /// kvm-clear: do not use KVM_DIRTY_LOG_INITIALLY_SET.
+    #[arg(long)]
+    no_initially_set: bool,
+}
+
+impl DirtyArgs {
+    fn options(&self) -> DirtyOptions {
+        DirtyOptions {
+            clear_chunk_pages: self.clear_chunk_pages,
+            initially_set: !self.no_initially_set,
+            ring_entries: self
+                .dirty_ring
+                .unwrap_or(DirtyOptions::default().ring_entries),
+        }
+    }
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// The VM's API socket.
+    #[arg(long, value_name = "SOCKET")]
+    api: PathBuf,
+    #[command(subcommand)]
+    request: CtlRequest,
+}
+
+#[derive(Subcommand)]
+enum CtlRequest {
+    /// Run state, vCPUs, memory, uptime.
+    Status,
+    /// Stop all vCPUs.
+    Pause,
+    /// Resume paused vCPUs.
+    Resume,
+    /// End the VM (exit status 0).
+    Shutdown,
+    /// Start dirty tracking with a source.
+    DirtyStart {
+        #[arg(value_enum)]
+        source: DirtySourceKind,
+    },
+    /// Harvest one round of dirty pages and print how many.
+    DirtyHarvest,
+    /// Stop dirty tracking.
+    DirtyStop,
+    /// Counters of the current dirty-tracking session.
+    DirtyStats,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Guest write cost and harvest cost under each dirty source, side by side.
+    #[command(
+        after_help = "Example:\n  ldt-vmm bench dirty --working-set-pages 16384 --write-pages 16384 --bytes 1 --json"
+    )]
+    Dirty(DirtyBenchArgs),
+}
+
+#[derive(Args)]
+struct DirtyBenchArgs {
+    /// Working-set size S in 4 KiB pages.
+    #[arg(long, default_value_t = 16384)]
+    working_set_pages: u64,
+    /// Pages W written per round (a random subset of the working set).
+    #[arg(long, default_value_t = 16384)]
+    write_pages: u64,
+    /// Bytes written per page: 1 or 4096 (any 1..=4096 works).
+    #[arg(long, default_value_t = 1)]
+    bytes: u32,
+    /// Measured rounds per mode.
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
+    /// Seed of the page choice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Dirty-ring entries for kvm-ring.
+    #[arg(long, default_value_t = 65536)]
+    ring_entries: u32,
+    /// Also print one JSON line per mode.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let profile = args.cpu_profile.unwrap_or_else(CpuProfile::detect);
+    let boot = match (&args.flat, &args.kernel) {
+        (Some(f), _) => BootSource::Flat(f.clone()),
+        (None, Some(k)) => {
+            let mut cmdline = args
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+            for w in profile.kernel_cmdline_words() {
+                cmdline.push(' ');
+                cmdline.push_str(w);
+            }
+            if let Some(extra) = &args.cmdline_append {
+                cmdline.push(' ');
+                cmdline.push_str(extra);
+            }
+            BootSource::Linux(LinuxBoot {
+                kernel: k.clone(),
+                initrd: args.initrd.clone(),
+                cmdline,
+            })
+        }
+        (None, None) => anyhow::bail!("give a kernel or --flat FILE"),
+    };
+    let res = VmResources {
+        mem_mib: args.mem,
+        vcpus: args.vcpus,
+        cpu_profile: profile,
+        boot,
+        dirty_ring_entries: args.dirty.dirty_ring,
+        console: ConsoleOut::Stdout,
+    };
+    let machine = builder::build(&res)?;
+    runner::run(
+        machine,
+        RunOptions {
+            api_socket: args.api,
+            dirty_options: args.dirty.options(),
+        },
+    )
+}
+
+fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
+    let req = match args.request {
+        CtlRequest::Status => Request::Status,
+        CtlRequest::Pause => Request::Pause,
+        CtlRequest::Resume => Request::Resume,
+        CtlRequest::Shutdown => Request::Shutdown,
+        CtlRequest::DirtyStart { source } => Request::DirtyStart { source },
+        CtlRequest::DirtyHarvest => Request::DirtyHarvest,
+        CtlRequest::DirtyStop => Request::DirtyStop,
+        CtlRequest::DirtyStats => Request::DirtyStats,
+    };
+    let resp = api::call(&args.api, &req)?;
+    println!("{}", serde_json::to_string(&resp)?);
+    Ok(if resp.ok { 0 } else { 1 })
+}
+
+fn bench_dirty(a: DirtyBenchArgs) -> anyhow::Result<i32> {
+    anyhow::ensure!(
+        a.write_pages <= a.working_set_pages,
+        "--write-pages must not exceed --working-set-pages"
+    );
+    anyhow::ensure!((1..=4096).contains(&a.bytes), "--bytes must be 1..=4096");
+    let cfg = DirtyBenchConfig {
+        working_set_pages: a.working_set_pages,
+        write_pages: a.write_pages,
+        bytes_per_page: a.bytes,
+        rounds: a.rounds,
+        seed: a.seed,
+        ring_entries: a.ring_entries,
+    };
+    let results = bench::dirty(&cfg).context("dirty benchmark")?;
+    print!("{}", bench::table(&cfg, &results));
+    if a.json {
+        for r in &results {
+            println!(
+                "{}",
+                serde_json::json!({ "bench": "dirty", "config": cfg, "result": r })
+            );
+        }
+    }
+    Ok(if results.iter().any(|r| r.missed > 0) {
+        1
+    } else {
+        0
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run(a),
+        Command::Ctl(a) => ctl(a),
+        Command::Bench(BenchCommand::Dirty(a)) => bench_dirty(a),
+    };
+    match result {
+        Ok(status) => ExitCode::from(status.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("ldt-vmm: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! Runs a built VM: one thread per vCPU, the main thread's event loop for
+//! console input and the end of the VM, and optionally the control API.
+
+use std::io::{IsTerminal, Read};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::Killable;
+use vmm_sys_util::terminal::Terminal;
+
+use crate::builder::Machine;
+use crate::devices::LegacyDevices;
+use crate::dirty::{self, DirtyError, DirtyOptions, DirtySource, DirtySourceKind};
+use crate::vm::vcpu::{self, Vcpu, VcpuEvent};
+use crate::vm::Vm;
+
+/// Run state of the vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunState {
+    Running,
+    Paused,
+    Stopping,
+}
+
+struct Shared {
+    state: RunState,
+    /// vCPU threads currently parked because of a pause.
+    parked: usize,
+    exit_status: Option<i32>,
+}
+
+/// Dirty tracking started through the API.
+#[derive(Default)]
+pub struct DirtyTracking {
+    pub source: Option<Box<dyn DirtySource>>,
+    pub rounds: u64,
+    pub pages_total: u64,
+    pub last_round_pages: u64,
+}
+
+/// The handle the API (and later migration) uses to control a running VM.
+pub struct VmControl {
+    pub vm: Arc<Vm>,
+    pub devices: Arc<Mutex<LegacyDevices>>,
+    pub ring: Option<Arc<dirty::kvm_ring::RingCollector>>,
+    pub dirty_options: DirtyOptions,
+    pub dirty: Mutex<DirtyTracking>,
+    pub started: Instant,
+    pub vcpu_count: usize,
+    shared: Mutex<Shared>,
+    changed: Condvar,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    exit_evt: EventFd,
+}
+
+impl VmControl {
+    pub fn state(&self) -> RunState {
+        self.shared.lock().unwrap().state
+    }
+
+    /// Stops every vCPU at its next exit and waits until all are parked.
+    pub fn pause(&self) -> RunState {
+        let mut s = self.shared.lock().unwrap();
+        if s.state != RunState::Running {
+            return s.state;
+        }
+        s.state = RunState::Paused;
+        drop(s);
+        self.kick_all();
+        let mut s = self.shared.lock().unwrap();
+        while s.state == RunState::Paused && s.parked < self.vcpu_count {
+            s = self.changed.wait(s).unwrap();
+        }
+        s.state
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&self) -> RunState {
+        let mut s = self.shared.lock().unwrap();
+        if s.state == RunState::Paused {
+            s.state = RunState::Running;
+            self.changed.notify_all();
+        }
+        s.state
+    }
+
+    /// Ends the VM with `status` (the first reason to end wins).
+    pub fn stop(&self, status: i32) {
+        let mut s = self.shared.lock().unwrap();
+        if s.exit_status.is_none() {
+            s.exit_status = Some(status);
+        }
+        s.state = RunState::Stopping;
+        self.changed.notify_all();
+        drop(s);
+        self.kick_all();
+        let _ = self.exit_evt.write(1);
+    }
+
+    fn kick_all(&self) {
+        for t in self.threads.lock().unwrap().iter() {
+            let _ = t.kill(vcpu::kick_signal());
+        }
+    }
+
+    /// Starts dirty tracking with `kind`.
+    pub fn dirty_start(&self, kind: DirtySourceKind) -> Result<(), DirtyError> {
+        let mut d = self.dirty.lock().unwrap();
+        if let Some(s) = &d.source {
+            return Err(DirtyError::Config(format!(
+                "dirty tracking already running ({})",
+                s.kind()
+            )));
+        }
+        let mut source = dirty::create(kind, self.dirty_options, self.ring.clone())?;
+        dirty::reset_vmm_writes(&self.vm);
+        source.start(&self.vm)?;
+        *d = DirtyTracking {
+            source: Some(source),
+            ..Default::default()
+        };
+        Ok(())
+    }
+
+    /// One harvest round; returns the dirty bitmap.
+    pub fn dirty_harvest(&self) -> Result<dirty::DirtyBitmap, DirtyError> {
+        let mut d = self.dirty.lock().unwrap();
+        let source = d
+            .source
+            .as_mut()
+            .ok_or_else(|| DirtyError::Config("dirty tracking is not running".into()))?;
+        let bitmap = dirty::harvest(source.as_mut(), &self.vm)?;
+        let n = bitmap.count();
+        d.rounds += 1;
+        d.pages_total += n;
+        d.last_round_pages = n;
+        Ok(bitmap)
+    }
+
+    /// Stops dirty tracking.
+    pub fn dirty_stop(&self) -> Result<(), DirtyError> {
+        let mut d = self.dirty.lock().unwrap();
+        match d.source.take() {
+            Some(mut s) => s.stop(&self.vm),
+            None => Err(DirtyError::Config("dirty tracking is not running".into())),
+        }
+    }
+
+    /// Parks the calling vCPU thread while paused; false when stopping.
+    fn wait_runnable(&self) -> bool {
+        let mut s = self.shared.lock().unwrap();
+        if s.state == RunState::Paused {
+            s.parked += 1;
+            self.changed.notify_all();
+            while s.state == RunState::Paused {
+                s = self.changed.wait(s).unwrap();
+            }
+            s.parked -= 1;
+        }
+        s.state == RunState::Running
+    }
+}
+
+fn vcpu_thread(mut vcpu: Vcpu, ctl: Arc<VmControl>) {
+    while ctl.wait_runnable() {
+        match vcpu.run() {
+            Ok(VcpuEvent::Reset) => {
+                let status = ctl.devices.lock().unwrap().exit_status.unwrap_or(0);
+                ctl.stop(status as i32);
+            }
+            Ok(VcpuEvent::FlatSync(_)) | Ok(VcpuEvent::Kicked) => {}
+            Err(e) => {
+                eprintln!("ldt-vmm: {e}");
+                ctl.stop(1);
+            }
+        }
+    }
+}
+
+/// Feeds stdin to the UART and ends the loop when the VM ends.
+struct ConsoleLoop {
+    ctl: Arc<VmControl>,
+    stdin_open: bool,
+    done: bool,
+}
+
+const TOKEN_STDIN: u32 = 0;
+const TOKEN_EXIT: u32 = 1;
+
+impl MutEventSubscriber for ConsoleLoop {
+    fn init(&mut self, ops: &mut EventOps) {
+        if self.stdin_open {
+            let stdin = std::io::stdin();
+            let ev = Events::with_data_raw(stdin.as_raw_fd(), TOKEN_STDIN, EventSet::IN);
+            if ops.add(ev).is_err() {
+                // stdin that epoll refuses (a regular file, /dev/null) gives no input.
+                self.stdin_open = false;
+            }
+        }
+        ops.add(Events::with_data(
+            &self.ctl.exit_evt,
+            TOKEN_EXIT,
+            EventSet::IN,
+        ))
+        .expect("epoll accepts an eventfd");
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            TOKEN_STDIN => {
+                let mut buf = [0u8; 256];
+                match std::io::stdin().lock().read(&mut buf) {
+                    Ok(n) if n > 0 => self.ctl.devices.lock().unwrap().queue_input(&buf[..n]),
+                    _ => {
+                        let _ = ops.remove(events);
+                    }
+                }
+            }
+            _ => {
+                let _ = self.ctl.exit_evt.read();
+                self.done = true;
+            }
+        }
+    }
+}
+
+/// How to run.
+pub struct RunOptions {
+    pub api_socket: Option<PathBuf>,
+    pub dirty_options: DirtyOptions,
+}
+
+/// Runs `machine` until the guest resets or is shut down; returns the exit
+/// status for the process.
+pub fn run(machine: Machine, opts: RunOptions) -> anyhow::Result<i32> {
+    vcpu::register_kick_handler()?;
+    let Machine {
+        vm,
+        vcpus,
+        devices,
+        ring,
+    } = machine;
+    let ctl = Arc::new(VmControl {
+        vm,
+        devices,
+        ring,
+        dirty_options: opts.dirty_options,
+        dirty: Mutex::new(DirtyTracking::default()),
+        started: Instant::now(),
+        vcpu_count: vcpus.len(),
+        shared: Mutex::new(Shared {
+            state: RunState::Running,
+            parked: 0,
+            exit_status: None,
+        }),
+        changed: Condvar::new(),
+        threads: Mutex::new(Vec::new()),
+        exit_evt: EventFd::new(EFD_NONBLOCK)?,
+    });
+
+    let _api = match &opts.api_socket {
+        Some(path) => Some(crate::api::serve(path, ctl.clone())?),
+        None => None,
+    };
+
+    let stdin = std::io::stdin();
+    let raw = stdin.is_terminal() && stdin.lock().set_raw_mode().is_ok();
+    for v in vcpus {
+        let c = ctl.clone();
+        let name = format!("vcpu{}", v.id);
+        let h = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || vcpu_thread(v, c))?;
+        ctl.threads.lock().unwrap().push(h);
+    }
+
+    let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()?;
+    let console = Arc::new(Mutex::new(ConsoleLoop {
+        ctl: ctl.clone(),
+        stdin_open: true,
+        done: false,
+    }));
+    events.add_subscriber(console.clone());
+    while !console.lock().unwrap().done {
+        events.run()?;
+    }
+    if raw {
+        let _ = stdin.lock().set_canon_mode();
+    }
+    let threads: Vec<_> = ctl.threads.lock().unwrap().drain(..).collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    let status = ctl.shared.lock().unwrap().exit_status.unwrap_or(0);
+    Ok(status)
+}
