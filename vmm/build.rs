@@ -13,7 +13,7 @@ fn run(cmd: &mut Command) {
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
-    for name in ["writer", "hello", "triple-fault"] {
+    for name in ["writer", "hello", "triple-fault", "spin"] {
         let src = format!("payloads/{name}.S");
         println!("cargo:rerun-if-changed={src}");
         let obj = out.join(format!("{name}.o"));

@@ -2,7 +2,6 @@
 //! a time, telling it which pages to write, so tests and benchmarks know the
 //! exact set of pages the guest wrote in every round.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +17,8 @@ use crate::vm::vcpu::{VcpuError, VcpuEvent};
 pub const WRITER_PAYLOAD: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/writer.bin"));
 /// A payload that prints a line from ring 3 and resets.
 pub const HELLO_PAYLOAD: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.bin"));
+/// A payload that increments a counter at 0x300000 forever.
+pub const SPIN_PAYLOAD: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/spin.bin"));
 /// A payload that triple-faults.
 pub const TRIPLE_FAULT_PAYLOAD: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/triple-fault.bin"));
@@ -184,9 +185,4 @@ pub mod tempfile_path {
             let _ = std::fs::remove_file(&self.0);
         }
     }
-}
-
-/// Whether `path` is readable as a flat payload (for CLI messages).
-pub fn is_file(path: &Path) -> bool {
-    path.is_file()
 }

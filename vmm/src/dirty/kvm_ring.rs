@@ -22,13 +22,16 @@ use crate::vm::{MemorySlot, Vm};
 
 const KVM_DIRTY_GFN_F_DIRTY: u32 = 1;
 const KVM_DIRTY_GFN_F_RESET: u32 = 2;
+/// Smallest ring KVM accepts: one page of 16-byte entries.
+pub const MIN_RING_ENTRIES: u32 = 256;
 
 /// Enables the dirty ring on `vm` with `entries` entries per vCPU. Must run
 /// before any vCPU exists.
 pub fn enable(vm: &VmFd, entries: u32) -> Result<(), DirtyError> {
-    if !entries.is_power_of_two() || entries < 16 {
+    // KVM wants a power-of-two ring of at least one page (256 entries).
+    if !entries.is_power_of_two() || entries < MIN_RING_ENTRIES {
         return Err(DirtyError::Config(format!(
-            "dirty ring size must be a power of two >= 16 entries (got {entries})"
+            "dirty ring size must be a power of two >= {MIN_RING_ENTRIES} entries (got {entries})"
         )));
     }
     let bytes = entries as usize * std::mem::size_of::<kvm_dirty_gfn>();
@@ -130,6 +133,7 @@ struct CollectorState {
     /// Pages drained but not yet handed out by a harvest.
     pending: DirtyBitmap,
     entries_total: u64,
+    full_exits: u64,
 }
 
 /// All vCPU rings of a VM, drained by harvests and by ring-full exits.
@@ -150,6 +154,7 @@ impl RingCollector {
                 rings: Vec::new(),
                 pending: DirtyBitmap::empty(slots),
                 entries_total: 0,
+                full_exits: 0,
             }),
         }
     }
@@ -168,6 +173,7 @@ impl RingCollector {
             rings,
             pending,
             entries_total,
+            ..
         } = &mut *st;
         let mut n = 0;
         for r in rings.iter_mut() {
@@ -195,10 +201,16 @@ impl RingCollector {
     pub fn entries_total(&self) -> u64 {
         self.state.lock().unwrap().entries_total
     }
+
+    /// `KVM_EXIT_DIRTY_RING_FULL` exits handled so far.
+    pub fn full_exits(&self) -> u64 {
+        self.state.lock().unwrap().full_exits
+    }
 }
 
 impl DirtyRingFull for RingCollector {
     fn ring_full(&self) -> Result<(), String> {
+        self.state.lock().unwrap().full_exits += 1;
         self.collect().map_err(|e| e.to_string())
     }
 }

@@ -1,0 +1,229 @@
+//! The `ldt-vmm` binary end to end: flat payloads, bad input, the API.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ldt_vmm::flat::{tempfile_path::TempPath, HELLO_PAYLOAD, SPIN_PAYLOAD, TRIPLE_FAULT_PAYLOAD};
+
+fn vmm() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ldt-vmm"));
+    c.stdin(Stdio::null());
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    vmm().args(args).output().expect("ldt-vmm runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Asserts a clean failure: non-zero status, `needle` in stderr, no panic.
+fn fails_with(out: &Output, needle: &str) {
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "should fail: {err}");
+    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+    assert!(!err.contains("panicked"), "panicked: {err}");
+}
+
+fn file(bytes: &[u8], name: &str) -> TempPath {
+    TempPath::create(bytes, name).unwrap()
+}
+
+#[test]
+fn flat_payload_prints_from_ring3_and_exits_zero() {
+    let p = file(HELLO_PAYLOAD, "hello");
+    let out = run(&["run", "--flat", p.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello from ring 3\n");
+}
+
+#[test]
+fn triple_fault_is_reported_with_the_rip() {
+    let p = file(TRIPLE_FAULT_PAYLOAD, "tf");
+    let out = run(&["run", "--flat", p.path().to_str().unwrap()]);
+    fails_with(&out, "triple fault");
+    assert!(
+        text(&out.stderr).contains("RIP 0x10000"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn missing_kernel_is_a_clear_error() {
+    fails_with(
+        &run(&["run", "/nonexistent/vmlinux"]),
+        "cannot read /nonexistent/vmlinux",
+    );
+}
+
+#[test]
+fn empty_flat_payload_is_a_clear_error() {
+    let p = file(b"", "empty");
+    fails_with(
+        &run(&["run", "--flat", p.path().to_str().unwrap()]),
+        "is empty",
+    );
+}
+
+#[test]
+fn truncated_kernels_are_rejected() {
+    // The first KiB of an x86-64 ELF: headers point past the end.
+    let me = std::fs::read(env!("CARGO_BIN_EXE_ldt-vmm")).unwrap();
+    let elf = file(&me[..1024], "trunc-elf");
+    fails_with(
+        &run(&["run", elf.path().to_str().unwrap()]),
+        "not a loadable x86-64 kernel",
+    );
+    // Something that is neither ELF nor bzImage.
+    let junk = file(&[0x4d, 0x5a, 1, 2, 3], "junk");
+    fails_with(
+        &run(&["run", junk.path().to_str().unwrap()]),
+        "not a loadable x86-64 kernel",
+    );
+}
+
+#[test]
+fn elf_for_another_machine_is_rejected() {
+    let mut hdr = vec![0u8; 64];
+    hdr[..4].copy_from_slice(b"\x7fELF");
+    hdr[4] = 2; // 64-bit
+    hdr[5] = 1; // little endian
+    hdr[18..20].copy_from_slice(&183u16.to_le_bytes()); // EM_AARCH64
+    let p = file(&hdr, "arm64");
+    fails_with(&run(&["run", p.path().to_str().unwrap()]), "not x86-64");
+}
+
+#[test]
+fn bad_sizes_are_rejected() {
+    let p = file(HELLO_PAYLOAD, "hello");
+    let path = p.path().to_str().unwrap();
+    fails_with(
+        &run(&["run", "--flat", path, "--mem", "0"]),
+        "--mem must be",
+    );
+    fails_with(
+        &run(&["run", "--flat", path, "--mem", "3"]),
+        "--mem must be",
+    );
+    fails_with(
+        &run(&["run", "--flat", path, "--vcpus", "0"]),
+        "--vcpus must be",
+    );
+    fails_with(&run(&["run", "--flat", path, "--vcpus", "2"]), "one vCPU");
+    fails_with(
+        &run(&["run", "--flat", path, "--dirty-ring", "100"]),
+        "power of two",
+    );
+}
+
+#[test]
+fn unknown_dirty_source_is_rejected() {
+    let out = run(&[
+        "ctl",
+        "--api",
+        "/tmp/none.sock",
+        "dirty-start",
+        "soft-dirty",
+    ]);
+    fails_with(&out, "invalid value 'soft-dirty'");
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn help_explains_every_subcommand_with_examples() {
+    for args in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["ctl", "--help"],
+        &["bench", "dirty", "--help"],
+    ] {
+        let out = run(args);
+        assert!(out.status.success());
+        let t = text(&out.stdout);
+        assert!(t.contains("Example"), "{args:?}: {t}");
+    }
+}
+
+fn ctl(sock: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["ctl", "--api", sock.to_str().unwrap()];
+    a.extend_from_slice(args);
+    let out = run(&a);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", text(&out.stderr)))
+}
+
+fn wait_for(path: &Path) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "API socket never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn api_pauses_resumes_tracks_dirty_pages_and_shuts_down() {
+    let p = file(SPIN_PAYLOAD, "spin");
+    let sock = PathBuf::from(format!("/tmp/ldt-vmm-test-{}.sock", std::process::id()));
+    let mut child = vmm()
+        .args([
+            "run",
+            "--flat",
+            p.path().to_str().unwrap(),
+            "--api",
+            sock.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&sock);
+
+    let s = ctl(&sock, &["status"]);
+    assert_eq!(s["ok"], true);
+    assert_eq!(s["result"]["state"], "running");
+    assert_eq!(s["result"]["mem_mib"], 256);
+
+    assert_eq!(ctl(&sock, &["dirty-start", "kvm-bitmap"])["ok"], true);
+    std::thread::sleep(Duration::from_millis(50));
+    let h = ctl(&sock, &["dirty-harvest"]);
+    assert!(
+        h["result"]["pages"].as_u64().unwrap() >= 1,
+        "the spinning guest dirties its counter: {h}"
+    );
+
+    assert_eq!(ctl(&sock, &["pause"])["result"]["state"], "paused");
+    ctl(&sock, &["dirty-harvest"]);
+    std::thread::sleep(Duration::from_millis(50));
+    let paused = ctl(&sock, &["dirty-harvest"]);
+    assert_eq!(
+        paused["result"]["pages"], 0,
+        "a paused guest writes nothing: {paused}"
+    );
+
+    assert_eq!(ctl(&sock, &["resume"])["result"]["state"], "running");
+    std::thread::sleep(Duration::from_millis(50));
+    let resumed = ctl(&sock, &["dirty-harvest"]);
+    assert!(
+        resumed["result"]["pages"].as_u64().unwrap() >= 1,
+        "{resumed}"
+    );
+
+    let stats = ctl(&sock, &["dirty-stats"]);
+    assert_eq!(stats["result"]["source"], "kvm-bitmap");
+    assert_eq!(stats["result"]["rounds"], 4);
+    let again = ctl(&sock, &["dirty-start", "kvm-clear"]);
+    assert_eq!(again["ok"], false);
+    assert!(again["error"].as_str().unwrap().contains("already running"));
+    assert_eq!(ctl(&sock, &["dirty-stop"])["ok"], true);
+
+    assert_eq!(ctl(&sock, &["shutdown"])["ok"], true);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!sock.exists(), "socket removed on exit");
+}

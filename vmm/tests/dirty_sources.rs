@@ -1,0 +1,225 @@
+//! Never-miss tests of every KVM dirty source with the flat writer payload:
+//! in each round the guest (in ring 3) writes a seeded random set of pages;
+//! the harvested set must contain every one of them, and anything else must
+//! be a page the test can name (the command block the VMM wrote).
+
+use std::collections::BTreeSet;
+
+use ldt_vmm::arch::layout::PAGE_SIZE;
+use ldt_vmm::bench::{working_set_page, Rng};
+use ldt_vmm::dirty::{self, DirtyOptions, DirtySource, DirtySourceKind};
+use ldt_vmm::flat::WriterVm;
+use vm_memory::{Bytes, GuestAddress};
+
+const WORKING_SET: u64 = 4096;
+const MEM_MIB: u64 = 32;
+
+struct Outcome {
+    rounds: u32,
+    written: u64,
+    false_positives: u64,
+}
+
+fn writer_with(kind: DirtySourceKind, options: DirtyOptions) -> (WriterVm, Box<dyn DirtySource>) {
+    let ring = (kind == DirtySourceKind::KvmRing).then_some(options.ring_entries);
+    let vm = WriterVm::new(MEM_MIB, ring).expect("writer VM boots to its first sync point");
+    let mut source = dirty::create(kind, options, vm.machine.ring.clone()).unwrap();
+    dirty::reset_vmm_writes(&vm.machine.vm);
+    source.start(&vm.machine.vm).unwrap();
+    (vm, source)
+}
+
+/// Runs `rounds` rounds of `per_round` random pages with `bytes` bytes each
+/// and checks every harvest against the pages written.
+fn never_misses(
+    kind: DirtySourceKind,
+    options: DirtyOptions,
+    rounds: u32,
+    per_round: u64,
+    bytes: u32,
+) -> Outcome {
+    never_misses_in(kind, options, rounds, per_round, bytes).1
+}
+
+fn never_misses_in(
+    kind: DirtySourceKind,
+    options: DirtyOptions,
+    rounds: u32,
+    per_round: u64,
+    bytes: u32,
+) -> (Option<u64>, Outcome) {
+    let (mut vm, mut source) = writer_with(kind, options);
+    // The first harvest may report everything (INITIALLY_SET); start clean.
+    dirty::harvest(source.as_mut(), &vm.machine.vm).unwrap();
+    let mut rng = Rng::new(0x1d7 + kind as u64);
+    let mut out = Outcome {
+        rounds: 0,
+        written: 0,
+        false_positives: 0,
+    };
+    for round in 0..rounds {
+        let pages: Vec<u64> = rng
+            .sample(WORKING_SET, per_round)
+            .into_iter()
+            .map(working_set_page)
+            .collect();
+        let value = 0x40 + round as u8;
+        vm.write_round(&pages, bytes, value).unwrap();
+        let harvested = dirty::harvest(source.as_mut(), &vm.machine.vm).unwrap();
+
+        let written: BTreeSet<u64> = pages.iter().copied().collect();
+        let named: BTreeSet<u64> = WriterVm::command_pages(pages.len()).into_iter().collect();
+        let got: BTreeSet<u64> = harvested.pages().collect();
+        let missed: Vec<_> = written.difference(&got).collect();
+        assert!(
+            missed.is_empty(),
+            "{kind} round {round}: missed {} pages, e.g. {:#x?}",
+            missed.len(),
+            &missed[..missed.len().min(4)]
+        );
+        let unexplained: Vec<_> = got
+            .difference(&written)
+            .filter(|p| !named.contains(p))
+            .collect();
+        assert!(
+            unexplained.is_empty(),
+            "{kind} round {round}: reported pages nobody wrote: {unexplained:#x?}"
+        );
+        out.false_positives += (got.len() - written.len()) as u64;
+        out.written += written.len() as u64;
+        out.rounds += 1;
+
+        // The guest really wrote what the test asked for.
+        for p in pages.iter().take(16) {
+            let mut b = vec![0u8; bytes as usize];
+            vm.machine
+                .vm
+                .memory
+                .read_slice(&mut b, GuestAddress(*p))
+                .unwrap();
+            assert!(b.iter().all(|x| *x == value), "{kind}: page {p:#x} content");
+        }
+    }
+    source.stop(&vm.machine.vm).unwrap();
+    let full_exits = vm.machine.ring.as_ref().map(|r| r.full_exits());
+    vm.stop().unwrap();
+    eprintln!(
+        "{kind}: {} rounds, {} pages written, {} false positives (command-block pages written by the VMM)",
+        out.rounds, out.written, out.false_positives
+    );
+    (full_exits, out)
+}
+
+#[test]
+fn kvm_bitmap_reports_every_page_written_in_ring3() {
+    let o = never_misses(
+        DirtySourceKind::KvmBitmap,
+        DirtyOptions::default(),
+        6,
+        700,
+        1,
+    );
+    assert_eq!(o.written, 6 * 700);
+}
+
+#[test]
+fn kvm_bitmap_reports_full_page_writes() {
+    never_misses(
+        DirtySourceKind::KvmBitmap,
+        DirtyOptions::default(),
+        3,
+        300,
+        PAGE_SIZE as u32,
+    );
+}
+
+#[test]
+fn kvm_clear_reports_every_page_written_with_initially_set() {
+    never_misses(
+        DirtySourceKind::KvmClear,
+        DirtyOptions::default(),
+        6,
+        700,
+        1,
+    );
+}
+
+#[test]
+fn kvm_clear_reports_every_page_written_without_initially_set_in_small_chunks() {
+    let options = DirtyOptions {
+        initially_set: false,
+        clear_chunk_pages: 64,
+        ..Default::default()
+    };
+    never_misses(DirtySourceKind::KvmClear, options, 6, 700, 1);
+}
+
+#[test]
+fn kvm_ring_reports_every_page_written_in_ring3() {
+    never_misses(DirtySourceKind::KvmRing, DirtyOptions::default(), 6, 700, 1);
+}
+
+#[test]
+fn kvm_ring_survives_ring_full_exits() {
+    // The smallest ring KVM allows and 3000 pages a round: the vCPU fills
+    // its ring many times per round and the ring-full exits lose nothing.
+    let options = DirtyOptions {
+        ring_entries: dirty::kvm_ring::MIN_RING_ENTRIES,
+        ..Default::default()
+    };
+    let (full_exits, _) = never_misses_in(DirtySourceKind::KvmRing, options, 4, 3000, 1);
+    assert!(
+        full_exits.unwrap() >= 4 * 3000 / 256,
+        "ring-full exits: {full_exits:?}"
+    );
+}
+
+#[test]
+fn untouched_rounds_report_only_the_command_block() {
+    for kind in DirtySourceKind::ALL {
+        let (mut vm, mut source) = writer_with(kind, DirtyOptions::default());
+        dirty::harvest(source.as_mut(), &vm.machine.vm).unwrap();
+        vm.write_round(&[], 1, 0).unwrap();
+        let got: Vec<u64> = dirty::harvest(source.as_mut(), &vm.machine.vm)
+            .unwrap()
+            .pages()
+            .collect();
+        assert_eq!(got, WriterVm::command_pages(0), "{kind}");
+        source.stop(&vm.machine.vm).unwrap();
+        vm.stop().unwrap();
+    }
+}
+
+#[test]
+fn vmm_writes_are_reported_by_every_source() {
+    for kind in DirtySourceKind::ALL {
+        let (vm, mut source) = writer_with(kind, DirtyOptions::default());
+        dirty::harvest(source.as_mut(), &vm.machine.vm).unwrap();
+        let gpa = working_set_page(123);
+        vm.machine
+            .vm
+            .memory
+            .write_obj(7u8, GuestAddress(gpa))
+            .unwrap();
+        let b = dirty::harvest(source.as_mut(), &vm.machine.vm).unwrap();
+        assert!(b.is_dirty(gpa), "{kind}");
+        assert_eq!(b.count(), 1, "{kind}");
+        vm.stop().unwrap();
+    }
+}
+
+#[test]
+fn kvm_ring_rejects_a_ring_kvm_cannot_take() {
+    let err = WriterVm::new(MEM_MIB, Some(64))
+        .err()
+        .expect("64 entries is below one page");
+    assert!(err.to_string().contains("power of two >= 256"), "{err}");
+}
+
+#[test]
+fn kvm_ring_cannot_be_created_without_an_enabled_ring() {
+    let err = dirty::create(DirtySourceKind::KvmRing, DirtyOptions::default(), None)
+        .err()
+        .expect("kvm-ring without a ring is an error");
+    assert!(err.to_string().contains("dirty ring"), "{err}");
+}
