@@ -185,7 +185,11 @@ impl Vcpu {
                         rip: self.rip(),
                     })
                 }
-                Ok(VcpuExit::InternalError) => return Err(self.internal_error()),
+                Ok(VcpuExit::InternalError) => {
+                    if !self.complete_unemulated() {
+                        return Err(self.internal_error());
+                    }
+                }
                 Ok(VcpuExit::FailEntry(reason, _)) => {
                     return Err(VcpuError::FailEntry { cpu, reason })
                 }
@@ -214,6 +218,57 @@ impl Vcpu {
         self.fd.get_regs().map(|r| r.rip).unwrap_or(0)
     }
 
+    /// Completes an instruction the host's emulator could not: this
+    /// project's PVM hosts interpret guest ring 0 and lack `int3` and
+    /// `fwait`. `int3` becomes an injected #BP after it (its trap
+    /// semantics), `fwait` a no-op (no x87 exception is ever pending in a
+    /// guest without XSAVE state here). Returns false for anything else.
+    fn complete_unemulated(&mut self) -> bool {
+        const INT3: u8 = 0xcc;
+        const FWAIT: u8 = 0x9b;
+        const BP_VECTOR: u8 = 3;
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the
+        // `internal` member of the union is the valid one.
+        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        if suberror != KVM_INTERNAL_ERROR_EMULATION {
+            return false;
+        }
+        let Ok(mut regs) = self.fd.get_regs() else {
+            return false;
+        };
+        let Some(insn) = self.instruction_bytes(regs.rip) else {
+            return false;
+        };
+        match insn[0] {
+            FWAIT => {
+                regs.rip += 1;
+                self.fd.set_regs(&regs).is_ok()
+            }
+            INT3 => {
+                let Ok(mut events) = self.fd.get_vcpu_events() else {
+                    return false;
+                };
+                regs.rip += 1;
+                events.exception.injected = 1;
+                events.exception.nr = BP_VECTOR;
+                events.exception.has_error_code = 0;
+                events.exception.error_code = 0;
+                self.fd.set_regs(&regs).is_ok() && self.fd.set_vcpu_events(&events).is_ok()
+            }
+            _ => false,
+        }
+    }
+
+    /// The 15 bytes at guest-virtual `rip`, if mapped.
+    fn instruction_bytes(&self, rip: u64) -> Option<[u8; 15]> {
+        let t = self.fd.translate_gva(rip).ok().filter(|t| t.valid != 0)?;
+        let mut buf = [0u8; 15];
+        self.memory
+            .read_slice(&mut buf, GuestAddress(t.physical_address))
+            .ok()?;
+        Some(buf)
+    }
+
     /// Describes a `KVM_EXIT_INTERNAL_ERROR` with the faulting instruction.
     fn internal_error(&mut self) -> VcpuError {
         // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the
@@ -221,17 +276,7 @@ impl Vcpu {
         let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
         let rip = self.rip();
         let bytes = self
-            .fd
-            .translate_gva(rip)
-            .ok()
-            .filter(|t| t.valid != 0)
-            .and_then(|t| {
-                let mut buf = [0u8; 15];
-                self.memory
-                    .read_slice(&mut buf, GuestAddress(t.physical_address))
-                    .ok()
-                    .map(|_| buf)
-            })
+            .instruction_bytes(rip)
             .map(|b| {
                 b.iter()
                     .map(|x| format!("{x:02x}"))
