@@ -4,6 +4,7 @@
 //! report gives guest write time relative to untracked, harvest time, and
 //! pages reported vs written.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -141,9 +142,17 @@ fn run_mode(
             let bitmap = dirty::harvest(s.as_mut(), &vm.machine.vm)?;
             harvests.push(t.elapsed());
             reported += bitmap.count();
-            let miss = pages.iter().filter(|p| !bitmap.is_dirty(**p)).count() as u64;
-            missed += miss;
-            fps += bitmap.count() - (pages.len() as u64 - miss);
+            missed += pages.iter().filter(|p| !bitmap.is_dirty(**p)).count() as u64;
+            // Extra pages, not counting the command block the VMM wrote.
+            let written: HashSet<u64> = pages.iter().copied().collect();
+            let named: HashSet<u64> =
+                WriterVm::command_pages(pages.len().min(MAX_PAGES_PER_COMMAND))
+                    .into_iter()
+                    .collect();
+            fps += bitmap
+                .pages()
+                .filter(|p| !written.contains(p) && !named.contains(p))
+                .count() as u64;
         }
     }
     if let Some(mut s) = source {
