@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# tests/image-qemu.sh: end-to-end test of the guest image under QEMU TCG.
+# Builds images/guest.img (or reuses the cached build), then boots it:
+#   1. ldt.run=/bin/ldt-syscheck  -> status 0, "ldt-syscheck: PASS", and
+#      init reached user space;
+#   2. ldt.run=exit%207           -> status 7: the %20 decoding and the
+#      exit status path (init -> port 0x501 -> run-qemu.sh) work.
+# Prints one line per case and "image-qemu: P passed, F failed"; exits
+# non-zero if any case failed.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TIMEOUT=${LDT_QEMU_TIMEOUT:-300}
+
+"$ROOT/images/build.sh"
+
+passed=0
+failed=0
+logdir=$(mktemp -d)
+trap 'rm -rf "$logdir"' EXIT
+
+# run_case NAME EXPECTED_STATUS APPEND [REQUIRED_OUTPUT...]
+run_case() {
+	local name=$1 want=$2 append=$3 log=$logdir/$1.log status=0 why=
+	shift 3
+	echo "=== $name: ldt.run via '$append', expecting status $want"
+	"$ROOT/images/run-qemu.sh" --timeout "$TIMEOUT" --append "$append" \
+		--log "$log" "$ROOT/images/guest.img" </dev/null || status=$?
+	if [ "$status" -ne "$want" ]; then
+		why="status $status, expected $want"
+	fi
+	for text in "$@"; do
+		grep -qF -- "$text" "$log" || why="${why:+$why; }output lacks '$text'"
+	done
+	if [ -z "$why" ]; then
+		echo "PASS $name"
+		passed=$((passed + 1))
+	else
+		echo "FAIL $name: $why"
+		failed=$((failed + 1))
+	fi
+}
+
+run_case syscheck 0 'ldt.run=/bin/ldt-syscheck' \
+	'ldt-init: user space reached' 'ldt-syscheck: PASS' 'ldt-init: exit status 0'
+run_case exit-status 7 'ldt.run=exit%207' \
+	'ldt-init: user space reached' 'ldt-init: running: exit 7' 'ldt-init: exit status 7'
+
+echo "image-qemu: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
