@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The project's whole test suite (README's test command; .ci/run calls it):
+# installs dependencies, builds, runs the Rust tests (unit, flat-payload
+# dirty-source and CLI tests), the Debian kernel boot test, and the guest
+# image tests. Ends with one "N passed, N failed" line over the suites.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+passed=0
+failed=0
+suite() {
+    local name=$1
+    shift
+    echo "=== $name: $*"
+    local t0=$SECONDS
+    if "$@"; then
+        passed=$((passed + 1))
+        echo "=== $name: ok ($((SECONDS - t0)) s)"
+    else
+        failed=$((failed + 1))
+        echo "=== $name: FAILED ($((SECONDS - t0)) s)"
+    fi
+}
+
+scripts/setup.sh >/dev/null || { echo "setup failed"; echo "0 passed, 1 failed"; exit 1; }
+suite build cargo build --release --workspace
+suite cargo-test cargo test --release --workspace
+suite linux-debian-boot env VMM=target/release/ldt-vmm tests/linux-debian-boot.sh
+suite image-qemu tests/image-qemu.sh
+
+echo "suites: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
