@@ -13,12 +13,28 @@ fn run(cmd: &mut Command) {
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
-    for name in ["writer", "hello", "triple-fault", "spin"] {
-        let src = format!("payloads/{name}.S");
+    // (output name, source, `as --defsym` values)
+    let payloads: &[(&str, &str, &[&str])] = &[
+        ("writer", "writer", &[]),
+        ("hello", "hello", &[]),
+        ("triple-fault", "triple-fault", &[]),
+        ("spin", "spin", &[]),
+        // About 16 pages per printed line, then a pause: converges fast.
+        ("counter-slow", "counter", &["PAGES=16", "SPIN=200000"]),
+        // 4096 pages per line, no pause: dirties faster than a throttled link sends.
+        ("counter-fast", "counter", &["PAGES=4096", "SPIN=1"]),
+    ];
+    for (name, source, defs) in payloads {
+        let src = format!("payloads/{source}.S");
         println!("cargo:rerun-if-changed={src}");
         let obj = out.join(format!("{name}.o"));
         let bin = out.join(format!("{name}.bin"));
-        run(Command::new("as").args(["--64", "-o"]).arg(&obj).arg(&src));
+        let mut as_cmd = Command::new("as");
+        as_cmd.args(["--64", "-o"]).arg(&obj);
+        for d in defs.iter() {
+            as_cmd.arg("--defsym").arg(d);
+        }
+        run(as_cmd.arg(&src));
         run(Command::new("ld")
             .args(["-Ttext=0x100000", "--oformat", "binary", "-o"])
             .arg(&bin)

@@ -2,7 +2,7 @@
 //!
 //! Request: `{"command": "status"}` (or `pause`, `resume`, `shutdown`,
 //! `dirty-start` with `"source": "kvm-bitmap"`, `dirty-harvest`,
-//! `dirty-stop`, `dirty-stats`). Response: `{"ok": true, "result": ...}` or
+//! `dirty-stop`, `dirty-stats`, `migrate`). Response: `{"ok": true, "result": ...}` or
 //! `{"ok": false, "error": "..."}`. One request per line; a connection may
 //! send several.
 
@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::dirty::DirtySourceKind;
+use crate::migration::source::{self, MigrateOptions};
 use crate::runner::VmControl;
 
 /// A request on the control socket.
@@ -25,10 +26,15 @@ pub enum Request {
     Pause,
     Resume,
     Shutdown,
-    DirtyStart { source: DirtySourceKind },
+    DirtyStart {
+        source: DirtySourceKind,
+    },
     DirtyHarvest,
     DirtyStop,
     DirtyStats,
+    /// Live-migrate the VM; progress lines precede the response, and on
+    /// success the source VMM exits.
+    Migrate(MigrateOptions),
 }
 
 /// A response on the control socket.
@@ -94,6 +100,7 @@ pub fn handle(req: &Request, ctl: &VmControl) -> Response {
             Ok(()) => Response::ok(json!({})),
             Err(e) => Response::err(e),
         },
+        Request::Migrate(_) => Response::err("migrate is served on its own connection"),
         Request::DirtyStats => {
             let d = ctl.dirty.lock().unwrap();
             Response::ok(json!({
@@ -104,6 +111,23 @@ pub fn handle(req: &Request, ctl: &VmControl) -> Response {
                 "ring_entries_total": ctl.ring.as_ref().map(|r| r.entries_total()),
             }))
         }
+    }
+}
+
+fn send_line<T: Serialize>(out: &mut UnixStream, value: &T) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(value).expect("API messages serialize");
+    text.push('\n');
+    out.write_all(text.as_bytes())
+}
+
+/// Runs a migration, streaming `{"progress": ...}` lines to the client.
+fn migrate(opts: &MigrateOptions, ctl: &VmControl, out: &mut UnixStream) -> Response {
+    let mut progress = |p: &crate::migration::report::Progress| {
+        let _ = send_line(out, &json!({ "progress": p }));
+    };
+    match source::migrate(ctl, opts, &mut progress) {
+        Ok(report) => Response::ok(serde_json::to_value(report).expect("report serializes")),
+        Err(e) => Response::err(format!("migration failed, the VM keeps running here: {e}")),
     }
 }
 
@@ -118,12 +142,20 @@ fn serve_connection(stream: UnixStream, ctl: &VmControl) {
             continue;
         }
         let resp = match parse_request(&line) {
+            Ok(Request::Migrate(opts)) => {
+                let resp = migrate(&opts, ctl, &mut out);
+                let ok = resp.ok;
+                let _ = send_line(&mut out, &resp);
+                if ok {
+                    // The VM now runs on the destination.
+                    ctl.stop(0);
+                }
+                continue;
+            }
             Ok(req) => handle(&req, ctl),
             Err(e) => Response::err(e),
         };
-        let mut text = serde_json::to_string(&resp).expect("response serializes");
-        text.push('\n');
-        if out.write_all(text.as_bytes()).is_err() {
+        if send_line(&mut out, &resp).is_err() {
             return;
         }
     }
@@ -162,19 +194,34 @@ pub fn serve(path: &Path, ctl: Arc<VmControl>) -> std::io::Result<ApiServer> {
     })
 }
 
-/// Sends one request and returns the response (the client side).
-pub fn call(path: &Path, req: &Request) -> anyhow::Result<Response> {
+/// Sends one request and returns the response (the client side); lines
+/// before it (migration progress) go to `on_progress`.
+pub fn call_with_progress(
+    path: &Path,
+    req: &Request,
+    on_progress: &mut dyn FnMut(&Value),
+) -> anyhow::Result<Response> {
     let mut stream = UnixStream::connect(path)
         .map_err(|e| anyhow::anyhow!("cannot connect to the API socket {}: {e}", path.display()))?;
     let mut text = serde_json::to_string(req)?;
     text.push('\n');
     stream.write_all(text.as_bytes())?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
-    if line.is_empty() {
-        anyhow::bail!("the VMM closed the API connection without answering");
+    let mut lines = BufReader::new(stream).lines();
+    loop {
+        let Some(line) = lines.next() else {
+            anyhow::bail!("the VMM closed the API connection without answering");
+        };
+        let v: Value = serde_json::from_str(&line?)?;
+        match v.get("progress") {
+            Some(p) => on_progress(p),
+            None => return Ok(serde_json::from_value(v)?),
+        }
     }
-    Ok(serde_json::from_str(&line)?)
+}
+
+/// Sends one request and returns the response (the client side).
+pub fn call(path: &Path, req: &Request) -> anyhow::Result<Response> {
+    call_with_progress(path, req, &mut |_| {})
 }
 
 #[cfg(test)]

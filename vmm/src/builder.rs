@@ -24,6 +24,8 @@ pub enum BootSource {
     /// A flat payload (see `loader` for the contract).
     Flat(PathBuf),
     Linux(LinuxBoot),
+    /// Nothing to load: memory and state arrive from a migration stream.
+    Incoming,
 }
 
 /// Everything needed to build a VM.
@@ -89,6 +91,7 @@ pub fn build(res: &VmResources) -> Result<Machine, BuildError> {
     let entry = match &res.boot {
         BootSource::Flat(path) => loader::load_flat(&vm.memory, mem_size, path)?,
         BootSource::Linux(spec) => loader::load_linux(&vm.memory, mem_size, res.vcpus, spec)?,
+        BootSource::Incoming => kvm_bindings::kvm_regs::default(),
     };
 
     let devices = Arc::new(Mutex::new(LegacyDevices::new(res.console.clone())?));

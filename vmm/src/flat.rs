@@ -19,6 +19,12 @@ pub const WRITER_PAYLOAD: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/writ
 pub const HELLO_PAYLOAD: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.bin"));
 /// A payload that increments a counter at 0x300000 forever.
 pub const SPIN_PAYLOAD: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/spin.bin"));
+/// Prints a counter and dirties ~16 pages per line (migration tests).
+pub const COUNTER_SLOW_PAYLOAD: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/counter-slow.bin"));
+/// Prints a counter and dirties 4096 pages per line without pause.
+pub const COUNTER_FAST_PAYLOAD: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/counter-fast.bin"));
 /// A payload that triple-faults.
 pub const TRIPLE_FAULT_PAYLOAD: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/triple-fault.bin"));

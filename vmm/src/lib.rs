@@ -14,5 +14,6 @@ pub mod devices;
 pub mod dirty;
 pub mod flat;
 pub mod loader;
+pub mod migration;
 pub mod runner;
 pub mod vm;

@@ -13,7 +13,10 @@ use ldt_vmm::builder::{self, BootSource, VmResources};
 use ldt_vmm::devices::console::ConsoleOut;
 use ldt_vmm::dirty::{DirtyOptions, DirtySourceKind};
 use ldt_vmm::loader::LinuxBoot;
-use ldt_vmm::runner::{self, RunOptions};
+use ldt_vmm::migration::destination;
+use ldt_vmm::migration::source::{ConvergencePolicy, MigrateOptions};
+use ldt_vmm::migration::transport::{Endpoint, Listener};
+use ldt_vmm::runner::{self, VmControl};
 
 /// Words every Linux guest gets: serial console, reset through the i8042
 /// (which ends the VM), no PCI or modules to probe.
@@ -47,6 +50,13 @@ The process exits with the guest's status: 0 when it resets through the i8042, t
 port 0x501 if any, 1 on a VMM or guest error (triple fault, KVM internal error)."
     )]
     Run(RunArgs),
+    /// Live-migrate a running VM (through its API socket) to a waiting destination.
+    #[command(after_help = "Example (destination first, then the source):\n  \
+ldt-vmm run --incoming unix:/tmp/mig.sock --api /tmp/dst.sock\n  \
+ldt-vmm migrate --api /tmp/src.sock --to unix:/tmp/mig.sock --dirty-source kvm-clear --verify --stats report.json\n\n\
+Progress lines go to stderr, the JSON report to stdout (and --stats FILE). On failure the VM keeps\n\
+running on the source and the exit status is 1.")]
+    Migrate(MigrateArgs),
     /// Send a command to a running VM's API socket and print the JSON answer.
     #[command(after_help = "Examples:\n  ldt-vmm ctl --api /tmp/vm.sock status\n  \
 ldt-vmm ctl --api /tmp/vm.sock dirty-start kvm-ring\n  ldt-vmm ctl --api /tmp/vm.sock dirty-harvest")]
@@ -59,8 +69,12 @@ ldt-vmm ctl --api /tmp/vm.sock dirty-start kvm-ring\n  ldt-vmm ctl --api /tmp/vm
 #[derive(Args)]
 struct RunArgs {
     /// Linux kernel: ELF vmlinux (64-bit entry) or bzImage.
-    #[arg(required_unless_present = "flat", conflicts_with = "flat")]
+    #[arg(required_unless_present_any = ["flat", "incoming"], conflicts_with_all = ["flat", "incoming"])]
     kernel: Option<PathBuf>,
+    /// Wait for a migrating VM on unix:PATH or tcp:HOST:PORT instead of booting
+    /// (memory size, vCPUs and CPU profile come from the stream).
+    #[arg(long, value_name = "URL", conflicts_with = "flat")]
+    incoming: Option<Endpoint>,
     /// Boot a flat payload instead: loaded and entered at 0x100000 in 64-bit mode.
     #[arg(long, value_name = "FILE")]
     flat: Option<PathBuf>,
@@ -114,6 +128,40 @@ impl DirtyArgs {
                 .unwrap_or(DirtyOptions::default().ring_entries),
         }
     }
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    /// The source VM's API socket.
+    #[arg(long, value_name = "SOCKET")]
+    api: PathBuf,
+    /// Destination: unix:PATH or tcp:HOST:PORT.
+    #[arg(long, value_name = "URL")]
+    to: Endpoint,
+    /// How the source learns which pages the guest dirtied.
+    #[arg(long, value_enum, default_value_t = DirtySourceKind::KvmBitmap)]
+    dirty_source: DirtySourceKind,
+    /// Switch over once the rest can be sent within this downtime.
+    #[arg(long, default_value_t = 300, value_name = "MS")]
+    downtime_ms: u64,
+    /// Rounds after round 0 before --policy applies.
+    #[arg(long, default_value_t = 30, value_name = "N")]
+    max_rounds: u32,
+    /// Seconds before --policy applies.
+    #[arg(long, default_value_t = 300, value_name = "S")]
+    timeout_s: u64,
+    /// What to do when rounds or time run out: cancel (VM stays here) or force.
+    #[arg(long, value_enum, default_value_t = ConvergencePolicy::Cancel)]
+    policy: ConvergencePolicy,
+    /// Cap on the transfer rate.
+    #[arg(long, value_name = "MBPS")]
+    bandwidth_limit: Option<u64>,
+    /// Compare a digest of all guest memory on both sides before resuming.
+    #[arg(long)]
+    verify: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long, value_name = "FILE")]
+    stats: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -184,6 +232,40 @@ struct DirtyBenchArgs {
 
 fn run(args: RunArgs) -> anyhow::Result<i32> {
     let profile = args.cpu_profile.unwrap_or_else(CpuProfile::detect);
+    let (ctl, profile) = match &args.incoming {
+        Some(ep) => {
+            let listener = Listener::bind(ep).with_context(|| format!("cannot listen on {ep}"))?;
+            eprintln!("ldt-vmm: waiting for a migration on {ep}");
+            let (mut conn, hello, machine) =
+                destination::accept(&listener, ConsoleOut::Stdout, args.dirty.dirty_ring)?;
+            destination::receive(&mut conn, &hello, &machine)
+                .context("incoming migration failed")?;
+            (
+                VmControl::new(machine, args.dirty.options(), hello.cpu_profile)?,
+                hello.cpu_profile,
+            )
+        }
+        None => (
+            VmControl::new(
+                builder::build(&resources(&args, profile)?)?,
+                args.dirty.options(),
+                profile,
+            )?,
+            profile,
+        ),
+    };
+    let _ = profile;
+    let _api = match &args.api {
+        Some(path) => Some(
+            api::serve(path, ctl.clone())
+                .with_context(|| format!("API socket {}", path.display()))?,
+        ),
+        None => None,
+    };
+    runner::run(ctl)
+}
+
+fn resources(args: &RunArgs, profile: CpuProfile) -> anyhow::Result<VmResources> {
     let boot = match (&args.flat, &args.kernel) {
         (Some(f), _) => BootSource::Flat(f.clone()),
         (None, Some(k)) => {
@@ -205,24 +287,46 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
                 cmdline,
             })
         }
-        (None, None) => anyhow::bail!("give a kernel or --flat FILE"),
+        (None, None) => anyhow::bail!("give a kernel, --flat FILE or --incoming URL"),
     };
-    let res = VmResources {
+    Ok(VmResources {
         mem_mib: args.mem,
         vcpus: args.vcpus,
         cpu_profile: profile,
         boot,
         dirty_ring_entries: args.dirty.dirty_ring,
         console: ConsoleOut::Stdout,
+    })
+}
+
+fn migrate(a: MigrateArgs) -> anyhow::Result<i32> {
+    let opts = MigrateOptions {
+        to: a.to,
+        dirty_source: a.dirty_source,
+        downtime_ms: a.downtime_ms,
+        max_rounds: a.max_rounds,
+        timeout_s: a.timeout_s,
+        policy: a.policy,
+        bandwidth_limit_mbps: a.bandwidth_limit,
+        verify: a.verify,
     };
-    let machine = builder::build(&res)?;
-    runner::run(
-        machine,
-        RunOptions {
-            api_socket: args.api,
-            dirty_options: args.dirty.options(),
-        },
-    )
+    let mut show = |p: &serde_json::Value| match serde_json::from_value::<
+        ldt_vmm::migration::report::Progress,
+    >(p.clone())
+    {
+        Ok(p) => eprintln!("{}", p.line()),
+        Err(_) => eprintln!("{p}"),
+    };
+    let resp = api::call_with_progress(&a.api, &Request::Migrate(opts), &mut show)?;
+    if !resp.ok {
+        anyhow::bail!("{}", resp.error.unwrap_or_default());
+    }
+    let report = serde_json::to_string_pretty(&resp.result)?;
+    println!("{report}");
+    if let Some(f) = &a.stats {
+        std::fs::write(f, &report).with_context(|| format!("cannot write {}", f.display()))?;
+    }
+    Ok(0)
 }
 
 fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
@@ -277,6 +381,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Ctl(a) => ctl(a),
+        Command::Migrate(a) => migrate(a),
         Command::Bench(BenchCommand::Dirty(a)) => bench_dirty(a),
     };
     match result {

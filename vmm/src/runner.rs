@@ -3,7 +3,6 @@
 
 use std::io::{IsTerminal, Read};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -48,7 +47,11 @@ pub struct DirtyTracking {
 /// The handle the API (and later migration) uses to control a running VM.
 pub struct VmControl {
     pub vm: Arc<Vm>,
+    /// vCPUs; a vCPU thread holds its lock only while in `KVM_RUN`, so
+    /// after `pause` the controller may lock them to save state.
+    pub vcpus: Vec<Arc<Mutex<Vcpu>>>,
     pub devices: Arc<Mutex<LegacyDevices>>,
+    pub cpu_profile: crate::arch::cpuid::CpuProfile,
     pub ring: Option<Arc<dirty::kvm_ring::RingCollector>>,
     pub dirty_options: DirtyOptions,
     pub dirty: Mutex<DirtyTracking>,
@@ -61,6 +64,39 @@ pub struct VmControl {
 }
 
 impl VmControl {
+    /// Wraps a built machine; its vCPUs start when `run` is called.
+    pub fn new(
+        machine: Machine,
+        dirty_options: DirtyOptions,
+        cpu_profile: crate::arch::cpuid::CpuProfile,
+    ) -> std::io::Result<Arc<Self>> {
+        let Machine {
+            vm,
+            vcpus,
+            devices,
+            ring,
+        } = machine;
+        Ok(Arc::new(VmControl {
+            vm,
+            vcpu_count: vcpus.len(),
+            vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
+            devices,
+            cpu_profile,
+            ring,
+            dirty_options,
+            dirty: Mutex::new(DirtyTracking::default()),
+            started: Instant::now(),
+            shared: Mutex::new(Shared {
+                state: RunState::Running,
+                parked: 0,
+                exit_status: None,
+            }),
+            changed: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
+            exit_evt: EventFd::new(EFD_NONBLOCK)?,
+        }))
+    }
+
     pub fn state(&self) -> RunState {
         self.shared.lock().unwrap().state
     }
@@ -168,9 +204,10 @@ impl VmControl {
     }
 }
 
-fn vcpu_thread(mut vcpu: Vcpu, ctl: Arc<VmControl>) {
+fn vcpu_thread(vcpu: Arc<Mutex<Vcpu>>, ctl: Arc<VmControl>) {
     while ctl.wait_runnable() {
-        match vcpu.run() {
+        let result = vcpu.lock().unwrap().run();
+        match result {
             Ok(VcpuEvent::Reset) => {
                 let status = ctl.devices.lock().unwrap().exit_status.unwrap_or(0);
                 ctl.stop(status as i32);
@@ -231,52 +268,17 @@ impl MutEventSubscriber for ConsoleLoop {
     }
 }
 
-/// How to run.
-pub struct RunOptions {
-    pub api_socket: Option<PathBuf>,
-    pub dirty_options: DirtyOptions,
-}
-
-/// Runs `machine` until the guest resets or is shut down; returns the exit
+/// Runs the VM until the guest resets or is shut down; returns the exit
 /// status for the process.
-pub fn run(machine: Machine, opts: RunOptions) -> anyhow::Result<i32> {
+pub fn run(ctl: Arc<VmControl>) -> anyhow::Result<i32> {
     vcpu::register_kick_handler()?;
-    let Machine {
-        vm,
-        vcpus,
-        devices,
-        ring,
-    } = machine;
-    let ctl = Arc::new(VmControl {
-        vm,
-        devices,
-        ring,
-        dirty_options: opts.dirty_options,
-        dirty: Mutex::new(DirtyTracking::default()),
-        started: Instant::now(),
-        vcpu_count: vcpus.len(),
-        shared: Mutex::new(Shared {
-            state: RunState::Running,
-            parked: 0,
-            exit_status: None,
-        }),
-        changed: Condvar::new(),
-        threads: Mutex::new(Vec::new()),
-        exit_evt: EventFd::new(EFD_NONBLOCK)?,
-    });
-
-    let _api = match &opts.api_socket {
-        Some(path) => Some(crate::api::serve(path, ctl.clone())?),
-        None => None,
-    };
 
     let stdin = std::io::stdin();
     let raw = stdin.is_terminal() && stdin.lock().set_raw_mode().is_ok();
-    for v in vcpus {
-        let c = ctl.clone();
-        let name = format!("vcpu{}", v.id);
+    for (i, v) in ctl.vcpus.iter().enumerate() {
+        let (c, v) = (ctl.clone(), v.clone());
         let h = std::thread::Builder::new()
-            .name(name)
+            .name(format!("vcpu{i}"))
             .spawn(move || vcpu_thread(v, c))?;
         ctl.threads.lock().unwrap().push(h);
     }

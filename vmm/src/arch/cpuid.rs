@@ -9,7 +9,9 @@
 use kvm_bindings::kvm_cpuid_entry2;
 
 /// Which CPU features the guest sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum CpuProfile {
     /// Everything KVM supports.

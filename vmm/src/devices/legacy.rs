@@ -36,6 +36,15 @@ pub struct LegacyDevices {
     pending_input: Vec<u8>,
 }
 
+/// Device state that migrates with the VM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DevicesState {
+    pub serial_regs: [u8; 9],
+    pub serial_input: Vec<u8>,
+    pub pending_input: Vec<u8>,
+    pub exit_status: Option<u8>,
+}
+
 /// Errors creating devices.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot create an eventfd for {0}: {1}")]
@@ -56,6 +65,57 @@ impl LegacyDevices {
     /// The eventfd the UART signals its interrupt with (an irqfd for GSI 4).
     pub fn serial_irq(&self) -> &EventFd {
         &self.serial.interrupt_evt().0
+    }
+
+    /// Saves the UART registers and FIFO, queued input and exit status.
+    pub fn save(&self) -> DevicesState {
+        let s = self.serial.state();
+        DevicesState {
+            serial_regs: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            serial_input: s.in_buffer,
+            pending_input: self.pending_input.clone(),
+            exit_status: self.exit_status,
+        }
+    }
+
+    /// Restores what `save` returned, keeping this side's console and irqfd.
+    pub fn restore(&mut self, state: &DevicesState) -> Result<(), DeviceError> {
+        let r = state.serial_regs;
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: state.serial_input.clone(),
+        };
+        let irq = self
+            .serial
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| DeviceError("COM1", e))?;
+        let out = self.serial.writer().clone();
+        self.serial =
+            Serial::from_state(&s, EventFdTrigger(irq), vm_superio::serial::NoEvents, out)
+                .map_err(|_| DeviceError("COM1", std::io::Error::other("invalid UART state")))?;
+        self.pending_input = state.pending_input.clone();
+        self.exit_status = state.exit_status;
+        Ok(())
     }
 
     /// Handles an `in` from `port`.
@@ -176,6 +236,25 @@ mod tests {
             got.push(b[0]);
         }
         assert_eq!(got, input);
+    }
+
+    #[test]
+    fn state_round_trips_with_registers_and_pending_input() {
+        let (mut a, _) = devices();
+        a.pio_write(COM1_PORT + 7, &[0x42]); // scratch
+        a.pio_write(COM1_PORT + 1, &[0x01]); // IER
+        a.queue_input(&[b'x'; 100]);
+        a.pio_write(EXIT_STATUS_PORT, &[3]);
+        let saved = a.save();
+        let (mut b, _) = devices();
+        b.restore(&saved).unwrap();
+        assert_eq!(b.save(), saved);
+        let mut v = [0u8];
+        b.pio_read(COM1_PORT + 7, &mut v);
+        assert_eq!(v[0], 0x42);
+        b.pio_read(COM1_PORT, &mut v);
+        assert_eq!(v[0], b'x');
+        assert_eq!(b.exit_status, Some(3));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! KVM objects: the VM with its memory slots and in-kernel irqchip, and vCPUs.
 
 pub mod memory;
+pub mod state;
 pub mod vcpu;
 
 use std::sync::Arc;

@@ -1,0 +1,144 @@
+//! The receiving side: builds an empty VM from the source's Hello, fills its
+//! memory, restores its state, and hands it to the runner on Commit.
+
+use ldt_migration::{decode_memory, MessageKind};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::digest::memory_digest;
+use super::transport::{Connection, Listener};
+use super::{parse, Hello, MachineState, MigrationError, Ready};
+use crate::arch::layout::PAGE_SIZE;
+use crate::builder::{self, BootSource, Machine, VmResources};
+use crate::devices::console::ConsoleOut;
+
+/// Waits on `listener` for a source, reads its Hello and builds the VM.
+pub fn accept(
+    listener: &Listener,
+    console: ConsoleOut,
+    dirty_ring_entries: Option<u32>,
+) -> Result<(Connection, Hello, Machine), MigrationError> {
+    let mut conn = listener.accept()?;
+    let frame = conn.recv()?;
+    if frame.kind != MessageKind::Hello {
+        return Err(MigrationError::Unexpected(frame.kind));
+    }
+    let hello: Hello = parse("Hello", &frame.payload)?;
+    let res = VmResources {
+        mem_mib: hello.mem_mib,
+        vcpus: hello.vcpus,
+        cpu_profile: hello.cpu_profile,
+        boot: BootSource::Incoming,
+        dirty_ring_entries,
+        console,
+    };
+    match builder::build(&res) {
+        Ok(machine) => {
+            conn.send(MessageKind::HelloAck, &[])?;
+            conn.flush()?;
+            Ok((conn, hello, machine))
+        }
+        Err(e) => {
+            let _ = conn.send(
+                MessageKind::Abort,
+                format!("destination cannot build the VM: {e}").as_bytes(),
+            );
+            let _ = conn.flush();
+            Err(MigrationError::Build(e.to_string()))
+        }
+    }
+}
+
+/// Receives memory and state into `machine` until the source commits.
+/// Returns the number of rounds received.
+pub fn receive(
+    conn: &mut Connection,
+    hello: &Hello,
+    machine: &Machine,
+) -> Result<u32, MigrationError> {
+    let zero = vec![0u8; PAGE_SIZE as usize];
+    let mut rounds = 0;
+    let mut restored = false;
+    loop {
+        let frame = conn.recv()?;
+        match frame.kind {
+            MessageKind::Memory if !restored => {
+                let (ranges, data) = decode_memory(&frame.payload)?;
+                let mut off = 0usize;
+                for r in ranges {
+                    let len = r.pages as u64 * PAGE_SIZE;
+                    let valid = machine
+                        .vm
+                        .slots
+                        .iter()
+                        .any(|s| r.gpa >= s.guest_addr && r.gpa + len <= s.guest_addr + s.size);
+                    if !valid {
+                        return Err(MigrationError::BadMessage(
+                            "Memory",
+                            format!("range {:#x}+{len:#x} is not guest RAM", r.gpa),
+                        ));
+                    }
+                    if r.is_zero() {
+                        for p in 0..r.pages as u64 {
+                            machine
+                                .vm
+                                .memory
+                                .write_slice(&zero, GuestAddress(r.gpa + p * PAGE_SIZE))?;
+                        }
+                    } else {
+                        machine
+                            .vm
+                            .memory
+                            .write_slice(&data[off..off + len as usize], GuestAddress(r.gpa))?;
+                        off += len as usize;
+                    }
+                }
+            }
+            MessageKind::RoundEnd if !restored => rounds += 1,
+            MessageKind::State if !restored => {
+                let state: MachineState = parse("State", &frame.payload)?;
+                if state.vcpus.len() != machine.vcpus.len() {
+                    return Err(MigrationError::BadMessage(
+                        "State",
+                        format!(
+                            "{} vCPUs for a VM with {}",
+                            state.vcpus.len(),
+                            machine.vcpus.len()
+                        ),
+                    ));
+                }
+                state.vm.restore(&machine.vm.fd)?;
+                for (v, s) in machine.vcpus.iter().zip(&state.vcpus) {
+                    s.restore(&v.fd)?;
+                }
+                machine
+                    .devices
+                    .lock()
+                    .unwrap()
+                    .restore(&state.devices)
+                    .map_err(|e| MigrationError::Build(e.to_string()))?;
+                restored = true;
+                let digest = if hello.verify {
+                    Some(memory_digest(&machine.vm)?)
+                } else {
+                    None
+                };
+                conn.send(
+                    MessageKind::Ready,
+                    &serde_json::to_vec(&Ready { digest }).expect("ready serializes"),
+                )?;
+                conn.flush()?;
+            }
+            MessageKind::Commit if restored => {
+                conn.send(MessageKind::Resumed, &[])?;
+                conn.flush()?;
+                return Ok(rounds);
+            }
+            MessageKind::Abort => {
+                return Err(MigrationError::Aborted(
+                    String::from_utf8_lossy(&frame.payload).into_owned(),
+                ))
+            }
+            k => return Err(MigrationError::Unexpected(k)),
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! Pre-copy live migration between two ldt-vmm processes.
+//!
+//! The wire format is the `ldt-migration` crate; this module moves a VM over
+//! it. Conversation (S = source, D = destination):
+//!
+//! ```text
+//! S→D Hello{config}            D→S HelloAck (or Abort)
+//! S→D Memory*, RoundEnd        round 0: all memory; round n: pages dirty since n-1
+//! ...                          until the rest fits the downtime target; S pauses
+//! S→D Memory*, RoundEnd        the last dirty set
+//! S→D State{vm, vcpus, devs}   D→S Ready{digest}
+//! S→D Commit                   D→S Resumed; S exits, D runs the VM
+//! ```
+//!
+//! Any failure before Commit leaves the source VM running with its memory
+//! untouched (the source only reads guest memory).
+
+pub mod destination;
+pub mod digest;
+pub mod report;
+pub mod source;
+pub mod transport;
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::cpuid::CpuProfile;
+use crate::devices::legacy::DevicesState;
+use crate::dirty::DirtySourceKind;
+use crate::vm::state::{StateError, VcpuState, VmState};
+
+/// The VM configuration the destination needs to build an empty VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    pub cpu_profile: CpuProfile,
+    pub dirty_source: DirtySourceKind,
+    pub verify: bool,
+}
+
+/// Everything besides memory, sent once the source is paused.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MachineState {
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub devices: DevicesState,
+}
+
+/// The destination's answer to the state: its memory digest, if asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ready {
+    pub digest: Option<String>,
+}
+
+/// Why a migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("migration stream: {0}")]
+    Protocol(#[from] ldt_migration::ProtocolError),
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("peer aborted: {0}")]
+    Aborted(String),
+    #[error("unexpected {0:?} message")]
+    Unexpected(ldt_migration::MessageKind),
+    #[error("bad {0} message: {1}")]
+    BadMessage(&'static str, String),
+    #[error("did not converge: {0}")]
+    NotConverged(String),
+    #[error("memory digest mismatch: source {source_digest}, destination {destination}")]
+    DigestMismatch {
+        source_digest: String,
+        destination: String,
+    },
+    #[error("the VM stopped during migration")]
+    VmStopped,
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Dirty(#[from] crate::dirty::DirtyError),
+    #[error("guest memory: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+    #[error("{0}")]
+    Build(String),
+}
+
+/// Decodes a JSON message body.
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(
+    what: &'static str,
+    payload: &[u8],
+) -> Result<T, MigrationError> {
+    serde_json::from_slice(payload).map_err(|e| MigrationError::BadMessage(what, e.to_string()))
+}

@@ -1,0 +1,85 @@
+//! Migration statistics: per round and overall, as JSON.
+
+use serde::{Deserialize, Serialize};
+
+/// One pre-copy round.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RoundStats {
+    pub round: u32,
+    /// Pages the round sent (including zero pages).
+    pub pages: u64,
+    pub zero_pages: u64,
+    /// Bytes on the wire.
+    pub bytes: u64,
+    pub duration_ms: f64,
+    /// Pages the guest dirtied per second while the previous round was sent.
+    pub dirty_rate_pages_s: f64,
+    /// Transfer rate of this round.
+    pub bandwidth_mb_s: f64,
+}
+
+/// Progress shown while migrating.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Progress {
+    pub round: u32,
+    pub remaining_bytes: u64,
+    pub dirty_rate_pages_s: f64,
+    pub bandwidth_mb_s: f64,
+    pub expected_downtime_ms: f64,
+}
+
+impl Progress {
+    /// The one-line form printed during migration.
+    pub fn line(&self) -> String {
+        format!(
+            "round {:>3}  remaining {:>8} KiB  dirty {:>9.0} pages/s  bw {:>8.1} MB/s  expected downtime {:>8.1} ms",
+            self.round,
+            self.remaining_bytes / 1024,
+            self.dirty_rate_pages_s,
+            self.bandwidth_mb_s,
+            self.expected_downtime_ms
+        )
+    }
+}
+
+/// The final report.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationReport {
+    pub dirty_source: String,
+    pub destination: String,
+    pub total_ms: f64,
+    pub setup_ms: f64,
+    /// Source pause to the destination's "resumed" (includes `verify_ms`
+    /// and the destination's digest when verifying).
+    pub downtime_ms: f64,
+    /// Time the source spent on its memory digest (with --verify).
+    pub verify_ms: f64,
+    pub expected_downtime_ms: f64,
+    pub downtime_target_ms: u64,
+    pub converged: bool,
+    pub transferred_bytes: u64,
+    pub rounds: Vec<RoundStats>,
+    /// Guest memory copy rate (bytes of memory sent per second of sending).
+    pub copy_mb_s: f64,
+    /// This machine's plain memcpy rate, for comparison.
+    pub memcpy_mb_s: f64,
+    pub digest_source: Option<String>,
+    pub digest_destination: Option<String>,
+}
+
+/// Measures memcpy over 64 MiB (median of 3).
+pub fn memcpy_rate_mb_s() -> f64 {
+    let n = 64 << 20;
+    let src = vec![0x5au8; n];
+    let mut dst = vec![0u8; n];
+    let mut rates: Vec<f64> = (0..3)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&dst);
+            n as f64 / t.elapsed().as_secs_f64() / 1e6
+        })
+        .collect();
+    rates.sort_by(|a, b| a.total_cmp(b));
+    rates[1]
+}

@@ -1,0 +1,352 @@
+//! The sending side: pre-copy rounds from a dirty source, then the switch-over.
+
+use std::time::{Duration, Instant};
+
+use ldt_migration::{encode_memory_header, MemoryRange, MessageKind, RANGE_ZERO};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+
+use super::digest::memory_digest;
+use super::report::{memcpy_rate_mb_s, MigrationReport, Progress, RoundStats};
+use super::transport::{self, Connection, Endpoint};
+use super::{parse, Hello, MachineState, MigrationError, Ready};
+use crate::arch::layout::PAGE_SIZE;
+use crate::dirty::{self, DirtyBitmap, DirtySource, DirtySourceKind};
+use crate::runner::{RunState, VmControl};
+use crate::vm::state::{msr_index_list, VcpuState, VmState};
+
+/// Pages per memory message (4 MiB).
+const CHUNK_PAGES: u64 = 1024;
+/// How long the source waits for an answer before calling the peer dead.
+const PEER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What to do when the rounds or the time run out before convergence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConvergencePolicy {
+    /// Give up; the VM keeps running on the source.
+    Cancel,
+    /// Switch over anyway, with a longer downtime.
+    Force,
+}
+
+/// Parameters of one migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateOptions {
+    pub to: Endpoint,
+    pub dirty_source: DirtySourceKind,
+    pub downtime_ms: u64,
+    pub max_rounds: u32,
+    pub timeout_s: u64,
+    pub policy: ConvergencePolicy,
+    /// MB/s; `None` for no limit.
+    pub bandwidth_limit_mbps: Option<u64>,
+    pub verify: bool,
+}
+
+/// Sends the pages of `dirty`, in 4 MiB messages; all-zero pages go as flags.
+struct Sender<'a> {
+    ctl: &'a VmControl,
+    conn: &'a mut Connection,
+    limit_bytes_s: Option<f64>,
+    started: Instant,
+    sent_total: u64,
+    copy_time: Duration,
+    memory_bytes: u64,
+}
+
+impl Sender<'_> {
+    fn send_round(
+        &mut self,
+        round: u32,
+        dirty: &DirtyBitmap,
+    ) -> Result<RoundStats, MigrationError> {
+        let t = Instant::now();
+        let before = self.conn.bytes_sent;
+        let mut stats = RoundStats {
+            round,
+            ..Default::default()
+        };
+        let mut buf = vec![0u8; (CHUNK_PAGES * PAGE_SIZE) as usize];
+        for (start, len) in dirty.ranges() {
+            let mut off = 0;
+            while off < len {
+                let n = (CHUNK_PAGES * PAGE_SIZE).min(len - off);
+                let gpa = start + off;
+                self.ctl
+                    .vm
+                    .memory
+                    .read_slice(&mut buf[..n as usize], GuestAddress(gpa))?;
+                self.send_chunk(gpa, &buf[..n as usize], &mut stats)?;
+                off += n;
+            }
+        }
+        self.conn
+            .send(MessageKind::RoundEnd, &round.to_le_bytes())?;
+        self.conn.flush()?;
+        stats.bytes = self.conn.bytes_sent - before;
+        let secs = t.elapsed().as_secs_f64();
+        stats.duration_ms = secs * 1e3;
+        stats.bandwidth_mb_s = stats.bytes as f64 / secs.max(1e-9) / 1e6;
+        self.copy_time += t.elapsed();
+        Ok(stats)
+    }
+
+    /// One message: runs of zero and non-zero pages of `data` at `gpa`.
+    fn send_chunk(
+        &mut self,
+        gpa: u64,
+        data: &[u8],
+        stats: &mut RoundStats,
+    ) -> Result<(), MigrationError> {
+        let mut ranges: Vec<MemoryRange> = Vec::new();
+        let mut payload_data: Vec<u8> = Vec::with_capacity(data.len());
+        for (i, page) in data.chunks_exact(PAGE_SIZE as usize).enumerate() {
+            let zero = is_zero(page);
+            let flags = if zero { RANGE_ZERO } else { 0 };
+            let page_gpa = gpa + i as u64 * PAGE_SIZE;
+            match ranges.last_mut() {
+                Some(r) if r.flags == flags && r.gpa + r.pages as u64 * PAGE_SIZE == page_gpa => {
+                    r.pages += 1
+                }
+                _ => ranges.push(MemoryRange {
+                    gpa: page_gpa,
+                    pages: 1,
+                    flags,
+                }),
+            }
+            if zero {
+                stats.zero_pages += 1;
+            } else {
+                payload_data.extend_from_slice(page);
+            }
+            stats.pages += 1;
+        }
+        let mut msg = encode_memory_header(&ranges);
+        msg.extend_from_slice(&payload_data);
+        self.conn.send(MessageKind::Memory, &msg)?;
+        self.memory_bytes += data.len() as u64;
+        self.throttle()?;
+        Ok(())
+    }
+
+    /// Sleeps as needed to stay under the bandwidth limit.
+    fn throttle(&mut self) -> Result<(), MigrationError> {
+        let Some(limit) = self.limit_bytes_s else {
+            return Ok(());
+        };
+        let sent = (self.conn.bytes_sent - self.sent_total) as f64;
+        let due = Duration::from_secs_f64(sent / limit);
+        let elapsed = self.started.elapsed();
+        if due > elapsed {
+            self.conn.flush()?;
+            std::thread::sleep(due - elapsed);
+        }
+        Ok(())
+    }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(8)
+        .all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
+}
+
+fn expect(frame: ldt_migration::Frame, kind: MessageKind) -> Result<Vec<u8>, MigrationError> {
+    match frame.kind {
+        k if k == kind => Ok(frame.payload),
+        MessageKind::Abort => Err(MigrationError::Aborted(
+            String::from_utf8_lossy(&frame.payload).into_owned(),
+        )),
+        k => Err(MigrationError::Unexpected(k)),
+    }
+}
+
+/// Migrates the VM behind `ctl` to `opts.to`. On success the caller stops
+/// the source VM; on failure the source VM is running as before.
+pub fn migrate(
+    ctl: &VmControl,
+    opts: &MigrateOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, MigrationError> {
+    let started = Instant::now();
+    // The API's own tracking session would compete for the same KVM log.
+    if ctl.dirty.lock().unwrap().source.is_some() {
+        return Err(MigrationError::Build(
+            "dirty tracking is running through the API; stop it first".into(),
+        ));
+    }
+    let mut conn = transport::connect(&opts.to)?;
+    conn.set_timeout(Some(PEER_TIMEOUT))?;
+    let hello = Hello {
+        mem_mib: ctl.vm.mem_size() >> 20,
+        vcpus: ctl.vcpu_count as u8,
+        cpu_profile: ctl.cpu_profile,
+        dirty_source: opts.dirty_source,
+        verify: opts.verify,
+    };
+    conn.send(
+        MessageKind::Hello,
+        &serde_json::to_vec(&hello).expect("hello serializes"),
+    )?;
+    expect(conn.recv()?, MessageKind::HelloAck)?;
+
+    let mut source = dirty::create(opts.dirty_source, ctl.dirty_options, ctl.ring.clone())?;
+    dirty::reset_vmm_writes(&ctl.vm);
+    source.start(&ctl.vm)?;
+    let result = run_rounds(ctl, opts, &mut conn, source.as_mut(), started, progress);
+    let stopped = source.stop(&ctl.vm);
+    match result {
+        Ok(mut report) => {
+            stopped?;
+            // Measured after the fact so it costs the migration nothing.
+            report.memcpy_mb_s = memcpy_rate_mb_s();
+            Ok(report)
+        }
+        Err(e) => {
+            // Best effort: tell the destination, then let the guest go on here.
+            let _ = conn.send(MessageKind::Abort, e.to_string().as_bytes());
+            let _ = conn.flush();
+            ctl.resume();
+            Err(e)
+        }
+    }
+}
+
+fn run_rounds(
+    ctl: &VmControl,
+    opts: &MigrateOptions,
+    conn: &mut Connection,
+    source: &mut dyn DirtySource,
+    started: Instant,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, MigrationError> {
+    let setup_ms = started.elapsed().as_secs_f64() * 1e3;
+    let mut sender = Sender {
+        ctl,
+        conn,
+        limit_bytes_s: opts.bandwidth_limit_mbps.map(|m| m as f64 * 1e6),
+        started: Instant::now(),
+        sent_total: 0,
+        copy_time: Duration::ZERO,
+        memory_bytes: 0,
+    };
+    sender.sent_total = sender.conn.bytes_sent;
+
+    let mut rounds = vec![sender.send_round(0, &DirtyBitmap::full(&ctl.vm.slots))?];
+    let target = Duration::from_millis(opts.downtime_ms);
+    let mut converged = true;
+    let mut expected_ms;
+    let mut dirty_rate;
+    let mut round = 1;
+    let final_dirty = loop {
+        let dirty = dirty::harvest(source, &ctl.vm)?;
+        let last = rounds.last().unwrap();
+        let remaining = dirty.count() * PAGE_SIZE;
+        let bw = last.bytes as f64 / (last.duration_ms / 1e3).max(1e-9);
+        expected_ms = remaining as f64 / bw.max(1.0) * 1e3;
+        dirty_rate = dirty.count() as f64 / (last.duration_ms / 1e3).max(1e-9);
+        progress(&Progress {
+            round,
+            remaining_bytes: remaining,
+            dirty_rate_pages_s: dirty_rate,
+            bandwidth_mb_s: bw / 1e6,
+            expected_downtime_ms: expected_ms,
+        });
+        if expected_ms <= target.as_secs_f64() * 1e3 {
+            break dirty;
+        }
+        let out_of_rounds = round > opts.max_rounds;
+        let out_of_time = started.elapsed() >= Duration::from_secs(opts.timeout_s);
+        if out_of_rounds || out_of_time {
+            let why = if out_of_rounds {
+                format!("{} rounds done", opts.max_rounds)
+            } else {
+                format!("{} s timeout", opts.timeout_s)
+            };
+            match opts.policy {
+                ConvergencePolicy::Cancel => {
+                    return Err(MigrationError::NotConverged(format!(
+                        "{why}, expected downtime {expected_ms:.0} ms > target {} ms",
+                        opts.downtime_ms
+                    )))
+                }
+                ConvergencePolicy::Force => {
+                    converged = false;
+                    break dirty;
+                }
+            }
+        }
+        let mut stats = sender.send_round(round, &dirty)?;
+        stats.dirty_rate_pages_s = dirty_rate;
+        rounds.push(stats);
+        round += 1;
+    };
+
+    // Switch-over: nothing the guest writes from here on is lost because
+    // the last harvest happens with every vCPU stopped.
+    let paused_at = Instant::now();
+    if ctl.pause() != RunState::Paused {
+        return Err(MigrationError::VmStopped);
+    }
+    let mut last = final_dirty;
+    last.or(&dirty::harvest(source, &ctl.vm)?);
+    let mut stats = sender.send_round(round, &last)?;
+    stats.dirty_rate_pages_s = dirty_rate;
+    rounds.push(stats);
+    let msr_indices = msr_index_list(&ctl.vm.kvm)?;
+    let mut vcpus = Vec::new();
+    for (i, v) in ctl.vcpus.iter().enumerate() {
+        vcpus.push(VcpuState::save(
+            i as u8,
+            &v.lock().unwrap().fd,
+            &msr_indices,
+        )?);
+    }
+    let state = MachineState {
+        vm: VmState::save(&ctl.vm.fd)?,
+        vcpus,
+        devices: ctl.devices.lock().unwrap().save(),
+    };
+    let copy_mb_s = sender.memory_bytes as f64 / sender.copy_time.as_secs_f64().max(1e-9) / 1e6;
+    let conn = sender.conn;
+    conn.send(
+        MessageKind::State,
+        &serde_json::to_vec(&state).expect("state serializes"),
+    )?;
+    conn.flush()?;
+    let t = Instant::now();
+    let digest_source = if opts.verify {
+        Some(memory_digest(&ctl.vm)?)
+    } else {
+        None
+    };
+    let verify_ms = t.elapsed().as_secs_f64() * 1e3;
+    let ready: Ready = parse("Ready", &expect(conn.recv()?, MessageKind::Ready)?)?;
+    if opts.verify && ready.digest != digest_source {
+        return Err(MigrationError::DigestMismatch {
+            source_digest: digest_source.unwrap_or_default(),
+            destination: ready.digest.unwrap_or_else(|| "none".into()),
+        });
+    }
+    conn.send(MessageKind::Commit, &[])?;
+    expect(conn.recv()?, MessageKind::Resumed)?;
+    let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
+
+    Ok(MigrationReport {
+        dirty_source: opts.dirty_source.name().into(),
+        destination: opts.to.to_string(),
+        total_ms: started.elapsed().as_secs_f64() * 1e3,
+        setup_ms,
+        downtime_ms,
+        expected_downtime_ms: expected_ms,
+        downtime_target_ms: opts.downtime_ms,
+        converged,
+        transferred_bytes: conn.bytes_sent,
+        rounds,
+        copy_mb_s,
+        memcpy_mb_s: 0.0,
+        verify_ms,
+        digest_source,
+        digest_destination: ready.digest,
+    })
+}
