@@ -2,7 +2,7 @@
 //!
 //! Request: `{"command": "status"}` (or `pause`, `resume`, `shutdown`,
 //! `dirty-start` with `"source": "kvm-bitmap"`, `dirty-harvest`,
-//! `dirty-stop`, `dirty-stats`, `migrate`). Response: `{"ok": true, "result": ...}` or
+//! `dirty-stop`, `dirty-stats`, `migrate`, `snapshot`, `memory-digest`). Response: `{"ok": true, "result": ...}` or
 //! `{"ok": false, "error": "..."}`. One request per line; a connection may
 //! send several.
 
@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::dirty::DirtySourceKind;
+use crate::migration::digest::memory_digest;
+use crate::migration::snapshot::{self, SnapshotOptions};
 use crate::migration::source::{self, MigrateOptions};
+use crate::runner::RunState;
 use crate::runner::VmControl;
 
 /// A request on the control socket.
@@ -35,6 +38,10 @@ pub enum Request {
     /// Live-migrate the VM; progress lines precede the response, and on
     /// success the source VMM exits.
     Migrate(MigrateOptions),
+    /// Write a full snapshot, or a diff against `base`.
+    Snapshot(SnapshotOptions),
+    /// SHA-256 of all guest memory, taken with the vCPUs paused.
+    MemoryDigest,
 }
 
 /// A response on the control socket.
@@ -101,6 +108,24 @@ pub fn handle(req: &Request, ctl: &VmControl) -> Response {
             Err(e) => Response::err(e),
         },
         Request::Migrate(_) => Response::err("migrate is served on its own connection"),
+        Request::Snapshot(opts) => match snapshot::take(ctl, opts) {
+            Ok(r) => Response::ok(serde_json::to_value(r).expect("report serializes")),
+            Err(e) => Response::err(format!("snapshot failed, the VM keeps running: {e}")),
+        },
+        Request::MemoryDigest => {
+            let was_running = ctl.state() == RunState::Running;
+            if ctl.pause() != RunState::Paused {
+                return Response::err("the VM is stopping");
+            }
+            let d = memory_digest(&ctl.vm);
+            if was_running {
+                ctl.resume();
+            }
+            match d {
+                Ok(d) => Response::ok(json!({ "digest": d })),
+                Err(e) => Response::err(e),
+            }
+        }
         Request::DirtyStats => {
             let d = ctl.dirty.lock().unwrap();
             Response::ok(json!({

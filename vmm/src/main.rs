@@ -14,6 +14,7 @@ use ldt_vmm::devices::console::ConsoleOut;
 use ldt_vmm::dirty::{DirtyOptions, DirtySourceKind};
 use ldt_vmm::loader::LinuxBoot;
 use ldt_vmm::migration::destination;
+use ldt_vmm::migration::snapshot::{self, SnapshotOptions};
 use ldt_vmm::migration::source::{ConvergencePolicy, MigrateOptions};
 use ldt_vmm::migration::transport::{Endpoint, Listener};
 use ldt_vmm::runner::{self, VmControl};
@@ -57,6 +58,14 @@ ldt-vmm migrate --api /tmp/src.sock --to unix:/tmp/mig.sock --dirty-source kvm-c
 Progress lines go to stderr, the JSON report to stdout (and --stats FILE). On failure the VM keeps\n\
 running on the source and the exit status is 1.")]
     Migrate(MigrateArgs),
+    /// Write a full snapshot of a running VM, or a diff against the last one.
+    #[command(
+        after_help = "Examples:\n  ldt-vmm snapshot --api /tmp/vm.sock --to full.snap\n  \
+ldt-vmm snapshot --api /tmp/vm.sock --to diff1.snap --base full.snap\n  \
+ldt-vmm run --restore full.snap diff1.snap\n\n\
+A full snapshot starts dirty tracking (--dirty-source) so that the next snapshot can be a diff."
+    )]
+    Snapshot(SnapshotArgs),
     /// Send a command to a running VM's API socket and print the JSON answer.
     #[command(after_help = "Examples:\n  ldt-vmm ctl --api /tmp/vm.sock status\n  \
 ldt-vmm ctl --api /tmp/vm.sock dirty-start kvm-ring\n  ldt-vmm ctl --api /tmp/vm.sock dirty-harvest")]
@@ -69,12 +78,18 @@ ldt-vmm ctl --api /tmp/vm.sock dirty-start kvm-ring\n  ldt-vmm ctl --api /tmp/vm
 #[derive(Args)]
 struct RunArgs {
     /// Linux kernel: ELF vmlinux (64-bit entry) or bzImage.
-    #[arg(required_unless_present_any = ["flat", "incoming"], conflicts_with_all = ["flat", "incoming"])]
+    #[arg(required_unless_present_any = ["flat", "incoming", "restore"], conflicts_with_all = ["flat", "incoming", "restore"])]
     kernel: Option<PathBuf>,
     /// Wait for a migrating VM on unix:PATH or tcp:HOST:PORT instead of booting
     /// (memory size, vCPUs and CPU profile come from the stream).
     #[arg(long, value_name = "URL", conflicts_with = "flat")]
     incoming: Option<Endpoint>,
+    /// Restore from snapshot files: a full snapshot, then its diffs in order.
+    #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with_all = ["flat", "incoming"])]
+    restore: Vec<PathBuf>,
+    /// Start with the vCPUs paused (resume through the API).
+    #[arg(long, requires = "api")]
+    paused: bool,
     /// Boot a flat payload instead: loaded and entered at 0x100000 in 64-bit mode.
     #[arg(long, value_name = "FILE")]
     flat: Option<PathBuf>,
@@ -165,6 +180,22 @@ struct MigrateArgs {
 }
 
 #[derive(Args)]
+struct SnapshotArgs {
+    /// The VM's API socket.
+    #[arg(long, value_name = "SOCKET")]
+    api: PathBuf,
+    /// Snapshot file to write.
+    #[arg(long, value_name = "FILE")]
+    to: PathBuf,
+    /// Write only what changed since this snapshot (the VM's last one).
+    #[arg(long, value_name = "FILE")]
+    base: Option<PathBuf>,
+    /// Dirty source that tracks changes for the next diff.
+    #[arg(long, value_enum, default_value_t = DirtySourceKind::KvmBitmap)]
+    dirty_source: DirtySourceKind,
+}
+
+#[derive(Args)]
 struct CtlArgs {
     /// The VM's API socket.
     #[arg(long, value_name = "SOCKET")]
@@ -194,6 +225,8 @@ enum CtlRequest {
     DirtyStop,
     /// Counters of the current dirty-tracking session.
     DirtyStats,
+    /// SHA-256 of all guest memory (vCPUs paused meanwhile).
+    MemoryDigest,
 }
 
 #[derive(Subcommand)]
@@ -232,29 +265,23 @@ struct DirtyBenchArgs {
 
 fn run(args: RunArgs) -> anyhow::Result<i32> {
     let profile = args.cpu_profile.unwrap_or_else(CpuProfile::detect);
-    let (ctl, profile) = match &args.incoming {
-        Some(ep) => {
-            let listener = Listener::bind(ep).with_context(|| format!("cannot listen on {ep}"))?;
-            eprintln!("ldt-vmm: waiting for a migration on {ep}");
-            let (mut conn, hello, machine) =
-                destination::accept(&listener, ConsoleOut::Stdout, args.dirty.dirty_ring)?;
-            destination::receive(&mut conn, &hello, &machine)
-                .context("incoming migration failed")?;
-            (
-                VmControl::new(machine, args.dirty.options(), hello.cpu_profile)?,
-                hello.cpu_profile,
-            )
-        }
-        None => (
-            VmControl::new(
-                builder::build(&resources(&args, profile)?)?,
-                args.dirty.options(),
-                profile,
-            )?,
-            profile,
-        ),
+    let options = args.dirty.options();
+    let ctl = if let Some(ep) = &args.incoming {
+        let listener = Listener::bind(ep).with_context(|| format!("cannot listen on {ep}"))?;
+        eprintln!("ldt-vmm: waiting for a migration on {ep}");
+        let (mut conn, hello, machine) =
+            destination::accept(&listener, ConsoleOut::Stdout, args.dirty.dirty_ring)?;
+        destination::receive(&mut conn, &hello, &machine).context("incoming migration failed")?;
+        VmControl::new(machine, options, hello.cpu_profile, args.paused)?
+    } else if !args.restore.is_empty() {
+        let (hello, machine) =
+            snapshot::restore(&args.restore, ConsoleOut::Stdout, args.dirty.dirty_ring)
+                .context("restore failed")?;
+        VmControl::new(machine, options, hello.cpu_profile, args.paused)?
+    } else {
+        let machine = builder::build(&resources(&args, profile)?)?;
+        VmControl::new(machine, options, profile, args.paused)?
     };
-    let _ = profile;
     let _api = match &args.api {
         Some(path) => Some(
             api::serve(path, ctl.clone())
@@ -339,10 +366,25 @@ fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
         CtlRequest::DirtyHarvest => Request::DirtyHarvest,
         CtlRequest::DirtyStop => Request::DirtyStop,
         CtlRequest::DirtyStats => Request::DirtyStats,
+        CtlRequest::MemoryDigest => Request::MemoryDigest,
     };
     let resp = api::call(&args.api, &req)?;
     println!("{}", serde_json::to_string(&resp)?);
     Ok(if resp.ok { 0 } else { 1 })
+}
+
+fn snapshot_cmd(a: SnapshotArgs) -> anyhow::Result<i32> {
+    let opts = SnapshotOptions {
+        to: std::path::absolute(&a.to)?,
+        base: a.base.as_ref().map(std::path::absolute).transpose()?,
+        dirty_source: a.dirty_source,
+    };
+    let resp = api::call(&a.api, &Request::Snapshot(opts))?;
+    if !resp.ok {
+        anyhow::bail!("{}", resp.error.unwrap_or_default());
+    }
+    println!("{}", serde_json::to_string(&resp.result)?);
+    Ok(0)
 }
 
 fn bench_dirty(a: DirtyBenchArgs) -> anyhow::Result<i32> {
@@ -382,6 +424,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Ctl(a) => ctl(a),
         Command::Migrate(a) => migrate(a),
+        Command::Snapshot(a) => snapshot_cmd(a),
         Command::Bench(BenchCommand::Dirty(a)) => bench_dirty(a),
     };
     match result {

@@ -44,7 +44,14 @@ pub struct DirtyTracking {
     pub last_round_pages: u64,
 }
 
-/// The handle the API (and later migration) uses to control a running VM.
+/// Dirty tracking kept running between snapshots, so the next one can be a diff.
+pub struct SnapshotChain {
+    pub source: Box<dyn DirtySource>,
+    /// Id (memory digest) of the last snapshot taken.
+    pub last_id: String,
+}
+
+/// The handle the API and migration use to control a running VM.
 pub struct VmControl {
     pub vm: Arc<Vm>,
     /// vCPUs; a vCPU thread holds its lock only while in `KVM_RUN`, so
@@ -55,6 +62,7 @@ pub struct VmControl {
     pub ring: Option<Arc<dirty::kvm_ring::RingCollector>>,
     pub dirty_options: DirtyOptions,
     pub dirty: Mutex<DirtyTracking>,
+    pub snapshots: Mutex<Option<SnapshotChain>>,
     pub started: Instant,
     pub vcpu_count: usize,
     shared: Mutex<Shared>,
@@ -69,6 +77,7 @@ impl VmControl {
         machine: Machine,
         dirty_options: DirtyOptions,
         cpu_profile: crate::arch::cpuid::CpuProfile,
+        start_paused: bool,
     ) -> std::io::Result<Arc<Self>> {
         let Machine {
             vm,
@@ -85,9 +94,14 @@ impl VmControl {
             ring,
             dirty_options,
             dirty: Mutex::new(DirtyTracking::default()),
+            snapshots: Mutex::new(None),
             started: Instant::now(),
             shared: Mutex::new(Shared {
-                state: RunState::Running,
+                state: if start_paused {
+                    RunState::Paused
+                } else {
+                    RunState::Running
+                },
                 parked: 0,
                 exit_status: None,
             }),

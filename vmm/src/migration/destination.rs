@@ -55,67 +55,15 @@ pub fn receive(
     hello: &Hello,
     machine: &Machine,
 ) -> Result<u32, MigrationError> {
-    let zero = vec![0u8; PAGE_SIZE as usize];
     let mut rounds = 0;
     let mut restored = false;
     loop {
         let frame = conn.recv()?;
         match frame.kind {
-            MessageKind::Memory if !restored => {
-                let (ranges, data) = decode_memory(&frame.payload)?;
-                let mut off = 0usize;
-                for r in ranges {
-                    let len = r.pages as u64 * PAGE_SIZE;
-                    let valid = machine
-                        .vm
-                        .slots
-                        .iter()
-                        .any(|s| r.gpa >= s.guest_addr && r.gpa + len <= s.guest_addr + s.size);
-                    if !valid {
-                        return Err(MigrationError::BadMessage(
-                            "Memory",
-                            format!("range {:#x}+{len:#x} is not guest RAM", r.gpa),
-                        ));
-                    }
-                    if r.is_zero() {
-                        for p in 0..r.pages as u64 {
-                            machine
-                                .vm
-                                .memory
-                                .write_slice(&zero, GuestAddress(r.gpa + p * PAGE_SIZE))?;
-                        }
-                    } else {
-                        machine
-                            .vm
-                            .memory
-                            .write_slice(&data[off..off + len as usize], GuestAddress(r.gpa))?;
-                        off += len as usize;
-                    }
-                }
-            }
+            MessageKind::Memory if !restored => apply_memory(machine, &frame.payload)?,
             MessageKind::RoundEnd if !restored => rounds += 1,
             MessageKind::State if !restored => {
-                let state: MachineState = parse("State", &frame.payload)?;
-                if state.vcpus.len() != machine.vcpus.len() {
-                    return Err(MigrationError::BadMessage(
-                        "State",
-                        format!(
-                            "{} vCPUs for a VM with {}",
-                            state.vcpus.len(),
-                            machine.vcpus.len()
-                        ),
-                    ));
-                }
-                state.vm.restore(&machine.vm.fd)?;
-                for (v, s) in machine.vcpus.iter().zip(&state.vcpus) {
-                    s.restore(&v.fd)?;
-                }
-                machine
-                    .devices
-                    .lock()
-                    .unwrap()
-                    .restore(&state.devices)
-                    .map_err(|e| MigrationError::Build(e.to_string()))?;
+                restore_state(machine, &frame.payload)?;
                 restored = true;
                 let digest = if hello.verify {
                     Some(memory_digest(&machine.vm)?)
@@ -141,4 +89,65 @@ pub fn receive(
             k => return Err(MigrationError::Unexpected(k)),
         }
     }
+}
+
+/// Writes the pages of one memory message into guest memory.
+pub fn apply_memory(machine: &Machine, payload: &[u8]) -> Result<(), MigrationError> {
+    let zero = [0u8; PAGE_SIZE as usize];
+    let (ranges, data) = decode_memory(payload)?;
+    let mut off = 0usize;
+    for r in ranges {
+        let len = r.pages as u64 * PAGE_SIZE;
+        let valid = machine
+            .vm
+            .slots
+            .iter()
+            .any(|s| r.gpa >= s.guest_addr && r.gpa + len <= s.guest_addr + s.size);
+        if !valid {
+            return Err(MigrationError::BadMessage(
+                "Memory",
+                format!("range {:#x}+{len:#x} is not guest RAM", r.gpa),
+            ));
+        }
+        if r.is_zero() {
+            for p in 0..r.pages as u64 {
+                machine
+                    .vm
+                    .memory
+                    .write_slice(&zero, GuestAddress(r.gpa + p * PAGE_SIZE))?;
+            }
+        } else {
+            machine
+                .vm
+                .memory
+                .write_slice(&data[off..off + len as usize], GuestAddress(r.gpa))?;
+            off += len as usize;
+        }
+    }
+    Ok(())
+}
+
+/// Restores VM, vCPU and device state from a State message.
+pub fn restore_state(machine: &Machine, payload: &[u8]) -> Result<(), MigrationError> {
+    let state: MachineState = parse("State", payload)?;
+    if state.vcpus.len() != machine.vcpus.len() {
+        return Err(MigrationError::BadMessage(
+            "State",
+            format!(
+                "{} vCPUs for a VM with {}",
+                state.vcpus.len(),
+                machine.vcpus.len()
+            ),
+        ));
+    }
+    state.vm.restore(&machine.vm.fd)?;
+    for (v, s) in machine.vcpus.iter().zip(&state.vcpus) {
+        s.restore(&v.fd)?;
+    }
+    machine
+        .devices
+        .lock()
+        .unwrap()
+        .restore(&state.devices)
+        .map_err(|e| MigrationError::Build(e.to_string()))
 }

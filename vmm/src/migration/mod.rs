@@ -18,6 +18,7 @@
 pub mod destination;
 pub mod digest;
 pub mod report;
+pub mod snapshot;
 pub mod source;
 pub mod transport;
 
@@ -36,6 +37,9 @@ pub struct Hello {
     pub cpu_profile: CpuProfile,
     pub dirty_source: DirtySourceKind,
     pub verify: bool,
+    /// Set in snapshot files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<snapshot::SnapshotInfo>,
 }
 
 /// Everything besides memory, sent once the source is paused.

@@ -8,7 +8,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::digest::memory_digest;
 use super::report::{memcpy_rate_mb_s, MigrationReport, Progress, RoundStats};
-use super::transport::{self, Connection, Endpoint};
+use super::transport::{self, Connection, Endpoint, FrameSink};
 use super::{parse, Hello, MachineState, MigrationError, Ready};
 use crate::arch::layout::PAGE_SIZE;
 use crate::dirty::{self, DirtyBitmap, DirtySource, DirtySourceKind};
@@ -45,24 +45,36 @@ pub struct MigrateOptions {
 }
 
 /// Sends the pages of `dirty`, in 4 MiB messages; all-zero pages go as flags.
-struct Sender<'a> {
-    ctl: &'a VmControl,
-    conn: &'a mut Connection,
-    limit_bytes_s: Option<f64>,
+pub(crate) struct Sender<'a> {
+    pub ctl: &'a VmControl,
+    pub limit_bytes_s: Option<f64>,
     started: Instant,
     sent_total: u64,
     copy_time: Duration,
     memory_bytes: u64,
 }
 
-impl Sender<'_> {
-    fn send_round(
+impl<'a> Sender<'a> {
+    pub fn new(ctl: &'a VmControl, limit_mbps: Option<u64>, sent_total: u64) -> Self {
+        Sender {
+            ctl,
+            limit_bytes_s: limit_mbps.map(|m| m as f64 * 1e6),
+            started: Instant::now(),
+            sent_total,
+            copy_time: Duration::ZERO,
+            memory_bytes: 0,
+        }
+    }
+
+    /// Sends every page of `dirty`, then a RoundEnd.
+    pub fn send_round(
         &mut self,
+        sink: &mut dyn FrameSink,
         round: u32,
         dirty: &DirtyBitmap,
     ) -> Result<RoundStats, MigrationError> {
         let t = Instant::now();
-        let before = self.conn.bytes_sent;
+        let before = sink.bytes_sent();
         let mut stats = RoundStats {
             round,
             ..Default::default()
@@ -77,14 +89,13 @@ impl Sender<'_> {
                     .vm
                     .memory
                     .read_slice(&mut buf[..n as usize], GuestAddress(gpa))?;
-                self.send_chunk(gpa, &buf[..n as usize], &mut stats)?;
+                self.send_chunk(sink, gpa, &buf[..n as usize], &mut stats)?;
                 off += n;
             }
         }
-        self.conn
-            .send(MessageKind::RoundEnd, &round.to_le_bytes())?;
-        self.conn.flush()?;
-        stats.bytes = self.conn.bytes_sent - before;
+        sink.send(MessageKind::RoundEnd, &round.to_le_bytes())?;
+        sink.flush()?;
+        stats.bytes = sink.bytes_sent() - before;
         let secs = t.elapsed().as_secs_f64();
         stats.duration_ms = secs * 1e3;
         stats.bandwidth_mb_s = stats.bytes as f64 / secs.max(1e-9) / 1e6;
@@ -95,6 +106,7 @@ impl Sender<'_> {
     /// One message: runs of zero and non-zero pages of `data` at `gpa`.
     fn send_chunk(
         &mut self,
+        sink: &mut dyn FrameSink,
         gpa: u64,
         data: &[u8],
         stats: &mut RoundStats,
@@ -124,26 +136,44 @@ impl Sender<'_> {
         }
         let mut msg = encode_memory_header(&ranges);
         msg.extend_from_slice(&payload_data);
-        self.conn.send(MessageKind::Memory, &msg)?;
+        sink.send(MessageKind::Memory, &msg)?;
         self.memory_bytes += data.len() as u64;
-        self.throttle()?;
+        self.throttle(sink)?;
         Ok(())
     }
 
     /// Sleeps as needed to stay under the bandwidth limit.
-    fn throttle(&mut self) -> Result<(), MigrationError> {
+    fn throttle(&mut self, sink: &mut dyn FrameSink) -> Result<(), MigrationError> {
         let Some(limit) = self.limit_bytes_s else {
             return Ok(());
         };
-        let sent = (self.conn.bytes_sent - self.sent_total) as f64;
+        let sent = (sink.bytes_sent() - self.sent_total) as f64;
         let due = Duration::from_secs_f64(sent / limit);
         let elapsed = self.started.elapsed();
         if due > elapsed {
-            self.conn.flush()?;
+            sink.flush()?;
             std::thread::sleep(due - elapsed);
         }
         Ok(())
     }
+}
+
+/// Saves VM, vCPU and device state; the VM must be paused.
+pub(crate) fn save_machine_state(ctl: &VmControl) -> Result<MachineState, MigrationError> {
+    let msr_indices = msr_index_list(&ctl.vm.kvm)?;
+    let mut vcpus = Vec::new();
+    for (i, v) in ctl.vcpus.iter().enumerate() {
+        vcpus.push(VcpuState::save(
+            i as u8,
+            &v.lock().unwrap().fd,
+            &msr_indices,
+        )?);
+    }
+    Ok(MachineState {
+        vm: VmState::save(&ctl.vm.fd)?,
+        vcpus,
+        devices: ctl.devices.lock().unwrap().save(),
+    })
 }
 
 fn is_zero(page: &[u8]) -> bool {
@@ -183,6 +213,7 @@ pub fn migrate(
         cpu_profile: ctl.cpu_profile,
         dirty_source: opts.dirty_source,
         verify: opts.verify,
+        snapshot: None,
     };
     conn.send(
         MessageKind::Hello,
@@ -221,18 +252,8 @@ fn run_rounds(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, MigrationError> {
     let setup_ms = started.elapsed().as_secs_f64() * 1e3;
-    let mut sender = Sender {
-        ctl,
-        conn,
-        limit_bytes_s: opts.bandwidth_limit_mbps.map(|m| m as f64 * 1e6),
-        started: Instant::now(),
-        sent_total: 0,
-        copy_time: Duration::ZERO,
-        memory_bytes: 0,
-    };
-    sender.sent_total = sender.conn.bytes_sent;
-
-    let mut rounds = vec![sender.send_round(0, &DirtyBitmap::full(&ctl.vm.slots))?];
+    let mut sender = Sender::new(ctl, opts.bandwidth_limit_mbps, conn.bytes_sent);
+    let mut rounds = vec![sender.send_round(conn, 0, &DirtyBitmap::full(&ctl.vm.slots))?];
     let target = Duration::from_millis(opts.downtime_ms);
     let mut converged = true;
     let mut expected_ms;
@@ -276,7 +297,7 @@ fn run_rounds(
                 }
             }
         }
-        let mut stats = sender.send_round(round, &dirty)?;
+        let mut stats = sender.send_round(conn, round, &dirty)?;
         stats.dirty_rate_pages_s = dirty_rate;
         rounds.push(stats);
         round += 1;
@@ -290,25 +311,11 @@ fn run_rounds(
     }
     let mut last = final_dirty;
     last.or(&dirty::harvest(source, &ctl.vm)?);
-    let mut stats = sender.send_round(round, &last)?;
+    let mut stats = sender.send_round(conn, round, &last)?;
     stats.dirty_rate_pages_s = dirty_rate;
     rounds.push(stats);
-    let msr_indices = msr_index_list(&ctl.vm.kvm)?;
-    let mut vcpus = Vec::new();
-    for (i, v) in ctl.vcpus.iter().enumerate() {
-        vcpus.push(VcpuState::save(
-            i as u8,
-            &v.lock().unwrap().fd,
-            &msr_indices,
-        )?);
-    }
-    let state = MachineState {
-        vm: VmState::save(&ctl.vm.fd)?,
-        vcpus,
-        devices: ctl.devices.lock().unwrap().save(),
-    };
+    let state = save_machine_state(ctl)?;
     let copy_mb_s = sender.memory_bytes as f64 / sender.copy_time.as_secs_f64().max(1e-9) / 1e6;
-    let conn = sender.conn;
     conn.send(
         MessageKind::State,
         &serde_json::to_vec(&state).expect("state serializes"),

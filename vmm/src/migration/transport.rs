@@ -69,6 +69,26 @@ impl Socket for TcpStream {
     }
 }
 
+/// Where frames go: a connection or a snapshot file.
+pub trait FrameSink {
+    fn send(&mut self, kind: MessageKind, payload: &[u8]) -> io::Result<()>;
+    fn flush(&mut self) -> io::Result<()>;
+    /// Bytes written so far, headers included.
+    fn bytes_sent(&self) -> u64;
+}
+
+impl FrameSink for Connection {
+    fn send(&mut self, kind: MessageKind, payload: &[u8]) -> io::Result<()> {
+        Connection::send(self, kind, payload)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Connection::flush(self)
+    }
+    fn bytes_sent(&self) -> u64 {
+        self.bytes_sent
+    }
+}
+
 /// A framed, buffered connection.
 pub struct Connection {
     reader: BufReader<Box<dyn Socket>>,

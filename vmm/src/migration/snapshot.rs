@@ -1,0 +1,269 @@
+//! Full and diff snapshots: the migration stream written to a file.
+//!
+//! A snapshot file is a Hello (with the snapshot's id and its base's id),
+//! memory messages and a State message. A full snapshot holds all memory; a
+//! diff holds the pages the dirty source reported since the snapshot it is
+//! based on (tracking keeps running between snapshots for that). A
+//! snapshot's id is the SHA-256 of all guest memory when it was taken, so a
+//! restore can check it rebuilt exactly that memory.
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ldt_migration::{read_frame, write_frame, MessageKind, ProtocolError};
+use serde::{Deserialize, Serialize};
+
+use super::destination::{apply_memory, restore_state};
+use super::digest::memory_digest;
+use super::source::{save_machine_state, Sender};
+use super::transport::FrameSink;
+use super::{parse, Hello, MigrationError};
+use crate::builder::{self, BootSource, Machine, VmResources};
+use crate::devices::console::ConsoleOut;
+use crate::dirty::{self, DirtyBitmap, DirtySourceKind};
+use crate::runner::{RunState, SnapshotChain, VmControl};
+
+/// Identity of a snapshot within a chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Digest of all guest memory at the snapshot.
+    pub id: String,
+    /// Id of the snapshot this diff applies to; `None` for a full snapshot.
+    pub base: Option<String>,
+}
+
+/// Parameters of `ldt-vmm snapshot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotOptions {
+    pub to: PathBuf,
+    pub base: Option<PathBuf>,
+    pub dirty_source: DirtySourceKind,
+}
+
+/// What a snapshot wrote.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotReport {
+    pub file: PathBuf,
+    pub id: String,
+    pub base: Option<String>,
+    pub pages: u64,
+    pub bytes: u64,
+    pub paused_ms: f64,
+}
+
+struct FileSink {
+    out: BufWriter<File>,
+    bytes: u64,
+}
+
+impl FrameSink for FileSink {
+    fn send(&mut self, kind: MessageKind, payload: &[u8]) -> io::Result<()> {
+        self.bytes += payload.len() as u64 + 20;
+        write_frame(&mut self.out, kind, payload)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+    fn bytes_sent(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// Reads just the Hello of a snapshot file.
+pub fn read_hello(path: &Path) -> Result<Hello, MigrationError> {
+    let mut r = BufReader::new(File::open(path)?);
+    let f = read_frame(&mut r)?;
+    if f.kind != MessageKind::Hello {
+        return Err(MigrationError::Unexpected(f.kind));
+    }
+    parse("Hello", &f.payload)
+}
+
+/// Takes a snapshot of the VM behind `ctl` (paused for the duration).
+pub fn take(ctl: &VmControl, opts: &SnapshotOptions) -> Result<SnapshotReport, MigrationError> {
+    let base_id = match &opts.base {
+        Some(p) => {
+            let hello = read_hello(p)?;
+            let info = hello.snapshot.ok_or_else(|| {
+                MigrationError::Build(format!("{} is not a snapshot", p.display()))
+            })?;
+            Some(info.id)
+        }
+        None => None,
+    };
+    let mut chain = ctl.snapshots.lock().unwrap();
+    if let Some(b) = &base_id {
+        match chain.as_ref() {
+            Some(c) if &c.last_id == b => {}
+            _ => {
+                return Err(MigrationError::Build(
+                    "the base is not the last snapshot of this VM: take a full snapshot first"
+                        .into(),
+                ))
+            }
+        }
+    }
+    let t = Instant::now();
+    if ctl.pause() != RunState::Paused {
+        return Err(MigrationError::VmStopped);
+    }
+    let result = write_snapshot(ctl, opts, base_id, &mut chain);
+    ctl.resume();
+    let mut report = result?;
+    report.paused_ms = t.elapsed().as_secs_f64() * 1e3;
+    Ok(report)
+}
+
+fn write_snapshot(
+    ctl: &VmControl,
+    opts: &SnapshotOptions,
+    base_id: Option<String>,
+    chain: &mut Option<SnapshotChain>,
+) -> Result<SnapshotReport, MigrationError> {
+    let pages = match (&base_id, chain.as_mut()) {
+        (Some(_), Some(c)) => dirty::harvest(c.source.as_mut(), &ctl.vm)?,
+        _ => {
+            // A full snapshot starts a new chain: tracking from this pause on.
+            if let Some(mut old) = chain.take() {
+                old.source.stop(&ctl.vm)?;
+            }
+            let mut source = dirty::create(opts.dirty_source, ctl.dirty_options, ctl.ring.clone())?;
+            dirty::reset_vmm_writes(&ctl.vm);
+            source.start(&ctl.vm)?;
+            *chain = Some(SnapshotChain {
+                source,
+                last_id: String::new(),
+            });
+            DirtyBitmap::full(&ctl.vm.slots)
+        }
+    };
+    let id = memory_digest(&ctl.vm)?;
+    let hello = Hello {
+        mem_mib: ctl.vm.mem_size() >> 20,
+        vcpus: ctl.vcpu_count as u8,
+        cpu_profile: ctl.cpu_profile,
+        dirty_source: opts.dirty_source,
+        verify: false,
+        snapshot: Some(SnapshotInfo {
+            id: id.clone(),
+            base: base_id.clone(),
+        }),
+    };
+    // Written beside the target and renamed, so a failure leaves no half file.
+    let tmp = opts.to.with_extension("partial");
+    let mut sink = FileSink {
+        out: BufWriter::new(File::create(&tmp)?),
+        bytes: 0,
+    };
+    let written = (|| {
+        sink.send(
+            MessageKind::Hello,
+            &serde_json::to_vec(&hello).expect("hello serializes"),
+        )?;
+        let mut sender = Sender::new(ctl, None, 0);
+        sender.send_round(&mut sink, 0, &pages)?;
+        let state = save_machine_state(ctl)?;
+        sink.send(
+            MessageKind::State,
+            &serde_json::to_vec(&state).expect("state serializes"),
+        )?;
+        sink.flush()?;
+        sink.out.get_ref().sync_all()?;
+        Ok::<_, MigrationError>(())
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, &opts.to)?;
+    chain.as_mut().expect("chain exists").last_id = id.clone();
+    Ok(SnapshotReport {
+        file: opts.to.clone(),
+        id,
+        base: base_id,
+        pages: pages.count(),
+        bytes: sink.bytes,
+        paused_ms: 0.0,
+    })
+}
+
+/// Builds a VM from a full snapshot and the diffs on top of it, in order,
+/// and checks that the memory it rebuilt has the last snapshot's digest.
+pub fn restore(
+    files: &[PathBuf],
+    console: ConsoleOut,
+    dirty_ring_entries: Option<u32>,
+) -> Result<(Hello, Machine), MigrationError> {
+    let first = files
+        .first()
+        .ok_or_else(|| MigrationError::Build("no snapshot file".into()))?;
+    let hello = read_hello(first)?;
+    let res = VmResources {
+        mem_mib: hello.mem_mib,
+        vcpus: hello.vcpus,
+        cpu_profile: hello.cpu_profile,
+        boot: BootSource::Incoming,
+        dirty_ring_entries,
+        console,
+    };
+    let machine = builder::build(&res).map_err(|e| MigrationError::Build(e.to_string()))?;
+    let mut expected_base: Option<String> = None;
+    let mut last_id = String::new();
+    for (i, path) in files.iter().enumerate() {
+        let what = |e: MigrationError| MigrationError::Build(format!("{}: {e}", path.display()));
+        let mut r = BufReader::new(File::open(path).map_err(|e| what(e.into()))?);
+        let f = read_frame(&mut r).map_err(|e| what(e.into()))?;
+        let h: Hello = parse("Hello", &f.payload).map_err(what)?;
+        let info = h
+            .snapshot
+            .ok_or_else(|| what(MigrationError::Build("not a snapshot file".into())))?;
+        if i == 0 && info.base.is_some() {
+            return Err(what(MigrationError::Build(
+                "a diff snapshot needs its base first".into(),
+            )));
+        }
+        if i > 0 && info.base != expected_base {
+            return Err(what(MigrationError::Build(
+                "not a diff of the snapshot before it".into(),
+            )));
+        }
+        if h.mem_mib != hello.mem_mib || h.vcpus != hello.vcpus {
+            return Err(what(MigrationError::Build("a different VM shape".into())));
+        }
+        let mut state_seen = false;
+        loop {
+            match read_frame(&mut r) {
+                Ok(f) if f.kind == MessageKind::Memory => {
+                    apply_memory(&machine, &f.payload).map_err(what)?
+                }
+                Ok(f) if f.kind == MessageKind::RoundEnd => {}
+                Ok(f) if f.kind == MessageKind::State => {
+                    if i + 1 == files.len() {
+                        restore_state(&machine, &f.payload).map_err(what)?;
+                    }
+                    state_seen = true;
+                }
+                Ok(f) => return Err(what(MigrationError::Unexpected(f.kind))),
+                Err(ProtocolError::Closed) if state_seen => break,
+                Err(ProtocolError::Closed) => {
+                    return Err(what(MigrationError::Build(
+                        "no device state: file incomplete".into(),
+                    )))
+                }
+                Err(e) => return Err(what(e.into())),
+            }
+        }
+        expected_base = Some(info.id.clone());
+        last_id = info.id;
+    }
+    let digest = memory_digest(&machine.vm)?;
+    if digest != last_id {
+        return Err(MigrationError::DigestMismatch {
+            source_digest: last_id,
+            destination: digest,
+        });
+    }
+    Ok((hello, machine))
+}
