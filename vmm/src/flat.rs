@@ -192,3 +192,13 @@ pub mod tempfile_path {
         }
     }
 }
+
+/// Counter values printed by the counter payloads ("c%016x" lines).
+pub fn counter_values(console: &[u8]) -> Vec<u64> {
+    String::from_utf8_lossy(console)
+        .lines()
+        .filter_map(|l| l.strip_prefix('c'))
+        .filter(|h| h.len() == 16)
+        .filter_map(|h| u64::from_str_radix(h, 16).ok())
+        .collect()
+}

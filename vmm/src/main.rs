@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use ldt_vmm::api::{self, Request};
 use ldt_vmm::arch::cpuid::CpuProfile;
+use ldt_vmm::bench::migrate::{MigrateBenchConfig, Workload};
 use ldt_vmm::bench::{self, DirtyBenchConfig};
 use ldt_vmm::builder::{self, BootSource, VmResources};
 use ldt_vmm::devices::console::ConsoleOut;
@@ -236,6 +237,28 @@ enum BenchCommand {
         after_help = "Example:\n  ldt-vmm bench dirty --working-set-pages 16384 --write-pages 16384 --bytes 1 --json"
     )]
     Dirty(DirtyBenchArgs),
+    /// Whole live migrations of the same flat guest with each dirty source.
+    #[command(after_help = "Example:\n  ldt-vmm bench migrate --workload slow --json")]
+    Migrate(MigrateBenchArgs),
+}
+
+#[derive(Args)]
+struct MigrateBenchArgs {
+    /// Guest workload: slow converges, fast never does (forced switch-over).
+    #[arg(long, value_enum, default_value_t = Workload::Slow)]
+    workload: Workload,
+    /// Downtime target.
+    #[arg(long, default_value_t = 300)]
+    downtime_ms: u64,
+    /// Rounds before forcing the switch-over.
+    #[arg(long, default_value_t = 10)]
+    max_rounds: u32,
+    /// Transfer cap in MB/s.
+    #[arg(long)]
+    bandwidth_limit: Option<u64>,
+    /// Also print one JSON line per mode.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -373,6 +396,26 @@ fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
     Ok(if resp.ok { 0 } else { 1 })
 }
 
+fn bench_migrate(a: MigrateBenchArgs) -> anyhow::Result<i32> {
+    let cfg = MigrateBenchConfig {
+        workload: a.workload,
+        downtime_ms: a.downtime_ms,
+        max_rounds: a.max_rounds,
+        bandwidth_limit_mbps: a.bandwidth_limit,
+    };
+    let results = bench::migrate::migrate(&cfg).context("migration benchmark")?;
+    print!("{}", bench::migrate::table(&cfg, &results));
+    if a.json {
+        for r in &results {
+            println!(
+                "{}",
+                serde_json::json!({ "bench": "migrate", "config": cfg, "result": r })
+            );
+        }
+    }
+    Ok(0)
+}
+
 fn snapshot_cmd(a: SnapshotArgs) -> anyhow::Result<i32> {
     let opts = SnapshotOptions {
         to: std::path::absolute(&a.to)?,
@@ -401,8 +444,8 @@ fn bench_dirty(a: DirtyBenchArgs) -> anyhow::Result<i32> {
         seed: a.seed,
         ring_entries: a.ring_entries,
     };
-    let results = bench::dirty(&cfg).context("dirty benchmark")?;
-    print!("{}", bench::table(&cfg, &results));
+    let results = bench::dirty::dirty(&cfg).context("dirty benchmark")?;
+    print!("{}", bench::dirty::table(&cfg, &results));
     if a.json {
         for r in &results {
             println!(
@@ -426,6 +469,7 @@ fn main() -> ExitCode {
         Command::Migrate(a) => migrate(a),
         Command::Snapshot(a) => snapshot_cmd(a),
         Command::Bench(BenchCommand::Dirty(a)) => bench_dirty(a),
+        Command::Bench(BenchCommand::Migrate(a)) => bench_migrate(a),
     };
     match result {
         Ok(status) => ExitCode::from(status.clamp(0, 255) as u8),

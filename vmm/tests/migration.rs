@@ -91,12 +91,7 @@ fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
 /// Counter values printed by the payload ("c%016x\n" lines), from the bytes
 /// of the source's console followed by the destination's.
 fn counters(bytes: &[u8]) -> Vec<u64> {
-    String::from_utf8_lossy(bytes)
-        .lines()
-        .filter_map(|l| l.strip_prefix('c'))
-        .filter(|h| h.len() == 16)
-        .map(|h| u64::from_str_radix(h, 16).expect("hex counter"))
-        .collect()
+    ldt_vmm::flat::counter_values(bytes)
 }
 
 fn assert_consecutive(values: &[u64]) {

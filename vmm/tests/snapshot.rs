@@ -54,12 +54,7 @@ fn snapshot(sock: &Path, to: &Path, base: Option<&Path>) -> Result<serde_json::V
 }
 
 fn counters(bytes: &[u8]) -> Vec<u64> {
-    String::from_utf8_lossy(bytes)
-        .lines()
-        .filter_map(|l| l.strip_prefix('c'))
-        .filter(|h| h.len() == 16)
-        .map(|h| u64::from_str_radix(h, 16).unwrap())
-        .collect()
+    ldt_vmm::flat::counter_values(bytes)
 }
 
 fn finish(mut child: Child, sock: &Path) {

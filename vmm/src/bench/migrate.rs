@@ -1,0 +1,215 @@
+//! `ldt-vmm bench migrate`: the same flat guest and workload migrated with
+//! each dirty source between two ldt-vmm processes on this machine, in one
+//! run. The guest prints a counter and dirties pages between lines; its
+//! progress during the migration, relative to before, shows what tracking
+//! costs the guest.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::api::{self, Request};
+use crate::dirty::DirtySourceKind;
+use crate::flat::{
+    counter_values, tempfile_path::TempPath, COUNTER_FAST_PAYLOAD, COUNTER_SLOW_PAYLOAD,
+};
+use crate::migration::source::{ConvergencePolicy, MigrateOptions};
+use crate::migration::transport::Endpoint;
+
+/// Which counter payload runs in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    /// ~16 dirty pages per printed line, with a pause between lines.
+    Slow,
+    /// 4096 dirty pages per line, no pause (needs --policy force to finish).
+    Fast,
+}
+
+/// Parameters of the migration benchmark.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateBenchConfig {
+    pub workload: Workload,
+    pub downtime_ms: u64,
+    pub max_rounds: u32,
+    pub bandwidth_limit_mbps: Option<u64>,
+}
+
+/// One migration's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateBenchResult {
+    pub mode: String,
+    pub total_ms: f64,
+    pub downtime_ms: f64,
+    pub rounds: usize,
+    pub transferred_mb: f64,
+    pub converged: bool,
+    /// Counter increments the guest made while migrating (to the pause).
+    pub guest_progress: u64,
+    /// Guest progress rate while migrating over its rate just before.
+    pub guest_rate_vs_idle: f64,
+}
+
+struct Vmm {
+    child: Child,
+    out: PathBuf,
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(exe: &Path, args: &[String], out: PathBuf) -> anyhow::Result<Vmm> {
+    let child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out)?)
+        .stderr(Stdio::null())
+        .spawn()?;
+    Ok(Vmm { child, out })
+}
+
+fn wait_for(p: &Path) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while !p.exists() {
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "{} never appeared",
+            p.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn last_counter(out: &Path) -> anyhow::Result<(u64, Instant)> {
+    let now = Instant::now();
+    let v = counter_values(&std::fs::read(out)?);
+    Ok((v.last().copied().unwrap_or(0), now))
+}
+
+fn run_one(
+    exe: &Path,
+    dir: &Path,
+    cfg: &MigrateBenchConfig,
+    kind: DirtySourceKind,
+) -> anyhow::Result<MigrateBenchResult> {
+    let payload = match cfg.workload {
+        Workload::Slow => COUNTER_SLOW_PAYLOAD,
+        Workload::Fast => COUNTER_FAST_PAYLOAD,
+    };
+    let file = TempPath::create(payload, "bench-counter")?;
+    let src_api = dir.join(format!("{kind}-src.sock"));
+    let dst_api = dir.join(format!("{kind}-dst.sock"));
+    let mig = dir.join(format!("{kind}-mig.sock"));
+    let mut src_args = vec![
+        "run".to_string(),
+        "--flat".into(),
+        file.path().display().to_string(),
+        "--api".into(),
+        src_api.display().to_string(),
+    ];
+    if kind == DirtySourceKind::KvmRing {
+        src_args.extend(["--dirty-ring".into(), "65536".into()]);
+    }
+    let src = spawn(exe, &src_args, dir.join(format!("{kind}-src.out")))?;
+    let dst_args = [
+        "run".to_string(),
+        "--incoming".into(),
+        format!("unix:{}", mig.display()),
+        "--api".into(),
+        dst_api.display().to_string(),
+    ];
+    let dst = spawn(exe, &dst_args, dir.join(format!("{kind}-dst.out")))?;
+    wait_for(&src_api)?;
+    wait_for(&mig)?;
+    // Warm up (first touch of the working set), then measure the idle rate.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (a, ta) = last_counter(&src.out)?;
+    std::thread::sleep(Duration::from_millis(1000));
+    let (b, tb) = last_counter(&src.out)?;
+    let idle_rate = (b - a) as f64 / (tb - ta).as_secs_f64();
+
+    let opts = MigrateOptions {
+        to: Endpoint::Unix(mig.clone()),
+        dirty_source: kind,
+        downtime_ms: cfg.downtime_ms,
+        max_rounds: cfg.max_rounds,
+        timeout_s: 120,
+        policy: ConvergencePolicy::Force,
+        bandwidth_limit_mbps: cfg.bandwidth_limit_mbps,
+        verify: false,
+    };
+    let (c0, _) = last_counter(&src.out)?;
+    let resp = api::call_with_progress(&src_api, &Request::Migrate(opts), &mut |_| {})?;
+    anyhow::ensure!(resp.ok, "{kind}: {}", resp.error.unwrap_or_default());
+    let r = resp.result.unwrap_or_default();
+    std::thread::sleep(Duration::from_millis(200));
+    let (c_pause, _) = last_counter(&src.out)?;
+    let _ = api::call(&dst_api, &Request::Shutdown);
+    drop(dst);
+    drop(src);
+
+    let total_ms = r["total_ms"].as_f64().unwrap_or(0.0);
+    let downtime_ms = r["downtime_ms"].as_f64().unwrap_or(0.0);
+    let progress = c_pause.saturating_sub(c0);
+    let running_s = ((total_ms - downtime_ms) / 1e3).max(1e-3);
+    Ok(MigrateBenchResult {
+        mode: kind.name().into(),
+        total_ms,
+        downtime_ms,
+        rounds: r["rounds"].as_array().map(|a| a.len()).unwrap_or(0),
+        transferred_mb: r["transferred_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        converged: r["converged"].as_bool().unwrap_or(false),
+        guest_progress: progress,
+        guest_rate_vs_idle: progress as f64 / running_s / idle_rate.max(1e-9),
+    })
+}
+
+/// Migrates with every KVM dirty source, one after the other.
+pub fn migrate(cfg: &MigrateBenchConfig) -> anyhow::Result<Vec<MigrateBenchResult>> {
+    let exe = std::env::current_exe()?;
+    let dir = std::env::temp_dir().join(format!("ldt-bench-migrate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let results = DirtySourceKind::ALL
+        .iter()
+        .map(|k| run_one(&exe, &dir, cfg, *k))
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    results
+}
+
+/// The human-readable table.
+pub fn table(cfg: &MigrateBenchConfig, results: &[MigrateBenchResult]) -> String {
+    let mut s = format!(
+        "migrate bench: {:?} counter workload, downtime target {} ms, bandwidth limit {}\n",
+        cfg.workload,
+        cfg.downtime_ms,
+        cfg.bandwidth_limit_mbps
+            .map(|b| format!("{b} MB/s"))
+            .unwrap_or_else(|| "none".into())
+    );
+    s += &format!(
+        "{:<11} {:>9} {:>11} {:>7} {:>9} {:>10} {:>10} {:>10}\n",
+        "mode", "total ms", "downtime ms", "rounds", "sent MB", "converged", "progress", "x idle"
+    );
+    for r in results {
+        s += &format!(
+            "{:<11} {:>9.0} {:>11.1} {:>7} {:>9.1} {:>10} {:>10} {:>10.2}\n",
+            r.mode,
+            r.total_ms,
+            r.downtime_ms,
+            r.rounds,
+            r.transferred_mb,
+            r.converged,
+            r.guest_progress,
+            r.guest_rate_vs_idle
+        );
+    }
+    s
+}
