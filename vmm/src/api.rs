@@ -91,10 +91,8 @@ pub fn handle(req: &Request, ctl: &VmControl) -> Response {
         }
         Request::Pause => Response::ok(json!({ "state": ctl.pause() })),
         Request::Resume => Response::ok(json!({ "state": ctl.resume() })),
-        Request::Shutdown => {
-            ctl.stop(0);
-            Response::ok(json!({ "state": "stopping" }))
-        }
+        // The connection handler stops the VM once this answer is sent.
+        Request::Shutdown => Response::ok(json!({ "state": "stopping" })),
         Request::DirtyStart { source } => match ctl.dirty_start(*source) {
             Ok(()) => Response::ok(json!({ "source": source })),
             Err(e) => Response::err(e),
@@ -175,6 +173,12 @@ fn serve_connection(stream: UnixStream, ctl: &VmControl) {
                     // The VM now runs on the destination.
                     ctl.stop(0);
                 }
+                continue;
+            }
+            Ok(Request::Shutdown) => {
+                // Answer first: the process exits soon after the stop.
+                let _ = send_line(&mut out, &handle(&Request::Shutdown, ctl));
+                ctl.stop(0);
                 continue;
             }
             Ok(req) => handle(&req, ctl),

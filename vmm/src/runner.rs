@@ -220,7 +220,10 @@ impl VmControl {
 
 fn vcpu_thread(vcpu: Arc<Mutex<Vcpu>>, ctl: Arc<VmControl>) {
     while ctl.wait_runnable() {
-        let result = vcpu.lock().unwrap().run();
+        let result = vcpu
+            .lock()
+            .unwrap()
+            .run_while(&|| ctl.state() == RunState::Running);
         match result {
             Ok(VcpuEvent::Reset) => {
                 let status = ctl.devices.lock().unwrap().exit_status.unwrap_or(0);

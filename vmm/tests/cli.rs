@@ -223,7 +223,22 @@ fn api_pauses_resumes_tracks_dirty_pages_and_shuts_down() {
     assert_eq!(ctl(&sock, &["dirty-stop"])["ok"], true);
 
     assert_eq!(ctl(&sock, &["shutdown"])["ok"], true);
-    let status = child.wait().unwrap();
+    let status = wait_bounded(&mut child);
     assert!(status.success(), "{status}");
     assert!(!sock.exists(), "socket removed on exit");
+}
+
+/// Waits for `child` at most 20 s (a hung VMM fails the test, not CI).
+fn wait_bounded(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if t.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("VMM did not exit within 20 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

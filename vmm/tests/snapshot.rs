@@ -59,7 +59,7 @@ fn counters(bytes: &[u8]) -> Vec<u64> {
 
 fn finish(mut child: Child, sock: &Path) {
     api(sock, &["shutdown"]);
-    assert!(child.wait().unwrap().success());
+    assert!(wait_bounded(&mut child).success());
 }
 
 /// Restores `files` paused, checks the memory digest through the API, then
@@ -174,4 +174,19 @@ fn full_and_diff_snapshots_restore_to_the_exact_memory() {
     std::fs::write(&corrupt, &std::fs::read(&d1).unwrap()[..n - 5000]).unwrap();
     bad(&[&full, &corrupt], "truncated");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Waits for `child` at most 20 s (a hung VMM fails the test, not CI).
+fn wait_bounded(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if t.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("VMM did not exit within 20 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }

@@ -146,9 +146,22 @@ impl Vcpu {
     /// Runs the guest until an event the caller must handle. Port I/O to
     /// the legacy devices and full dirty rings are handled here.
     pub fn run(&mut self) -> Result<VcpuEvent, VcpuError> {
+        self.run_while(&|| true)
+    }
+
+    /// Like `run`, for a vCPU thread that can be kicked: `keep_running` is
+    /// checked after this thread's kick target is set, so a kick sent after
+    /// a `false` answer would have been is never lost (it makes `KVM_RUN`
+    /// return at once).
+    pub fn run_while(&mut self, keep_running: &dyn Fn() -> bool) -> Result<VcpuEvent, VcpuError> {
         RUN_PTR.with(|p| p.set(self.fd.get_kvm_run()));
-        let result = self.run_loop();
+        let result = if keep_running() {
+            self.run_loop()
+        } else {
+            Ok(VcpuEvent::Kicked)
+        };
         RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+        self.fd.set_kvm_immediate_exit(0);
         result
     }
 
