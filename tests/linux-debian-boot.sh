@@ -10,13 +10,15 @@ dir=$(scripts/setup.sh | tail -n 1)
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
-# Up to 120 s for the lines below; ldt-vmm is killed once they are all there.
+# Up to 300 s for the lines below (every kernel instruction is interpreted
+# here, so a loaded machine is much slower); ldt-vmm is killed once they
+# are all there.
 want=("Linux version 6.1" "Command line: console=ttyS0" "BIOS-e820: \[mem 0x0000000000100000-0x000000000fffffff\] usable"
-      "Hypervisor detected: KVM" "Memory: ")
+      "Hypervisor detected: KVM" "kvm-clock: Using msrs" "tsc: Detected")
 "$VMM" run "$dir/vmlinux" --mem 256 --cmdline-append "earlyprintk=ttyS0" >"$log" 2>&1 &
 pid=$!
 ok=0
-for _ in $(seq 1 240); do
+for _ in $(seq 1 600); do
     ok=1
     for w in "${want[@]}"; do grep -q -- "$w" "$log" || { ok=0; break; }; done
     [ $ok = 1 ] && break
