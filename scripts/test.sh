@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's whole test suite (README's test command; .ci/run calls it):
 # installs dependencies, builds, runs the Rust tests (unit, flat-payload
-# dirty-source and CLI tests), the Debian kernel boot test, and the guest
-# image tests. Ends with one "N passed, N failed" line over the suites.
+# dirty-source, CLI, migration and snapshot tests), the Debian kernel boot
+# test, the guest image tests, and a short fuzz run of the migration
+# receiver. Ends with one "N passed, N failed" line over the suites.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +28,7 @@ suite build cargo build --release --workspace
 suite cargo-test cargo test --release --workspace
 suite linux-debian-boot env VMM=target/release/ldt-vmm tests/linux-debian-boot.sh
 suite image-qemu tests/image-qemu.sh
+suite fuzz scripts/fuzz.sh
 
 echo "suites: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
