@@ -24,13 +24,14 @@ fn main() {
         // 4096 pages per line, no pause: dirties faster than a throttled link sends.
         ("counter-fast", "counter", &["PAGES=4096", "SPIN=1"]),
     ];
+    println!("cargo:rerun-if-changed=payloads/ring3.inc");
     for (name, source, defs) in payloads {
         let src = format!("payloads/{source}.S");
         println!("cargo:rerun-if-changed={src}");
         let obj = out.join(format!("{name}.o"));
         let bin = out.join(format!("{name}.bin"));
         let mut as_cmd = Command::new("as");
-        as_cmd.args(["--64", "-o"]).arg(&obj);
+        as_cmd.args(["--64", "-I", "payloads", "-o"]).arg(&obj);
         for d in defs.iter() {
             as_cmd.arg("--defsym").arg(d);
         }

@@ -4,18 +4,12 @@
 # SPIN iterations. PAGES and SPIN come from `as --defsym` (see build.rs), so
 # one source gives payloads of different dirty rates. Ring 3 throughout.
 .code64
+.include "ring3.inc"
 .globl _start
 .set WS_BASE, 0x400000
 .set WS_MASK, 16383
 _start:
-  mov %rsp, %rax
-  push $0x1b
-  push %rax
-  push $0x3002
-  push $0x23
-  lea user(%rip), %rax
-  push %rax
-  iretq
+  enter_ring3 user
 user:
   xor %r12d, %r12d          # counter
 line:

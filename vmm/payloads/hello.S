@@ -1,15 +1,9 @@
 # Flat payload: prints a line on COM1 from ring 3 and powers off.
 .code64
+.include "ring3.inc"
 .globl _start
 _start:
-  mov %rsp, %rax
-  push $0x1b
-  push %rax
-  push $0x3002
-  push $0x23
-  lea user(%rip), %rax
-  push %rax
-  iretq
+  enter_ring3 user
 user:
   lea msg(%rip), %rsi
   mov $0x3f8, %dx

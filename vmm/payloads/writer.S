@@ -11,16 +11,10 @@
 # Ring-3 code uses registers only, so the payload itself dirties no page
 # besides the ones it is told to write.
 .code64
+.include "ring3.inc"
 .globl _start
 _start:
-  mov %rsp, %rax
-  push $0x1b            # SS: data DPL3
-  push %rax             # RSP
-  push $0x3002          # RFLAGS: IOPL 3 so ring 3 may do port I/O
-  push $0x23            # CS: 64-bit code DPL3
-  lea user(%rip), %rax
-  push %rax
-  iretq
+  enter_ring3 user
 
 user:
   xor %r11d, %r11d      # rounds done

@@ -1,16 +1,13 @@
 //! The `ldt-vmm` binary end to end: flat payloads, bad input, the API.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::{Output, Stdio};
+use std::time::Duration;
 
+mod common;
+
+use common::{ctl, vmm, wait_exit, wait_for};
 use ldt_vmm::flat::{tempfile_path::TempPath, HELLO_PAYLOAD, SPIN_PAYLOAD, TRIPLE_FAULT_PAYLOAD};
-
-fn vmm() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ldt-vmm"));
-    c.stdin(Stdio::null());
-    c
-}
 
 fn run(args: &[&str]) -> Output {
     vmm().args(args).output().expect("ldt-vmm runs")
@@ -148,25 +145,6 @@ fn help_explains_every_subcommand_with_examples() {
     }
 }
 
-fn ctl(sock: &Path, args: &[&str]) -> serde_json::Value {
-    let mut a = vec!["ctl", "--api", sock.to_str().unwrap()];
-    a.extend_from_slice(args);
-    let out = run(&a);
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", text(&out.stderr)))
-}
-
-fn wait_for(path: &Path) {
-    let t = Instant::now();
-    while !path.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "API socket never appeared"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn api_pauses_resumes_tracks_dirty_pages_and_shuts_down() {
     let p = file(SPIN_PAYLOAD, "spin");
@@ -223,22 +201,7 @@ fn api_pauses_resumes_tracks_dirty_pages_and_shuts_down() {
     assert_eq!(ctl(&sock, &["dirty-stop"])["ok"], true);
 
     assert_eq!(ctl(&sock, &["shutdown"])["ok"], true);
-    let status = wait_bounded(&mut child);
+    let status = wait_exit(&mut child, Duration::from_secs(20));
     assert!(status.success(), "{status}");
     assert!(!sock.exists(), "socket removed on exit");
-}
-
-/// Waits for `child` at most 20 s (a hung VMM fails the test, not CI).
-fn wait_bounded(child: &mut std::process::Child) -> std::process::ExitStatus {
-    let t = std::time::Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        if t.elapsed() > std::time::Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("VMM did not exit within 20 s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
 }

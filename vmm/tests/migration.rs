@@ -6,18 +6,15 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+mod common;
+
+use common::{counters, ctl, vmm as bin, wait_exit, wait_for};
 use ldt_migration::{read_frame, write_frame, MessageKind, MAX_PAYLOAD};
 use ldt_vmm::flat::{tempfile_path::TempPath, COUNTER_FAST_PAYLOAD, COUNTER_SLOW_PAYLOAD};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ldt-vmm"));
-    c.stdin(Stdio::null());
-    c
-}
 
 /// A scratch directory for one test's sockets and logs.
 struct Scratch(PathBuf);
@@ -44,18 +41,6 @@ impl Drop for Scratch {
     }
 }
 
-fn wait_for(path: &Path) {
-    let t = Instant::now();
-    while !path.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn spawn(args: &[&str], out: &Path, err: &Path) -> Child {
     bin()
         .args(args)
@@ -63,35 +48,6 @@ fn spawn(args: &[&str], out: &Path, err: &Path) -> Child {
         .stderr(std::fs::File::create(err).unwrap())
         .spawn()
         .unwrap()
-}
-
-fn ctl(api: &Path, args: &[&str]) -> serde_json::Value {
-    let out = bin()
-        .args(["ctl", "--api", api.to_str().unwrap()])
-        .args(args)
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
-
-fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let t = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        if t.elapsed() > limit {
-            let _ = child.kill();
-            panic!("process did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Counter values printed by the payload ("c%016x\n" lines), from the bytes
-/// of the source's console followed by the destination's.
-fn counters(bytes: &[u8]) -> Vec<u64> {
-    ldt_vmm::flat::counter_values(bytes)
 }
 
 fn assert_consecutive(values: &[u64]) {

@@ -1,37 +1,13 @@
 //! Full and diff snapshots of a running flat guest, and restores from them.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Child;
+use std::time::Duration;
 
+mod common;
+
+use common::{counters, ctl as api, vmm as bin, wait_exit, wait_for};
 use ldt_vmm::flat::{tempfile_path::TempPath, COUNTER_SLOW_PAYLOAD};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_ldt-vmm"));
-    c.stdin(Stdio::null());
-    c
-}
-
-fn wait_for(path: &Path) {
-    let t = Instant::now();
-    while !path.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn api(sock: &Path, args: &[&str]) -> serde_json::Value {
-    let out = bin()
-        .args(["ctl", "--api", sock.to_str().unwrap()])
-        .args(args)
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 fn snapshot(sock: &Path, to: &Path, base: Option<&Path>) -> Result<serde_json::Value, String> {
     let mut c = bin();
@@ -53,13 +29,9 @@ fn snapshot(sock: &Path, to: &Path, base: Option<&Path>) -> Result<serde_json::V
     }
 }
 
-fn counters(bytes: &[u8]) -> Vec<u64> {
-    ldt_vmm::flat::counter_values(bytes)
-}
-
 fn finish(mut child: Child, sock: &Path) {
     api(sock, &["shutdown"]);
-    assert!(wait_bounded(&mut child).success());
+    assert!(wait_exit(&mut child, Duration::from_secs(20)).success());
 }
 
 /// Restores `files` paused, checks the memory digest through the API, then
@@ -174,19 +146,4 @@ fn full_and_diff_snapshots_restore_to_the_exact_memory() {
     std::fs::write(&corrupt, &std::fs::read(&d1).unwrap()[..n - 5000]).unwrap();
     bad(&[&full, &corrupt], "truncated");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Waits for `child` at most 20 s (a hung VMM fails the test, not CI).
-fn wait_bounded(child: &mut std::process::Child) -> std::process::ExitStatus {
-    let t = std::time::Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        if t.elapsed() > std::time::Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("VMM did not exit within 20 s");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
 }

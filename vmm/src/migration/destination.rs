@@ -8,7 +8,7 @@ use super::digest::memory_digest;
 use super::transport::{Connection, Listener};
 use super::{parse, Hello, MachineState, MigrationError, Ready};
 use crate::arch::layout::PAGE_SIZE;
-use crate::builder::{self, BootSource, Machine, VmResources};
+use crate::builder::{self, Machine};
 use crate::devices::console::ConsoleOut;
 
 /// Waits on `listener` for a source, reads its Hello and builds the VM.
@@ -23,14 +23,7 @@ pub fn accept(
         return Err(MigrationError::Unexpected(frame.kind));
     }
     let hello: Hello = parse("Hello", &frame.payload)?;
-    let res = VmResources {
-        mem_mib: hello.mem_mib,
-        vcpus: hello.vcpus,
-        cpu_profile: hello.cpu_profile,
-        boot: BootSource::Incoming,
-        dirty_ring_entries,
-        console,
-    };
+    let res = hello.resources(console, dirty_ring_entries);
     match builder::build(&res) {
         Ok(machine) => {
             conn.send(MessageKind::HelloAck, &[])?;

@@ -25,6 +25,8 @@ pub mod transport;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::cpuid::CpuProfile;
+use crate::builder::{BootSource, VmResources};
+use crate::devices::console::ConsoleOut;
 use crate::devices::legacy::DevicesState;
 use crate::dirty::DirtySourceKind;
 use crate::vm::state::{StateError, VcpuState, VmState};
@@ -40,6 +42,20 @@ pub struct Hello {
     /// Set in snapshot files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<snapshot::SnapshotInfo>,
+}
+
+impl Hello {
+    /// An empty VM of this shape, to be filled from a stream or snapshot.
+    pub fn resources(&self, console: ConsoleOut, dirty_ring_entries: Option<u32>) -> VmResources {
+        VmResources {
+            mem_mib: self.mem_mib,
+            vcpus: self.vcpus,
+            cpu_profile: self.cpu_profile,
+            boot: BootSource::Incoming,
+            dirty_ring_entries,
+            console,
+        }
+    }
 }
 
 /// Everything besides memory, sent once the source is paused.

@@ -20,7 +20,7 @@ use super::digest::memory_digest;
 use super::source::{save_machine_state, Sender};
 use super::transport::FrameSink;
 use super::{parse, Hello, MigrationError};
-use crate::builder::{self, BootSource, Machine, VmResources};
+use crate::builder::{self, Machine};
 use crate::devices::console::ConsoleOut;
 use crate::dirty::{self, DirtyBitmap, DirtySourceKind};
 use crate::runner::{RunState, SnapshotChain, VmControl};
@@ -200,14 +200,7 @@ pub fn restore(
         .first()
         .ok_or_else(|| MigrationError::Build("no snapshot file".into()))?;
     let hello = read_hello(first)?;
-    let res = VmResources {
-        mem_mib: hello.mem_mib,
-        vcpus: hello.vcpus,
-        cpu_profile: hello.cpu_profile,
-        boot: BootSource::Incoming,
-        dirty_ring_entries,
-        console,
-    };
+    let res = hello.resources(console, dirty_ring_entries);
     let machine = builder::build(&res).map_err(|e| MigrationError::Build(e.to_string()))?;
     let mut expected_base: Option<String> = None;
     let mut last_id = String::new();
