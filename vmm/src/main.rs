@@ -175,6 +175,9 @@ struct MigrateArgs {
     /// Compare a digest of all guest memory on both sides before resuming.
     #[arg(long)]
     verify: bool,
+    /// Throttle the vCPUs (20%, then +10% a round, up to 90%) while rounds do not converge.
+    #[arg(long)]
+    auto_converge: bool,
     /// Also write the JSON report to this file.
     #[arg(long, value_name = "FILE")]
     stats: Option<PathBuf>,
@@ -256,6 +259,9 @@ struct MigrateBenchArgs {
     /// Transfer cap in MB/s.
     #[arg(long)]
     bandwidth_limit: Option<u64>,
+    /// Throttle vCPUs while rounds do not converge.
+    #[arg(long)]
+    auto_converge: bool,
     /// Also print one JSON line per mode.
     #[arg(long)]
     json: bool,
@@ -359,6 +365,7 @@ fn migrate(a: MigrateArgs) -> anyhow::Result<i32> {
         policy: a.policy,
         bandwidth_limit_mbps: a.bandwidth_limit,
         verify: a.verify,
+        auto_converge: a.auto_converge,
     };
     let mut show = |p: &serde_json::Value| match serde_json::from_value::<
         ldt_vmm::migration::report::Progress,
@@ -402,6 +409,7 @@ fn bench_migrate(a: MigrateBenchArgs) -> anyhow::Result<i32> {
         downtime_ms: a.downtime_ms,
         max_rounds: a.max_rounds,
         bandwidth_limit_mbps: a.bandwidth_limit,
+        auto_converge: a.auto_converge,
     };
     let results = bench::migrate::migrate(&cfg).context("migration benchmark")?;
     print!("{}", bench::migrate::table(&cfg, &results));

@@ -217,7 +217,7 @@ fn migrates_over_tcp() {
 }
 
 #[test]
-fn force_policy_switches_over_a_guest_that_never_converges() {
+fn force_policy_switches_over_a_throttled_guest_that_never_converges() {
     let s = Scratch::new("force");
     let url = unix_url(&s);
     let mut src = start_source(&s, COUNTER_FAST_PAYLOAD, &[]);
@@ -233,6 +233,7 @@ fn force_policy_switches_over_a_guest_that_never_converges() {
             "--policy",
             "force",
             "--verify",
+            "--auto-converge",
         ],
     );
     assert!(
@@ -243,6 +244,10 @@ fn force_policy_switches_over_a_guest_that_never_converges() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["converged"], false);
     assert_eq!(r["digest_source"], r["digest_destination"]);
+    assert_eq!(
+        r["throttle_pct"], 20,
+        "auto-converge throttled from round 2"
+    );
     assert_eq!(
         r["rounds"].as_array().unwrap().len(),
         4,

@@ -35,6 +35,7 @@ pub struct MigrateBenchConfig {
     pub downtime_ms: u64,
     pub max_rounds: u32,
     pub bandwidth_limit_mbps: Option<u64>,
+    pub auto_converge: bool,
 }
 
 /// One migration's figures.
@@ -144,6 +145,7 @@ fn run_one(
         policy: ConvergencePolicy::Force,
         bandwidth_limit_mbps: cfg.bandwidth_limit_mbps,
         verify: false,
+        auto_converge: cfg.auto_converge,
     };
     let (c0, _) = last_counter(&src.out)?;
     let resp = api::call_with_progress(&src_api, &Request::Migrate(opts), &mut |_| {})?;

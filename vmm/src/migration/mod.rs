@@ -20,6 +20,7 @@ pub mod digest;
 pub mod report;
 pub mod snapshot;
 pub mod source;
+pub mod throttle;
 pub mod transport;
 
 use serde::{Deserialize, Serialize};

@@ -26,18 +26,22 @@ pub struct Progress {
     pub dirty_rate_pages_s: f64,
     pub bandwidth_mb_s: f64,
     pub expected_downtime_ms: f64,
+    /// Share of time the vCPUs are parked by auto-converge.
+    #[serde(default)]
+    pub throttle_pct: u32,
 }
 
 impl Progress {
     /// The one-line form printed during migration.
     pub fn line(&self) -> String {
         format!(
-            "round {:>3}  remaining {:>8} KiB  dirty {:>9.0} pages/s  bw {:>8.1} MB/s  expected downtime {:>8.1} ms",
+            "round {:>3}  remaining {:>8} KiB  dirty {:>9.0} pages/s  bw {:>8.1} MB/s  expected downtime {:>8.1} ms  throttle {:>2}%",
             self.round,
             self.remaining_bytes / 1024,
             self.dirty_rate_pages_s,
             self.bandwidth_mb_s,
-            self.expected_downtime_ms
+            self.expected_downtime_ms,
+            self.throttle_pct
         )
     }
 }
@@ -63,6 +67,8 @@ pub struct MigrationReport {
     pub copy_mb_s: f64,
     /// This machine's plain memcpy rate, for comparison.
     pub memcpy_mb_s: f64,
+    /// Auto-converge throttle reached (percent of time vCPUs were parked).
+    pub throttle_pct: u32,
     pub digest_source: Option<String>,
     pub digest_destination: Option<String>,
 }

@@ -8,6 +8,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::digest::memory_digest;
 use super::report::{memcpy_rate_mb_s, MigrationReport, Progress, RoundStats};
+use super::throttle::Throttle;
 use super::transport::{self, Connection, Endpoint, FrameSink};
 use super::{parse, Hello, MachineState, MigrationError, Ready};
 use crate::arch::layout::PAGE_SIZE;
@@ -42,6 +43,9 @@ pub struct MigrateOptions {
     /// MB/s; `None` for no limit.
     pub bandwidth_limit_mbps: Option<u64>,
     pub verify: bool,
+    /// Throttle the vCPUs when rounds do not shrink (see `throttle`).
+    #[serde(default)]
+    pub auto_converge: bool,
 }
 
 /// Sends the pages of `dirty`, in 4 MiB messages; all-zero pages go as flags.
@@ -256,52 +260,66 @@ fn run_rounds(
     let mut rounds = vec![sender.send_round(conn, 0, &DirtyBitmap::full(&ctl.vm.slots))?];
     let target = Duration::from_millis(opts.downtime_ms);
     let mut converged = true;
-    let mut expected_ms;
-    let mut dirty_rate;
+    let mut expected_ms = 0.0;
+    let mut dirty_rate = 0.0;
     let mut round = 1;
-    let final_dirty = loop {
-        let dirty = dirty::harvest(source, &ctl.vm)?;
-        let last = rounds.last().unwrap();
-        let remaining = dirty.count() * PAGE_SIZE;
-        let bw = last.bytes as f64 / (last.duration_ms / 1e3).max(1e-9);
-        expected_ms = remaining as f64 / bw.max(1.0) * 1e3;
-        dirty_rate = dirty.count() as f64 / (last.duration_ms / 1e3).max(1e-9);
-        progress(&Progress {
-            round,
-            remaining_bytes: remaining,
-            dirty_rate_pages_s: dirty_rate,
-            bandwidth_mb_s: bw / 1e6,
-            expected_downtime_ms: expected_ms,
-        });
-        if expected_ms <= target.as_secs_f64() * 1e3 {
-            break dirty;
+    let throttle = Throttle::default();
+    let precopy = std::thread::scope(|s| {
+        if opts.auto_converge {
+            s.spawn(|| throttle.run(ctl));
         }
-        let out_of_rounds = round > opts.max_rounds;
-        let out_of_time = started.elapsed() >= Duration::from_secs(opts.timeout_s);
-        if out_of_rounds || out_of_time {
-            let why = if out_of_rounds {
-                format!("{} rounds done", opts.max_rounds)
-            } else {
-                format!("{} s timeout", opts.timeout_s)
-            };
-            match opts.policy {
-                ConvergencePolicy::Cancel => {
-                    return Err(MigrationError::NotConverged(format!(
-                        "{why}, expected downtime {expected_ms:.0} ms > target {} ms",
-                        opts.downtime_ms
-                    )))
-                }
-                ConvergencePolicy::Force => {
-                    converged = false;
-                    break dirty;
+        let result = (|| loop {
+            let dirty = dirty::harvest(source, &ctl.vm)?;
+            let last = rounds.last().unwrap();
+            let remaining = dirty.count() * PAGE_SIZE;
+            let bw = last.bytes as f64 / (last.duration_ms / 1e3).max(1e-9);
+            expected_ms = remaining as f64 / bw.max(1.0) * 1e3;
+            dirty_rate = dirty.count() as f64 / (last.duration_ms / 1e3).max(1e-9);
+            progress(&Progress {
+                round,
+                remaining_bytes: remaining,
+                dirty_rate_pages_s: dirty_rate,
+                bandwidth_mb_s: bw / 1e6,
+                expected_downtime_ms: expected_ms,
+                throttle_pct: throttle.pct(),
+            });
+            if expected_ms <= target.as_secs_f64() * 1e3 {
+                return Ok(dirty);
+            }
+            let out_of_rounds = round > opts.max_rounds;
+            let out_of_time = started.elapsed() >= Duration::from_secs(opts.timeout_s);
+            if out_of_rounds || out_of_time {
+                let why = if out_of_rounds {
+                    format!("{} rounds done", opts.max_rounds)
+                } else {
+                    format!("{} s timeout", opts.timeout_s)
+                };
+                match opts.policy {
+                    ConvergencePolicy::Cancel => {
+                        return Err(MigrationError::NotConverged(format!(
+                            "{why}, expected downtime {expected_ms:.0} ms > target {} ms",
+                            opts.downtime_ms
+                        )))
+                    }
+                    ConvergencePolicy::Force => {
+                        converged = false;
+                        return Ok(dirty);
+                    }
                 }
             }
-        }
-        let mut stats = sender.send_round(conn, round, &dirty)?;
-        stats.dirty_rate_pages_s = dirty_rate;
-        rounds.push(stats);
-        round += 1;
-    };
+            // Round 1 still includes the first touch; throttle from round 2.
+            if opts.auto_converge && round >= 2 {
+                throttle.increase();
+            }
+            let mut stats = sender.send_round(conn, round, &dirty)?;
+            stats.dirty_rate_pages_s = dirty_rate;
+            rounds.push(stats);
+            round += 1;
+        })();
+        throttle.stop();
+        result
+    });
+    let final_dirty = precopy?;
 
     // Switch-over: nothing the guest writes from here on is lost because
     // the last harvest happens with every vCPU stopped.
@@ -352,6 +370,7 @@ fn run_rounds(
         rounds,
         copy_mb_s,
         memcpy_mb_s: 0.0,
+        throttle_pct: throttle.pct(),
         verify_ms,
         digest_source,
         digest_destination: ready.digest,
