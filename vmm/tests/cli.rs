@@ -167,6 +167,18 @@ fn api_pauses_resumes_tracks_dirty_pages_and_shuts_down() {
     assert_eq!(s["result"]["state"], "running");
     assert_eq!(s["result"]["mem_mib"], 256);
 
+    // host-ldt needs the ldt_kvm module; without it the answer says so.
+    let h = ctl(&sock, &["dirty-start", "host-ldt"]);
+    if std::path::Path::new("/dev/ldt-kvm").exists() {
+        assert_eq!(h["ok"], true, "{h}");
+        assert_eq!(ctl(&sock, &["dirty-stop"])["ok"], true);
+    } else {
+        assert_eq!(h["ok"], false);
+        assert!(
+            h["error"].as_str().unwrap().contains("ldt_kvm host module"),
+            "{h}"
+        );
+    }
     assert_eq!(ctl(&sock, &["dirty-start", "kvm-bitmap"])["ok"], true);
     std::thread::sleep(Duration::from_millis(50));
     let h = ctl(&sock, &["dirty-harvest"]);

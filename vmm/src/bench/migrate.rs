@@ -178,7 +178,7 @@ pub fn migrate(cfg: &MigrateBenchConfig) -> anyhow::Result<Vec<MigrateBenchResul
     let exe = std::env::current_exe()?;
     let dir = std::env::temp_dir().join(format!("ldt-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let results = DirtySourceKind::ALL
+    let results = DirtySourceKind::available()
         .iter()
         .map(|k| run_one(&exe, &dir, cfg, *k))
         .collect();

@@ -7,6 +7,7 @@
 //! counted by the tests and benchmarks.
 
 pub mod bitmap;
+pub mod host_ldt;
 pub mod kvm_bitmap;
 pub mod kvm_clear;
 pub mod kvm_ioctls_ext;
@@ -31,14 +32,26 @@ pub enum DirtySourceKind {
     KvmClear,
     /// `KVM_CAP_DIRTY_LOG_RING`: per-vCPU rings of dirty GFNs.
     KvmRing,
+    /// The ldt_kvm host module: TDP (NPT/EPT) dirty bits, no write faults.
+    HostLdt,
 }
 
 impl DirtySourceKind {
-    pub const ALL: [DirtySourceKind; 3] = [
+    /// The sources every KVM offers.
+    pub const KVM: [DirtySourceKind; 3] = [
         DirtySourceKind::KvmBitmap,
         DirtySourceKind::KvmClear,
         DirtySourceKind::KvmRing,
     ];
+
+    /// The sources this host can use now (host-ldt needs its module).
+    pub fn available() -> Vec<DirtySourceKind> {
+        let mut v = Self::KVM.to_vec();
+        if host_ldt::available() {
+            v.push(DirtySourceKind::HostLdt);
+        }
+        v
+    }
 
     /// The name used on the command line and in reports.
     pub fn name(self) -> &'static str {
@@ -46,6 +59,7 @@ impl DirtySourceKind {
             DirtySourceKind::KvmBitmap => "kvm-bitmap",
             DirtySourceKind::KvmClear => "kvm-clear",
             DirtySourceKind::KvmRing => "kvm-ring",
+            DirtySourceKind::HostLdt => "host-ldt",
         }
     }
 }
@@ -148,6 +162,7 @@ pub fn create(
     Ok(match kind {
         DirtySourceKind::KvmBitmap => Box::new(kvm_bitmap::KvmBitmap::new()),
         DirtySourceKind::KvmClear => Box::new(kvm_clear::KvmClear::new(options)?),
+        DirtySourceKind::HostLdt => Box::new(host_ldt::HostLdt::new()),
         DirtySourceKind::KvmRing => Box::new(kvm_ring::KvmRing::new(ring.ok_or_else(|| {
             DirtyError::Config(
                 "kvm-ring needs the dirty ring enabled before the vCPUs are created".into(),

@@ -1,0 +1,190 @@
+//! `host-ldt`: the host module `ldt_kvm` (kmod/) harvests the hardware dirty
+//! bits of the VM's TDP (NPT/EPT) entries: no write-protection faults. The
+//! structs and ioctl numbers mirror `kmod/uapi/ldt_kvm.h`.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+
+use vmm_sys_util::errno;
+use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref};
+use vmm_sys_util::{ioctl_io_nr, ioctl_iowr_nr};
+
+use super::{DirtyBitmap, DirtyError, DirtySource, DirtySourceKind};
+use crate::vm::Vm;
+
+/// The module's character device.
+pub const DEVICE: &str = "/dev/ldt-kvm";
+/// The uapi version this VMM speaks.
+pub const API_VERSION: u32 = 1;
+
+const LDT_KVM_IOC_MAGIC: u32 = b'L' as u32;
+
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LdtKvmVersion {
+    pub size: u32,
+    pub api_version: u32,
+    pub features: u64,
+    pub reserved: [u64; 6],
+}
+
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LdtKvmAttach {
+    pub size: u32,
+    pub vm_fd: i32,
+    pub flags: u32,
+    pub reserved0: u32,
+    pub reserved: [u64; 6],
+}
+
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LdtKvmHarvest {
+    pub size: u32,
+    pub flags: u32,
+    pub slot: u32,
+    pub reserved0: u32,
+    pub start: u64,
+    pub num_pages: u64,
+    pub bitmap: u64,
+    pub bitmap_size: u64,
+    pub dirty_pages: u64,
+    pub reserved: [u64; 5],
+}
+
+// The sizes the header promises.
+const _: () = {
+    assert!(std::mem::size_of::<LdtKvmVersion>() == 64);
+    assert!(std::mem::size_of::<LdtKvmAttach>() == 64);
+    assert!(std::mem::size_of::<LdtKvmHarvest>() == 96);
+};
+
+ioctl_iowr_nr!(LDT_KVM_GET_VERSION, LDT_KVM_IOC_MAGIC, 0x80, LdtKvmVersion);
+ioctl_iowr_nr!(LDT_KVM_ATTACH, LDT_KVM_IOC_MAGIC, 0x81, LdtKvmAttach);
+ioctl_iowr_nr!(LDT_KVM_HARVEST, LDT_KVM_IOC_MAGIC, 0x82, LdtKvmHarvest);
+ioctl_io_nr!(LDT_KVM_DETACH, LDT_KVM_IOC_MAGIC, 0x83);
+
+fn check(ret: i32, what: &'static str) -> Result<i32, DirtyError> {
+    if ret < 0 {
+        Err(DirtyError::Ioctl(what, errno::Error::last()))
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Whether this host has the module loaded.
+pub fn available() -> bool {
+    std::path::Path::new(DEVICE).exists()
+}
+
+pub struct HostLdt {
+    dev: Option<File>,
+}
+
+impl HostLdt {
+    pub fn new() -> Self {
+        HostLdt { dev: None }
+    }
+}
+
+impl Default for HostLdt {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DirtySource for HostLdt {
+    fn kind(&self) -> DirtySourceKind {
+        DirtySourceKind::HostLdt
+    }
+
+    fn start(&mut self, vm: &Vm) -> Result<(), DirtyError> {
+        let dev = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(DEVICE)
+            .map_err(|e| {
+                DirtyError::Config(format!(
+                    "host-ldt needs the ldt_kvm host module ({DEVICE}: {e}); see kmod/README.md"
+                ))
+            })?;
+        let mut v = LdtKvmVersion {
+            size: std::mem::size_of::<LdtKvmVersion>() as u32,
+            ..Default::default()
+        };
+        // SAFETY: `v` is a live, correctly sized struct the module fills.
+        check(
+            unsafe { ioctl_with_mut_ref(&dev, LDT_KVM_GET_VERSION(), &mut v) },
+            "LDT_KVM_GET_VERSION",
+        )?;
+        if v.api_version != API_VERSION {
+            return Err(DirtyError::Config(format!(
+                "ldt_kvm speaks API version {}, this VMM {API_VERSION}",
+                v.api_version
+            )));
+        }
+        let mut a = LdtKvmAttach {
+            size: std::mem::size_of::<LdtKvmAttach>() as u32,
+            vm_fd: vm.fd.as_raw_fd(),
+            ..Default::default()
+        };
+        // SAFETY: as above; the module only reads `a`.
+        check(
+            unsafe { ioctl_with_mut_ref(&dev, LDT_KVM_ATTACH(), &mut a) },
+            "LDT_KVM_ATTACH",
+        )?;
+        self.dev = Some(dev);
+        Ok(())
+    }
+
+    fn harvest_guest_writes(&mut self, vm: &Vm) -> Result<DirtyBitmap, DirtyError> {
+        let dev = self
+            .dev
+            .as_ref()
+            .ok_or_else(|| DirtyError::Config("host-ldt is not started".into()))?;
+        let mut dirty = DirtyBitmap::empty(&vm.slots);
+        for (i, slot) in vm.slots.iter().enumerate() {
+            let mut words = vec![0u64; slot.pages().div_ceil(64) as usize];
+            let mut h = LdtKvmHarvest {
+                size: std::mem::size_of::<LdtKvmHarvest>() as u32,
+                slot: slot.slot,
+                start: 0,
+                num_pages: slot.pages(),
+                bitmap: words.as_mut_ptr() as u64,
+                bitmap_size: (words.len() * 8) as u64,
+                ..Default::default()
+            };
+            // SAFETY: `bitmap` points at `bitmap_size` writable bytes that
+            // outlive the call.
+            check(
+                unsafe { ioctl_with_mut_ref(dev, LDT_KVM_HARVEST(), &mut h) },
+                "LDT_KVM_HARVEST",
+            )?;
+            dirty.or_words(i, &words);
+        }
+        Ok(dirty)
+    }
+
+    fn stop(&mut self, _vm: &Vm) -> Result<(), DirtyError> {
+        if let Some(dev) = self.dev.take() {
+            // SAFETY: DETACH takes no argument.
+            check(unsafe { ioctl(&dev, LDT_KVM_DETACH()) }, "LDT_KVM_DETACH")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_uapi_header() {
+        // _IOWR('L', 0x80, 64 bytes) = 3 << 30 | 64 << 16 | 'L' << 8 | 0x80
+        assert_eq!(LDT_KVM_GET_VERSION(), 0xc040_4c80);
+        assert_eq!(LDT_KVM_ATTACH(), 0xc040_4c81);
+        assert_eq!(LDT_KVM_HARVEST(), 0xc060_4c82);
+        assert_eq!(LDT_KVM_DETACH(), 0x4c83);
+    }
+}
