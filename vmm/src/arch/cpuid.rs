@@ -36,7 +36,10 @@ impl CpuProfile {
             CpuProfile::Host => &[],
             // X86_FEATURE_SMAP (9*32+20), SMEP (9*32+7) and POPCNT (4*32+23)
             // leak through the CPUID masks on PVM, so clear them by number.
-            CpuProfile::Compat => &["noxsave", "clearcpuid=308,295,151"],
+            // pvm_interp_compat turns on the project's guest patch that
+            // completes user-mode SYSCALLs (guest-kernel-patch/pvm-*);
+            // other kernels pass the unknown word on to init, harmlessly.
+            CpuProfile::Compat => &["noxsave", "clearcpuid=308,295,151", "pvm_interp_compat"],
         }
     }
 }
@@ -225,6 +228,7 @@ mod tests {
     fn compat_adds_the_boot_words() {
         let w = CpuProfile::Compat.kernel_cmdline_words();
         assert!(w.contains(&"noxsave"));
+        assert!(w.contains(&"pvm_interp_compat"));
         assert!(w.iter().any(|w| w.starts_with("clearcpuid=")));
     }
 
