@@ -4,7 +4,11 @@
 #   1. ldt.run=/bin/ldt-syscheck  -> status 0, "ldt-syscheck: PASS", and
 #      init reached user space;
 #   2. ldt.run=exit%207           -> status 7: the %20 decoding and the
-#      exit status path (init -> port 0x501 -> run-qemu.sh) work.
+#      exit status path (init -> port 0x501 -> run-qemu.sh) work;
+#   3. ldt.run=/bin/ldt-selftest  -> status 0 (= no failed test) and
+#      "ldt-selftest: PASS": lightweight dirty tracking never missed a write;
+#   4. ldt.run=/bin/ldt-bench --short -> status 0 and a JSON line from each
+#      of the four experiments for LDT (the numbers are not checked).
 # Prints one line per case and "image-qemu: P passed, F failed"; exits
 # non-zero if any case failed.
 set -euo pipefail
@@ -45,6 +49,12 @@ run_case syscheck 0 'ldt.run=/bin/ldt-syscheck' \
 	'ldt-init: user space reached' 'ldt-syscheck: PASS' 'ldt-init: exit status 0'
 run_case exit-status 7 'ldt.run=exit%207' \
 	'ldt-init: user space reached' 'ldt-init: running: exit 7' 'ldt-init: exit status 7'
+run_case ldt-selftest 0 'ldt.run=/bin/ldt-selftest' \
+	'ldt-selftest: PASS' 'ldt-init: exit status 0'
+run_case ldt-bench 0 'ldt.run=/bin/ldt-bench%20--short' \
+	'"bench":"write","tracker":"ldt"' '"bench":"timeline","tracker":"ldt"' \
+	'"bench":"kv","tracker":"ldt"' '"bench":"collect","tracker":"ldt"' \
+	'# ldt-bench: done' 'ldt-init: exit status 0'
 
 echo "image-qemu: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -14,15 +14,19 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define SELF_EXIT_ARG "--exit-with"
@@ -31,6 +35,8 @@
 #define ANON_SIZE (4UL << 20)
 #define FILE_SIZE (256UL << 10)
 #define PIPE_BYTES (256UL << 10) /* several times the pipe buffer */
+#define XMM_ROUNDS 300 /* sched_yield() rounds per process */
+#define XMM_BYTES (16 * 16) /* xmm0..xmm15 */
 
 /* Print a diagnostic line; kselftest readers skip lines starting with '#'. */
 static void diag(const char *fmt, ...)
@@ -42,6 +48,15 @@ static void diag(const char *fmt, ...)
 	vprintf(fmt, ap);
 	va_end(ap);
 	fputc('\n', stdout);
+}
+
+/* Seconds on the monotonic clock. */
+static double now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
 /* Deterministic byte pattern that differs between pages and seeds. */
@@ -402,6 +417,149 @@ static int test_pipe(void)
 	return ret;
 }
 
+/*
+ * Load xmm0..xmm15 from in, spin a little (a timer interrupt may come),
+ * call sched_yield() with SYSCALL, and store xmm0..xmm15 to out.  All in
+ * one asm statement, so nothing but the kernel can touch the registers
+ * between the load and the store.
+ */
+static void xmm_yield_roundtrip(const unsigned char *in, unsigned char *out,
+				long spins)
+{
+	asm volatile(
+		"movdqu 0x00(%[in]), %%xmm0\n\t"
+		"movdqu 0x10(%[in]), %%xmm1\n\t"
+		"movdqu 0x20(%[in]), %%xmm2\n\t"
+		"movdqu 0x30(%[in]), %%xmm3\n\t"
+		"movdqu 0x40(%[in]), %%xmm4\n\t"
+		"movdqu 0x50(%[in]), %%xmm5\n\t"
+		"movdqu 0x60(%[in]), %%xmm6\n\t"
+		"movdqu 0x70(%[in]), %%xmm7\n\t"
+		"movdqu 0x80(%[in]), %%xmm8\n\t"
+		"movdqu 0x90(%[in]), %%xmm9\n\t"
+		"movdqu 0xa0(%[in]), %%xmm10\n\t"
+		"movdqu 0xb0(%[in]), %%xmm11\n\t"
+		"movdqu 0xc0(%[in]), %%xmm12\n\t"
+		"movdqu 0xd0(%[in]), %%xmm13\n\t"
+		"movdqu 0xe0(%[in]), %%xmm14\n\t"
+		"movdqu 0xf0(%[in]), %%xmm15\n\t"
+		"1: dec %[spins]\n\t"
+		"jg 1b\n\t"
+		"mov %[nr], %%eax\n\t"
+		"syscall\n\t"
+		"movdqu %%xmm0, 0x00(%[out])\n\t"
+		"movdqu %%xmm1, 0x10(%[out])\n\t"
+		"movdqu %%xmm2, 0x20(%[out])\n\t"
+		"movdqu %%xmm3, 0x30(%[out])\n\t"
+		"movdqu %%xmm4, 0x40(%[out])\n\t"
+		"movdqu %%xmm5, 0x50(%[out])\n\t"
+		"movdqu %%xmm6, 0x60(%[out])\n\t"
+		"movdqu %%xmm7, 0x70(%[out])\n\t"
+		"movdqu %%xmm8, 0x80(%[out])\n\t"
+		"movdqu %%xmm9, 0x90(%[out])\n\t"
+		"movdqu %%xmm10, 0xa0(%[out])\n\t"
+		"movdqu %%xmm11, 0xb0(%[out])\n\t"
+		"movdqu %%xmm12, 0xc0(%[out])\n\t"
+		"movdqu %%xmm13, 0xd0(%[out])\n\t"
+		"movdqu %%xmm14, 0xe0(%[out])\n\t"
+		"movdqu %%xmm15, 0xf0(%[out])\n\t"
+		: [spins] "+r"(spins)
+		: [in] "r"(in), [out] "r"(out), [nr] "i"(SYS_sched_yield)
+		: "rax", "rcx", "r11", "cc", "memory",
+		  "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6",
+		  "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13",
+		  "xmm14", "xmm15");
+}
+
+/*
+ * One of the two processes of test_xmm_switch: pinned to CPU 0, waits on
+ * the start pipe, then XMM_ROUNDS times loads a pattern unique to (seed,
+ * round) into xmm0..xmm15, yields the CPU to the other process and checks
+ * the registers came back intact.  Exits 0 when they always did and
+ * enough context switches happened.
+ */
+static void xmm_switch_child(int start_fd, unsigned int seed)
+{
+	unsigned char in[XMM_BYTES], out[XMM_BYTES];
+	struct rusage ru;
+	cpu_set_t cpus;
+	long switches;
+	char c;
+
+	CPU_ZERO(&cpus);
+	CPU_SET(0, &cpus);
+	if (sched_setaffinity(0, sizeof(cpus), &cpus)) {
+		diag("xmm %u: sched_setaffinity: %s", seed, strerror(errno));
+		_exit(1);
+	}
+	/* Start together, so each yield has the other process to run. */
+	if (read(start_fd, &c, 1) < 0) {
+		diag("xmm %u: start pipe: %s", seed, strerror(errno));
+		_exit(1);
+	}
+	for (unsigned int round = 0; round < XMM_ROUNDS; round++) {
+		size_t bad;
+
+		fill(in, sizeof(in), (size_t)round * XMM_BYTES, seed);
+		memset(out, 0, sizeof(out));
+		xmm_yield_roundtrip(in, out, 1000 + 97 * (long)(round % 11));
+		bad = check(out, sizeof(out), (size_t)round * XMM_BYTES, seed);
+		if (bad != sizeof(out)) {
+			diag("xmm %u: round %u: xmm%zu byte %zu is 0x%02x, expected 0x%02x",
+			     seed, round, bad / 16, bad % 16, out[bad], in[bad]);
+			_exit(1);
+		}
+	}
+	if (getrusage(RUSAGE_SELF, &ru)) {
+		diag("xmm %u: getrusage: %s", seed, strerror(errno));
+		_exit(1);
+	}
+	switches = ru.ru_nvcsw + ru.ru_nivcsw;
+	diag("xmm %u: %d rounds, %ld context switches", seed, XMM_ROUNDS,
+	     switches);
+	if (switches < XMM_ROUNDS / 2) {
+		diag("xmm %u: too few context switches to test anything", seed);
+		_exit(1);
+	}
+	_exit(0);
+}
+
+/*
+ * Two processes on one CPU check their SSE registers across many context
+ * switches: the guest kernel must save and restore user vector state.
+ * SSE only: guest user code stays off AVX (see images/initramfs/init).
+ */
+static int test_xmm_switch(void)
+{
+	int start[2], ret = 0;
+	pid_t pids[2] = { -1, -1 };
+
+	if (pipe(start)) {
+		diag("pipe: %s", strerror(errno));
+		return -1;
+	}
+	for (int i = 0; i < 2; i++) {
+		pids[i] = fork();
+		if (pids[i] < 0) {
+			diag("fork: %s", strerror(errno));
+			ret = -1;
+			break;
+		}
+		if (pids[i] == 0) {
+			close(start[1]);
+			xmm_switch_child(start[0], 11 + i);
+		}
+	}
+	/* Closing the write end wakes both children (read returns 0). */
+	close(start[0]);
+	close(start[1]);
+	for (int i = 0; i < 2; i++) {
+		if (pids[i] > 0 && wait_for_exit(pids[i], 0))
+			ret = -1;
+	}
+	return ret;
+}
+
 struct syscheck_test {
 	const char *name;
 	int (*run)(void);
@@ -415,6 +573,7 @@ static const struct syscheck_test tests[] = {
 	{ "mmap_shared_file_msync_read", test_mmap_shared_file },
 	{ "file_write_fsync_read", test_file_io },
 	{ "pipe_parent_child", test_pipe },
+	{ "xmm_regs_across_context_switches", test_xmm_switch },
 };
 
 int main(int argc, char **argv)
@@ -434,12 +593,16 @@ int main(int argc, char **argv)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	printf("TAP version 13\n1..%zu\n", ntests);
 	for (size_t i = 0; i < ntests; i++) {
+		double t0;
 		int ok;
 
 		fflush(stdout);
+		t0 = now();
 		ok = tests[i].run() == 0;
 		if (!ok)
 			failures++;
+		/* Timing helps where guest kernel code is slow (see DESIGN.md). */
+		diag("%s took %.3f s", tests[i].name, now() - t0);
 		printf("%sok %zu %s\n", ok ? "" : "not ", i + 1, tests[i].name);
 	}
 	if (failures)

@@ -1,0 +1,2066 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * ldt-selftest: tests of lightweight dirty tracking (LDT, CONFIG_LDT; see
+ * Documentation/admin-guide/mm/ldt.rst in the patched kernel).
+ *
+ * The property tested everywhere: LDT never misses a write.  Each test
+ * writes pages (at random, over anonymous memory, shmem, private file
+ * mappings, THPs and small pages), keeps its own record of what it wrote,
+ * then harvests with LDT_HARVEST and checks that every written page was
+ * reported.  Where it makes sense the same writes are also tracked by
+ * soft-dirty (/proc/self/clear_refs + pagemap bit 55) and by PAGEMAP_SCAN
+ * with userfaultfd async write-protection, and all three are compared with
+ * the writer's record.  Pages reported but not written (false positives)
+ * are counted and printed, never hidden; they fail no test.  The tests also
+ * go through the paths where the kernel itself cleans or drops page table
+ * entries (fork, mprotect, mremap, MADV_DONTNEED, munmap, MADV_FREE, swap,
+ * THP split, KSM, compaction, writes through GUP) and check the OS side:
+ * data written and then harvested by LDT is still swapped out and back in.
+ *
+ * Output is kselftest (TAP) style: "ok N name" / "not ok N name", with
+ * diagnostics on "# " lines; the exit status is the number of failures.
+ * A test whose prerequisite is missing (no swap, no THP, no KSM) is
+ * reported as "ok N name # SKIP reason".
+ *
+ * Usage: ldt-selftest [-q] [-s SEED] [-v] [TEST...]
+ *   -q       quick: smaller areas, fewer rounds (for machines where page
+ *            faults are slow)
+ *   -s SEED  seed of the random write patterns (default: from the clock;
+ *            printed, so a failure can be replayed)
+ *   -v       print per-round details
+ *   TEST     run only the named tests
+ *
+ * In the LDT guest image this runs as /bin/ldt-selftest.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+
+/* include/uapi/linux/ldt.h, for C libraries whose headers predate it. */
+#ifndef LDT_START
+struct ldt_region {
+	uint64_t start;
+	uint64_t end;
+};
+
+struct ldt_start_arg {
+	uint64_t size;
+	uint64_t flags;
+	uint64_t start;
+	uint64_t end;
+};
+
+struct ldt_harvest_arg {
+	uint64_t size;
+	uint64_t flags;
+	uint64_t start;
+	uint64_t end;
+	uint64_t walk_end;
+	uint64_t vec;
+	uint64_t vec_len;
+	uint64_t max_pages;
+};
+
+#define LDT_START	_IOW('f', 0x40, struct ldt_start_arg)
+#define LDT_HARVEST	_IOWR('f', 0x41, struct ldt_harvest_arg)
+#define LDT_STOP	_IO('f', 0x42)
+#endif
+
+/* PAGEMAP_SCAN (Linux 6.7, include/uapi/linux/fs.h). */
+#ifndef PAGEMAP_SCAN
+struct page_region {
+	uint64_t start;
+	uint64_t end;
+	uint64_t categories;
+};
+
+struct pm_scan_arg {
+	uint64_t size;
+	uint64_t flags;
+	uint64_t start;
+	uint64_t end;
+	uint64_t walk_end;
+	uint64_t vec;
+	uint64_t vec_len;
+	uint64_t max_pages;
+	uint64_t category_inverted;
+	uint64_t category_mask;
+	uint64_t category_anyof_mask;
+	uint64_t return_mask;
+};
+
+#define PAGEMAP_SCAN		_IOWR('f', 16, struct pm_scan_arg)
+#define PAGE_IS_WRITTEN		(1 << 1)
+#define PAGE_IS_HUGE		(1 << 6)
+#define PM_SCAN_WP_MATCHING	(1 << 0)
+#define PM_SCAN_CHECK_WPASYNC	(1 << 1)
+#endif
+
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1 << 15)
+#endif
+#ifndef MADV_PAGEOUT
+#define MADV_PAGEOUT 21
+#endif
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+
+#define PM_SOFT_DIRTY	(1ULL << 55)
+#define PM_PRESENT	(1ULL << 63)
+
+#define THP_SIZE	(2UL << 20)
+
+static size_t page_size;
+static int pagemap_fd = -1;
+static bool verbose;
+static uint64_t rng_state;
+static int test_nr, failures;
+
+/* Print a diagnostic line; kselftest readers skip lines starting with '#'. */
+static void diag(const char *fmt, ...)
+{
+	va_list ap;
+
+	fputs("# ", stdout);
+	va_start(ap, fmt);
+	vprintf(fmt, ap);
+	va_end(ap);
+	fputc('\n', stdout);
+	fflush(stdout);
+}
+
+static void result(bool ok, const char *name)
+{
+	printf("%sok %d %s\n", ok ? "" : "not ", ++test_nr, name);
+	fflush(stdout);
+	if (!ok)
+		failures++;
+}
+
+static void skip(const char *name, const char *why)
+{
+	printf("ok %d %s # SKIP %s\n", ++test_nr, name, why);
+	fflush(stdout);
+}
+
+static uint64_t rnd(void)
+{
+	/* xorshift64* */
+	rng_state ^= rng_state >> 12;
+	rng_state ^= rng_state << 25;
+	rng_state ^= rng_state >> 27;
+	return rng_state * 0x2545F4914F6CDD1DULL;
+}
+
+static size_t rnd_below(size_t n)
+{
+	return n ? rnd() % n : 0;
+}
+
+static int write_file(const char *path, const char *text)
+{
+	int fd = open(path, O_WRONLY);
+	ssize_t n;
+
+	if (fd < 0)
+		return -errno;
+	n = write(fd, text, strlen(text));
+	close(fd);
+	return n == (ssize_t)strlen(text) ? 0 : -EIO;
+}
+
+static long read_long(const char *path)
+{
+	char buf[64] = "";
+	int fd = open(path, O_RDONLY);
+	ssize_t n;
+
+	if (fd < 0)
+		return -1;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	return n > 0 ? strtol(buf, NULL, 10) : -1;
+}
+
+static int write_long(const char *path, long v)
+{
+	char buf[32];
+
+	snprintf(buf, sizeof(buf), "%ld", v);
+	return write_file(path, buf);
+}
+
+/* A "name value" line of a /proc file such as /proc/vmstat. */
+static long proc_value(const char *path, const char *key)
+{
+	char line[256];
+	size_t klen = strlen(key);
+	long v = -1;
+	FILE *f = fopen(path, "r");
+
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof(line), f)) {
+		if (!strncmp(line, key, klen) &&
+		    (line[klen] == ' ' || line[klen] == ':')) {
+			v = strtol(line + klen + 1, NULL, 10);
+			break;
+		}
+	}
+	fclose(f);
+	return v;
+}
+
+/* ---- LDT ------------------------------------------------------------- */
+
+static int ldt_start_fd(int fd, const void *p, size_t len)
+{
+	struct ldt_start_arg arg = {
+		.size = sizeof(arg),
+		.start = (uintptr_t)p,
+		.end = (uintptr_t)p + len,
+	};
+
+	return ioctl(fd, LDT_START, &arg) ? -errno : 0;
+}
+
+static int ldt_start(const void *p, size_t len)
+{
+	return ldt_start_fd(pagemap_fd, p, len);
+}
+
+static int ldt_stop_fd(int fd)
+{
+	return ioctl(fd, LDT_STOP) ? -errno : 0;
+}
+
+static int ldt_stop(void)
+{
+	return ldt_stop_fd(pagemap_fd);
+}
+
+#define VEC_MAX 4096
+static struct ldt_region ldt_vec[VEC_MAX];
+
+struct harvest_stats {
+	long calls, regions, pages, outside;
+};
+
+/*
+ * Harvest [p, p + len) of the process behind @fd, marking map[i] for every
+ * page i reported; regions of vec_len at most and max_pages per call
+ * (0: none), resuming from walk_end until the range is covered.  Returns
+ * 0 or -errno.
+ */
+static int ldt_collect_fd(int fd, const void *p, size_t len,
+			  unsigned char *map, size_t vec_len, size_t max_pages,
+			  struct harvest_stats *st)
+{
+	uintptr_t base = (uintptr_t)p, end = base + len;
+	struct ldt_harvest_arg arg = {
+		.size = sizeof(arg),
+		.start = base,
+		.end = end,
+		.vec = (uintptr_t)ldt_vec,
+		.vec_len = vec_len,
+		.max_pages = max_pages,
+	};
+	struct harvest_stats dummy = { 0 };
+
+	if (!st)
+		st = &dummy;
+	if (vec_len > VEC_MAX)
+		return -EINVAL;
+	for (;;) {
+		long n = ioctl(fd, LDT_HARVEST, &arg);
+		long i;
+
+		if (n < 0)
+			return -errno;
+		st->calls++;
+		st->regions += n;
+		for (i = 0; i < n; i++) {
+			uint64_t a;
+
+			if (ldt_vec[i].start < arg.start || ldt_vec[i].end > end ||
+			    ldt_vec[i].start >= ldt_vec[i].end) {
+				st->outside++;
+				continue;
+			}
+			for (a = ldt_vec[i].start; a < ldt_vec[i].end;
+			     a += page_size) {
+				if (map)
+					map[(a - base) / page_size] = 1;
+				st->pages++;
+			}
+		}
+		if (arg.walk_end >= end)
+			return 0;
+		if (arg.walk_end < arg.start)
+			return -ERANGE;
+		if (arg.walk_end == arg.start && n == 0)
+			return -ELOOP;	/* no progress */
+		arg.start = arg.walk_end;
+	}
+}
+
+static int ldt_collect(const void *p, size_t len, unsigned char *map)
+{
+	return ldt_collect_fd(pagemap_fd, p, len, map, VEC_MAX, 0, NULL);
+}
+
+/* ---- soft-dirty and PAGEMAP_SCAN, the references ----------------------- */
+
+static int sd_clear(void)
+{
+	return write_file("/proc/self/clear_refs", "4");
+}
+
+static int pagemap_entries(const void *p, size_t npages, uint64_t *ent)
+{
+	off_t off = (uintptr_t)p / page_size * sizeof(uint64_t);
+	ssize_t n = pread(pagemap_fd, ent, npages * sizeof(uint64_t), off);
+
+	return n == (ssize_t)(npages * sizeof(uint64_t)) ? 0 : -EIO;
+}
+
+static int sd_collect(const void *p, size_t npages, unsigned char *map)
+{
+	uint64_t *ent = calloc(npages, sizeof(*ent));
+	size_t i;
+	int ret;
+
+	if (!ent)
+		return -ENOMEM;
+	ret = pagemap_entries(p, npages, ent);
+	for (i = 0; !ret && i < npages; i++)
+		map[i] = !!(ent[i] & PM_SOFT_DIRTY);
+	free(ent);
+	return ret;
+}
+
+/* PAGEMAP_SCAN over a range registered for async uffd write-protection. */
+struct scan {
+	int uffd;
+	const void *p;
+	size_t len;
+};
+
+static struct page_region scan_vec[VEC_MAX];
+
+/* Report written pages into map (if any) and write-protect them again. */
+static int scan_collect(struct scan *s, unsigned char *map)
+{
+	uintptr_t base = (uintptr_t)s->p, end = base + s->len;
+	struct pm_scan_arg arg = {
+		.size = sizeof(arg),
+		.flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+		.start = base,
+		.end = end,
+		.vec = (uintptr_t)scan_vec,
+		.vec_len = VEC_MAX,
+		.category_mask = PAGE_IS_WRITTEN,
+		.return_mask = PAGE_IS_WRITTEN,
+	};
+
+	for (;;) {
+		long n = ioctl(pagemap_fd, PAGEMAP_SCAN, &arg);
+		long i;
+
+		if (n < 0)
+			return -errno;
+		for (i = 0; map && i < n; i++) {
+			uint64_t a;
+
+			for (a = scan_vec[i].start; a < scan_vec[i].end;
+			     a += page_size)
+				map[(a - base) / page_size] = 1;
+		}
+		if (arg.walk_end >= end)
+			return 0;
+		arg.start = arg.walk_end;
+	}
+}
+
+static int scan_init(struct scan *s, const void *p, size_t len)
+{
+	struct uffdio_api api = {
+		.api = UFFD_API,
+		.features = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED |
+			    UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+	};
+	struct uffdio_register reg = {
+		.range = { .start = (uintptr_t)p, .len = len },
+		.mode = UFFDIO_REGISTER_MODE_WP,
+	};
+
+	s->p = p;
+	s->len = len;
+	s->uffd = syscall(__NR_userfaultfd, O_CLOEXEC | UFFD_USER_MODE_ONLY);
+	if (s->uffd < 0)
+		return -errno;
+	if (ioctl(s->uffd, UFFDIO_API, &api) ||
+	    ioctl(s->uffd, UFFDIO_REGISTER, &reg) || scan_collect(s, NULL)) {
+		int err = -errno;
+
+		close(s->uffd);
+		s->uffd = -1;
+		return err ? err : -EIO;
+	}
+	return 0;
+}
+
+static void scan_fini(struct scan *s)
+{
+	if (s->uffd >= 0)
+		close(s->uffd);
+	s->uffd = -1;
+}
+
+/* ---- test areas ---------------------------------------------------------- */
+
+enum area_kind { ANON, SHMEM, PRIVATE_FILE, THP };
+
+static const char *const kind_name[] = {
+	[ANON] = "anon", [SHMEM] = "shmem", [PRIVATE_FILE] = "private-file",
+	[THP] = "thp",
+};
+
+/* A mapping under test with the writer's record and what each tracker saw. */
+struct area {
+	enum area_kind kind;
+	unsigned char *p;
+	size_t len, npages;
+	void *raw;		/* what to munmap */
+	size_t raw_len;
+	int fd;
+	unsigned char *written, *ldt, *sd, *scan;
+};
+
+static void area_clear_maps(struct area *a)
+{
+	memset(a->written, 0, a->npages);
+	memset(a->ldt, 0, a->npages);
+	memset(a->sd, 0, a->npages);
+	memset(a->scan, 0, a->npages);
+}
+
+/* Whether THPs can be had: enabled is "always" or "madvise". */
+static bool thp_ok;
+
+static void thp_setup(void)
+{
+	const char *path = "/sys/kernel/mm/transparent_hugepage/enabled";
+	char buf[128] = "";
+	int fd = open(path, O_RDONLY);
+
+	if (fd >= 0) {
+		if (read(fd, buf, sizeof(buf) - 1) < 0)
+			buf[0] = 0;
+		close(fd);
+	}
+	if (strstr(buf, "[never]")) {
+		/* The kernel turns THP off below 512 MiB of RAM. */
+		if (write_file(path, "madvise"))
+			diag("THP is off and cannot be turned on");
+		else
+			diag("THP was off; set to madvise");
+	}
+	fd = open(path, O_RDONLY);
+	buf[0] = 0;
+	if (fd >= 0) {
+		if (read(fd, buf, sizeof(buf) - 1) < 0)
+			buf[0] = 0;
+		close(fd);
+	}
+	thp_ok = strstr(buf, "[always]") || strstr(buf, "[madvise]");
+	/* For MADV_COLLAPSE of shmem. */
+	path = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+	fd = open(path, O_RDONLY);
+	buf[0] = 0;
+	if (fd >= 0) {
+		if (read(fd, buf, sizeof(buf) - 1) < 0)
+			buf[0] = 0;
+		close(fd);
+	}
+	if (strstr(buf, "[never]"))
+		write_file(path, "advise");
+}
+
+/* How many pages of [p, p + len) are mapped by THPs (PAGEMAP_SCAN). */
+static long thp_pages(const void *p, size_t len)
+{
+	struct pm_scan_arg arg = {
+		.size = sizeof(arg),
+		.start = (uintptr_t)p,
+		.end = (uintptr_t)p + len,
+		.vec = (uintptr_t)scan_vec,
+		.vec_len = VEC_MAX,
+		.category_mask = PAGE_IS_HUGE,
+		.return_mask = PAGE_IS_HUGE,
+	};
+	long n = ioctl(pagemap_fd, PAGEMAP_SCAN, &arg), i, pages = 0;
+
+	for (i = 0; i < n; i++)
+		pages += (scan_vec[i].end - scan_vec[i].start) / page_size;
+	return n < 0 ? -errno : pages;
+}
+
+static int area_map(struct area *a, enum area_kind kind, size_t len)
+{
+	int flags = MAP_PRIVATE | MAP_ANONYMOUS;
+	/* THP-aligned for all kinds: MADV_COLLAPSE may be asked for later. */
+	size_t align = THP_SIZE;
+	char path[] = "/tmp/ldt-selftest-XXXXXX";
+	unsigned char *raw;
+
+	memset(a, 0, sizeof(*a));
+	a->kind = kind;
+	a->fd = -1;
+	a->len = len;
+	a->npages = len / page_size;
+	if (kind == SHMEM) {
+		a->fd = memfd_create("ldt-selftest", MFD_CLOEXEC);
+		flags = MAP_SHARED;
+	} else if (kind == PRIVATE_FILE) {
+		a->fd = mkstemp(path);
+		if (a->fd >= 0)
+			unlink(path);
+		flags = MAP_PRIVATE;
+	}
+	if (a->fd >= 0 && ftruncate(a->fd, len))
+		return -errno;
+	if ((kind == SHMEM || kind == PRIVATE_FILE) && a->fd < 0)
+		return -errno;
+	if (kind == PRIVATE_FILE) {
+		/* Give the file contents, so the private mapping has pages to COW. */
+		unsigned char *buf = calloc(1, len);
+		ssize_t n;
+
+		if (!buf)
+			return -ENOMEM;
+		memset(buf, 0x5a, len);
+		n = pwrite(a->fd, buf, len, 0);
+		free(buf);
+		if (n != (ssize_t)len)
+			return -EIO;
+	}
+	/* Reserve, then map at an aligned address inside the reservation. */
+	a->raw_len = len + align;
+	raw = mmap(NULL, a->raw_len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS |
+		   MAP_NORESERVE, -1, 0);
+	if (raw == MAP_FAILED)
+		return -errno;
+	a->raw = raw;
+	a->p = (unsigned char *)(((uintptr_t)raw + align - 1) & ~(align - 1));
+	if (mmap(a->p, len, PROT_READ | PROT_WRITE, flags | MAP_FIXED, a->fd,
+		 0) == MAP_FAILED)
+		return -errno;
+	if (kind == THP && madvise(a->p, len, MADV_HUGEPAGE))
+		return -errno;
+	a->written = calloc(a->npages, 1);
+	a->ldt = calloc(a->npages, 1);
+	a->sd = calloc(a->npages, 1);
+	a->scan = calloc(a->npages, 1);
+	if (!a->written || !a->ldt || !a->sd || !a->scan)
+		return -ENOMEM;
+	return 0;
+}
+
+static void area_unmap(struct area *a)
+{
+	if (a->raw)
+		munmap(a->raw, a->raw_len);
+	if (a->fd >= 0)
+		close(a->fd);
+	free(a->written);
+	free(a->ldt);
+	free(a->sd);
+	free(a->scan);
+	memset(a, 0, sizeof(*a));
+	a->fd = -1;
+}
+
+/* A store and a load the compiler must emit, of whatever type. */
+#define STORE(p, v)	__atomic_store_n((p), (v), __ATOMIC_RELAXED)
+#define LOAD(p)		__atomic_load_n((p), __ATOMIC_RELAXED)
+
+/* Write one byte (value v) at a random offset of page i. */
+static void write_page(struct area *a, size_t i, unsigned char v)
+{
+	STORE(a->p + i * page_size + rnd_below(page_size), v);
+	a->written[i] = 1;
+}
+
+static unsigned char read_page(struct area *a, size_t i)
+{
+	return LOAD(a->p + i * page_size + rnd_below(page_size));
+}
+
+/*
+ * Write about frac of pages [from, to), at random, and read as many.
+ */
+static size_t write_random_range(struct area *a, size_t from, size_t to,
+				 double frac)
+{
+	size_t k = (to - from) * frac, j;
+
+	if (!k)
+		k = 1;
+	for (j = 0; j < k; j++) {
+		write_page(a, from + rnd_below(to - from), (unsigned char)rnd());
+		(void)read_page(a, from + rnd_below(to - from));
+	}
+	return k;
+}
+
+static size_t write_random(struct area *a, double frac)
+{
+	return write_random_range(a, 0, a->npages, frac);
+}
+
+/* Write every page (to populate it). */
+static void write_all(struct area *a, unsigned char v)
+{
+	size_t i;
+
+	for (i = 0; i < a->npages; i++)
+		a->p[i * page_size] = v;
+}
+
+/*
+ * Map and populate an area for test @name.  Returns 0, or reports the test
+ * (failed, or skipped when THPs cannot be had) and returns -1.
+ */
+static int area_setup(const char *name, struct area *a, enum area_kind kind,
+		      size_t len)
+{
+	int err;
+
+	if (kind == THP && !thp_ok) {
+		skip(name, "THP not available");
+		memset(a, 0, sizeof(*a));
+		a->fd = -1;
+		return -1;
+	}
+	err = area_map(a, kind, len);
+	if (err) {
+		diag("%s: mapping failed: %s", name, strerror(-err));
+		result(false, name);
+		area_unmap(a);
+		return -1;
+	}
+	write_all(a, 1);
+	if (kind == THP) {
+		long n = thp_pages(a->p, a->len);
+
+		if (n <= 0) {
+			skip(name, "no THP allocated");
+			area_unmap(a);
+			return -1;
+		}
+		if (verbose)
+			diag("%s: %ld of %zu pages in THPs", name, n, a->npages);
+	}
+	return 0;
+}
+
+static size_t count(const unsigned char *m, size_t n)
+{
+	size_t c = 0, i;
+
+	for (i = 0; i < n; i++)
+		c += !!m[i];
+	return c;
+}
+
+/*
+ * Compare the trackers with the writer's record.  Returns the pages LDT
+ * missed; the references' counts are printed (a negative have_* skips
+ * one).
+ */
+static size_t compare(const char *what, struct area *a, bool have_sd,
+		      bool have_scan)
+{
+	size_t i, w = 0, l = 0, lm = 0, lf = 0, s = 0, sm = 0, sf = 0;
+	size_t c = 0, cm = 0, cf = 0;
+	char sdtext[96] = "", sctext[96] = "";
+
+	for (i = 0; i < a->npages; i++) {
+		w += a->written[i];
+		l += a->ldt[i];
+		lm += a->written[i] && !a->ldt[i];
+		lf += !a->written[i] && a->ldt[i];
+		s += a->sd[i];
+		sm += a->written[i] && !a->sd[i];
+		sf += !a->written[i] && a->sd[i];
+		c += a->scan[i];
+		cm += a->written[i] && !a->scan[i];
+		cf += !a->written[i] && a->scan[i];
+	}
+	if (have_sd)
+		snprintf(sdtext, sizeof(sdtext),
+			 "; soft-dirty %zu (missed %zu, extra %zu)", s, sm, sf);
+	if (have_scan)
+		snprintf(sctext, sizeof(sctext),
+			 "; pagemap_scan %zu (missed %zu, extra %zu)", c, cm, cf);
+	if (verbose || lm)
+		diag("%s: written %zu; ldt %zu (missed %zu, extra %zu)%s%s",
+		     what, w, l, lm, lf, sdtext, sctext);
+	for (i = 0, c = 0; lm && i < a->npages && c < 8; i++) {
+		if (a->written[i] && !a->ldt[i]) {
+			diag("%s: missed page %zu (%p)", what, i,
+			     a->p + i * page_size);
+			c++;
+		}
+	}
+	return lm;
+}
+
+/* Totals over the rounds of one test, for its summary line. */
+struct totals {
+	size_t written, ldt_missed, ldt_extra, sd_missed, sd_extra;
+	size_t scan_missed, scan_extra;
+};
+
+static void add_totals(struct totals *t, struct area *a)
+{
+	size_t i;
+
+	for (i = 0; i < a->npages; i++) {
+		t->written += a->written[i];
+		t->ldt_missed += a->written[i] && !a->ldt[i];
+		t->ldt_extra += !a->written[i] && a->ldt[i];
+		t->sd_missed += a->written[i] && !a->sd[i];
+		t->sd_extra += !a->written[i] && a->sd[i];
+		t->scan_missed += a->written[i] && !a->scan[i];
+		t->scan_extra += !a->written[i] && a->scan[i];
+	}
+}
+
+/* ---- tests --------------------------------------------------------------- */
+
+/* Size of most test areas, and rounds of random writes (-q halves both). */
+static size_t area_len = 8UL << 20;
+static int rounds = 4;
+
+/* Error handling of the interface. */
+static void test_api(void)
+{
+	const char *name = "api";
+	struct ldt_start_arg sa = { .size = sizeof(sa) };
+	struct ldt_harvest_arg ha = { .size = sizeof(ha) };
+	unsigned char *p;
+	bool ok = true;
+
+	p = mmap(NULL, 16 * page_size, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (p == MAP_FAILED) {
+		result(false, name);
+		return;
+	}
+#define EXPECT(cond) do { if (!(cond)) { diag("%s: line %d: %s (errno %d)", \
+		name, __LINE__, #cond, errno); ok = false; } } while (0)
+	ha.start = (uintptr_t)p;
+	ha.end = (uintptr_t)p + 16 * page_size;
+	ha.vec = (uintptr_t)ldt_vec;
+	ha.vec_len = 16;
+	/* Not tracked yet. */
+	EXPECT(ioctl(pagemap_fd, LDT_HARVEST, &ha) == -1 && errno == EINVAL);
+	EXPECT(ldt_stop() == -EINVAL);
+	/* Bad arguments. */
+	sa.start = (uintptr_t)p;
+	sa.end = (uintptr_t)p + 16 * page_size;
+	sa.size = sizeof(sa) + 8;
+	EXPECT(ioctl(pagemap_fd, LDT_START, &sa) == -1 && errno == EINVAL);
+	sa.size = sizeof(sa);
+	sa.flags = 1;
+	EXPECT(ioctl(pagemap_fd, LDT_START, &sa) == -1 && errno == EINVAL);
+	sa.flags = 0;
+	sa.start = (uintptr_t)p + 1;
+	EXPECT(ioctl(pagemap_fd, LDT_START, &sa) == -1 && errno == EINVAL);
+	sa.start = sa.end;
+	EXPECT(ioctl(pagemap_fd, LDT_START, &sa) == -1 && errno == EINVAL);
+	sa.start = (uintptr_t)p;
+	EXPECT(ioctl(pagemap_fd, LDT_START, &sa) == 0);
+	ha.vec_len = 0;
+	EXPECT(ioctl(pagemap_fd, LDT_HARVEST, &ha) == -1 && errno == EINVAL);
+	ha.vec_len = 16;
+	ha.flags = 1;
+	EXPECT(ioctl(pagemap_fd, LDT_HARVEST, &ha) == -1 && errno == EINVAL);
+	ha.flags = 0;
+	ha.size = 8;
+	EXPECT(ioctl(pagemap_fd, LDT_HARVEST, &ha) == -1 && errno == EINVAL);
+	ha.size = sizeof(ha);
+	/* Nothing written yet: nothing reported, walk_end at the end. */
+	EXPECT(ioctl(pagemap_fd, LDT_HARVEST, &ha) == 0);
+	EXPECT(ha.walk_end == ha.end);
+	p[3 * page_size] = 1;
+	EXPECT(ioctl(pagemap_fd, LDT_HARVEST, &ha) == 1);
+	EXPECT(ldt_vec[0].start == (uintptr_t)p + 3 * page_size &&
+	       ldt_vec[0].end == (uintptr_t)p + 4 * page_size);
+	/* Outside the tracked range nothing is reported. */
+	p[3 * page_size] = 2;
+	ha.end = (uintptr_t)p + 32 * page_size;
+	EXPECT(ioctl(pagemap_fd, LDT_HARVEST, &ha) == 1);
+	EXPECT(ha.walk_end == ha.end);
+	EXPECT(ldt_stop() == 0);
+	EXPECT(ldt_stop() == -EINVAL);
+	EXPECT(ioctl(pagemap_fd, 0x7777, NULL) == -1);
+#undef EXPECT
+	munmap(p, 16 * page_size);
+	result(ok, name);
+}
+
+/*
+ * Random writes over one kind of memory, in rounds; after each round LDT,
+ * soft-dirty and PAGEMAP_SCAN report what they saw.
+ */
+static void test_random(enum area_kind kind)
+{
+	char name[64];
+	struct totals t = { 0 };
+	struct scan sc = { .uffd = -1 };
+	bool have_scan, ok = true;
+	struct area a;
+	int r, err;
+
+	snprintf(name, sizeof(name), "random_%s", kind_name[kind]);
+	if (area_setup(name, &a, kind, area_len))
+		return;
+	err = scan_init(&sc, a.p, a.len);
+	have_scan = !err;
+	if (err)
+		diag("%s: no PAGEMAP_SCAN reference: %s", name, strerror(-err));
+	if (ldt_start(a.p, a.len) || sd_clear()) {
+		result(false, name);
+		goto out;
+	}
+	for (r = 0; r < rounds; r++) {
+		char what[96];
+
+		area_clear_maps(&a);
+		write_random(&a, (r + 1) * 0.05);
+		if (sd_collect(a.p, a.npages, a.sd) || sd_clear() ||
+		    (have_scan && scan_collect(&sc, a.scan)) ||
+		    ldt_collect(a.p, a.len, a.ldt)) {
+			diag("%s: collecting failed: %s", name, strerror(errno));
+			ok = false;
+			break;
+		}
+		snprintf(what, sizeof(what), "%s round %d", name, r);
+		if (compare(what, &a, true, have_scan))
+			ok = false;
+		add_totals(&t, &a);
+	}
+	diag("%s: %d rounds, %zu pages written: ldt missed %zu extra %zu; "
+	     "soft-dirty missed %zu extra %zu; pagemap_scan %s missed %zu extra %zu",
+	     name, rounds, t.written, t.ldt_missed, t.ldt_extra, t.sd_missed,
+	     t.sd_extra, have_scan ? "" : "(unavailable)", t.scan_missed,
+	     t.scan_extra);
+	if (ldt_stop())
+		ok = false;
+	result(ok, name);
+out:
+	scan_fini(&sc);
+	area_unmap(&a);
+}
+
+/* Harvests stopped by a small vector or max_pages resume without loss. */
+static void test_resume(void)
+{
+	const char *name = "resume";
+	struct harvest_stats st1 = { 0 }, st2 = { 0 };
+	bool ok = true;
+	struct area a;
+	size_t i, j;
+
+	if (area_setup(name, &a, ANON, area_len))
+		return;
+	ldt_start(a.p, a.len);
+	/* Scattered pages: many regions. */
+	for (i = 0; i < a.npages; i += 3)
+		write_page(&a, i, 2);
+	if (ldt_collect_fd(pagemap_fd, a.p, a.len, a.ldt, 1, 0, &st1))
+		ok = false;
+	if (compare("resume vec_len=1", &a, false, false))
+		ok = false;
+	area_clear_maps(&a);
+	/* Runs of pages, cut by max_pages. */
+	for (i = 0; i < a.npages; i += 64)
+		for (j = 0; j < 20 && i + j < a.npages; j++)
+			write_page(&a, i + j, 3);
+	if (ldt_collect_fd(pagemap_fd, a.p, a.len, a.ldt, 7, 13, &st2))
+		ok = false;
+	if (compare("resume max_pages=13", &a, false, false))
+		ok = false;
+	/* The stopped harvests left nothing behind. */
+	memset(a.ldt, 0, a.npages);
+	if (ldt_collect(a.p, a.len, a.ldt) || count(a.ldt, a.npages))
+		ok = false;
+	diag("%s: vec_len 1: %ld calls %ld regions %ld pages", name,
+	     st1.calls, st1.regions, st1.pages);
+	diag("%s: max_pages 13: %ld calls %ld regions %ld pages", name,
+	     st2.calls, st2.regions, st2.pages);
+	if (st1.outside || st2.outside)
+		ok = false;
+	ldt_stop();
+	area_unmap(&a);
+	result(ok, name);
+}
+
+/* After a harvest, reads alone make LDT report nothing. */
+static void test_clean(void)
+{
+	const char *name = "reads_are_clean";
+	bool ok = true;
+	struct area a;
+	size_t i, n;
+
+	if (area_setup(name, &a, ANON, area_len))
+		return;
+	ldt_start(a.p, a.len);
+	for (i = 0; i < a.npages; i++)
+		(void)read_page(&a, i);
+	if (ldt_collect(a.p, a.len, a.ldt))
+		ok = false;
+	n = count(a.ldt, a.npages);
+	diag("%s: %zu pages read, %zu reported", name, a.npages, n);
+	if (n)
+		ok = false;
+	ldt_stop();
+	area_unmap(&a);
+	result(ok, name);
+}
+
+/*
+ * fork(): the parent's pages written before the fork (now write-protected
+ * for COW) and after it (COW copies) are all reported; the child is not
+ * tracked, and its writes do not show in the parent.
+ */
+static void test_fork(enum area_kind kind)
+{
+	char name[64];
+	bool ok = true;
+	struct area a;
+	int status, i;
+	pid_t pid;
+
+	snprintf(name, sizeof(name), "fork_%s", kind_name[kind]);
+	if (area_setup(name, &a, kind, area_len))
+		return;
+	ldt_start(a.p, a.len);
+	for (i = 0; i < 3; i++) {
+		write_random(&a, 0.05);
+		pid = fork();
+		if (pid == 0) {
+			struct ldt_harvest_arg ha = {
+				.size = sizeof(ha),
+				.start = (uintptr_t)a.p,
+				.end = (uintptr_t)a.p + a.len,
+				.vec = (uintptr_t)ldt_vec,
+				.vec_len = 1,
+			};
+			int bad = 0;
+
+			/*
+			 * Tracking is not inherited.  (The inherited
+			 * pagemap_fd still stands for the parent's mm.)
+			 */
+			pagemap_fd = open("/proc/self/pagemap", O_RDONLY);
+			if (pagemap_fd < 0 ||
+			    ioctl(pagemap_fd, LDT_HARVEST, &ha) != -1 ||
+			    errno != EINVAL)
+				bad = 1;
+			if (kind != SHMEM)
+				write_random(&a, 0.1);
+			_exit(bad);
+		}
+		if (pid < 0 || waitpid(pid, &status, 0) != pid ||
+		    !WIFEXITED(status) || WEXITSTATUS(status)) {
+			diag("%s: child failed", name);
+			ok = false;
+		}
+		write_random(&a, 0.05);
+		if (ldt_collect(a.p, a.len, a.ldt)) {
+			ok = false;
+			break;
+		}
+		if (compare(name, &a, false, false))
+			ok = false;
+		area_clear_maps(&a);
+	}
+	ldt_stop();
+	area_unmap(&a);
+	result(ok, name);
+}
+
+/* mprotect() read-only, PROT_NONE and back keeps what was written. */
+static void test_mprotect(enum area_kind kind)
+{
+	char name[64];
+	bool ok = true;
+	struct area a;
+	int r;
+
+	snprintf(name, sizeof(name), "mprotect_%s", kind_name[kind]);
+	if (area_setup(name, &a, kind, area_len))
+		return;
+	ldt_start(a.p, a.len);
+	for (r = 0; r < 3; r++) {
+		int prot = r == 1 ? PROT_NONE : PROT_READ;
+
+		write_random(&a, 0.1);
+		if (mprotect(a.p, a.len / 2, prot) ||
+		    mprotect(a.p + a.len / 4, a.len / 2, PROT_READ) ||
+		    (r == 2 && ldt_collect(a.p, a.len, a.ldt)) ||
+		    mprotect(a.p, a.len, PROT_READ | PROT_WRITE)) {
+			ok = false;
+			break;
+		}
+		if (r != 2 && ldt_collect(a.p, a.len, a.ldt))
+			ok = false;
+		if (compare(name, &a, false, false))
+			ok = false;
+		area_clear_maps(&a);
+	}
+	ldt_stop();
+	area_unmap(&a);
+	result(ok, name);
+}
+
+/*
+ * mremap() moves the written pages; LDT reports them at their new
+ * addresses (the tracked range covers both).
+ */
+static void test_mremap(enum area_kind kind)
+{
+	char name[64];
+	size_t len = area_len / 2, half = len / page_size, i;
+	bool ok = true;
+	struct area a;
+	unsigned char *dst;
+
+	snprintf(name, sizeof(name), "mremap_%s", kind_name[kind]);
+	/* One area: the first half is mapped, the second is where it moves. */
+	if (area_setup(name, &a, kind, area_len))
+		return;
+	dst = a.p + len;
+	if (munmap(dst, len)) {
+		result(false, name);
+		area_unmap(&a);
+		return;
+	}
+	ldt_start(a.p, a.len);
+	write_random_range(&a, 0, half, 0.1);
+	if (mremap(a.p, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, dst) != dst) {
+		diag("%s: mremap: %s", name, strerror(errno));
+		result(false, name);
+		area_unmap(&a);
+		return;
+	}
+	/* The writes now live at dst. */
+	for (i = 0; i < half; i++) {
+		a.written[half + i] = a.written[i];
+		a.written[i] = 0;
+	}
+	if (ldt_collect(a.p, a.len, a.ldt) ||
+	    compare(name, &a, false, false))
+		ok = false;
+	ldt_stop();
+	area_unmap(&a);
+	result(ok, name);
+}
+
+/* Pages zapped by MADV_DONTNEED or munmap() are reported from the log. */
+static void test_zap(enum area_kind kind, bool unmap)
+{
+	char name[64];
+	bool ok = true;
+	struct area a;
+	int r;
+
+	snprintf(name, sizeof(name), "%s_%s", unmap ? "munmap" : "dontneed",
+		 kind_name[kind]);
+	if (area_setup(name, &a, kind, area_len))
+		return;
+	ldt_start(a.p, a.len);
+	for (r = 0; r < 3; r++) {
+		size_t off = rnd_below(a.npages / 2) * page_size;
+		size_t len = (1 + rnd_below(a.npages / 4)) * page_size;
+
+		if (kind == THP)
+			off &= ~(THP_SIZE - 1);
+		write_random(&a, 0.1);
+		if (unmap) {
+			if (munmap(a.p + off, len) ||
+			    mmap(a.p + off, len, PROT_READ | PROT_WRITE,
+				 MAP_FIXED | (a.fd >= 0 && kind == SHMEM ?
+				 MAP_SHARED : MAP_PRIVATE) |
+				 (a.fd >= 0 ? 0 : MAP_ANONYMOUS),
+				 a.fd, a.fd >= 0 ? off : 0) == MAP_FAILED)
+				ok = false;
+		} else if (madvise(a.p + off, len, MADV_DONTNEED)) {
+			ok = false;
+		}
+		if (ldt_collect(a.p, a.len, a.ldt) ||
+		    compare(name, &a, false, false))
+			ok = false;
+		area_clear_maps(&a);
+	}
+	ldt_stop();
+	area_unmap(&a);
+	result(ok, name);
+}
+
+/*
+ * Pre-copy migration in miniature: a writer thread keeps writing random
+ * values while the tracker harvests and copies the reported pages to a
+ * destination; after the writer stops and a last round, the copy must
+ * equal the source byte for byte.  This also catches writes through
+ * stale TLB entries after a harvest.
+ */
+struct copy_writer {
+	struct area *a;
+	bool stop;
+	uint64_t seed;
+	unsigned long writes;
+};
+
+static void *copy_writer_fn(void *arg)
+{
+	struct copy_writer *cw = arg;
+	uint64_t x = cw->seed | 1;
+
+	while (!LOAD(&cw->stop)) {
+		size_t i, off;
+
+		x ^= x >> 12;
+		x ^= x << 25;
+		x ^= x >> 27;
+		/*
+		 * Mostly a few hot pages, whose translations stay in the
+		 * TLB (a harvest that did not flush them would never see
+		 * their later writes), sometimes any page.
+		 */
+		if (x & 31)
+			i = cw->a->npages / 2 + (x >> 8) % 8;
+		else
+			i = (x >> 8) % cw->a->npages;
+		off = (x >> 32) % (page_size / 8) * 8;
+		STORE((uint64_t *)(cw->a->p + i * page_size + off), x);
+		cw->writes++;
+	}
+	return NULL;
+}
+
+static void test_copy(enum area_kind kind)
+{
+	char name[64];
+	struct copy_writer cw = { 0 };
+	unsigned char *dst;
+	pthread_t th;
+	bool ok = true;
+	struct area a;
+	size_t i, copied = 0, diff = 0;
+	int r;
+
+	snprintf(name, sizeof(name), "precopy_%s", kind_name[kind]);
+	if (area_setup(name, &a, kind, area_len / 2))
+		return;
+	dst = malloc(a.len);
+	if (!dst) {
+		result(false, name);
+		area_unmap(&a);
+		return;
+	}
+	ldt_start(a.p, a.len);
+	memcpy(dst, a.p, a.len);	/* round 0: everything */
+	cw.a = &a;
+	cw.seed = rnd();
+	if (pthread_create(&th, NULL, copy_writer_fn, &cw)) {
+		result(false, name);
+		goto out;
+	}
+	for (r = 0; r < 20; r++) {
+		usleep(2000);
+		memset(a.ldt, 0, a.npages);
+		if (ldt_collect(a.p, a.len, a.ldt)) {
+			ok = false;
+			break;
+		}
+		for (i = 0; i < a.npages; i++) {
+			if (a.ldt[i]) {
+				memcpy(dst + i * page_size, a.p + i * page_size,
+				       page_size);
+				copied++;
+			}
+		}
+	}
+	STORE(&cw.stop, true);
+	pthread_join(th, NULL);
+	/* Last round, with the writer stopped. */
+	memset(a.ldt, 0, a.npages);
+	if (ldt_collect(a.p, a.len, a.ldt))
+		ok = false;
+	for (i = 0; i < a.npages; i++) {
+		if (a.ldt[i]) {
+			memcpy(dst + i * page_size, a.p + i * page_size,
+			       page_size);
+			copied++;
+		}
+	}
+	for (i = 0; i < a.npages; i++) {
+		if (memcmp(dst + i * page_size, a.p + i * page_size,
+			   page_size)) {
+			if (diff < 10)
+				diag("%s: page %zu differs", name, i);
+			diff++;
+		}
+	}
+	diag("%s: %lu writes, %zu pages copied in 21 rounds, %zu pages differ",
+	     name, cw.writes, copied, diff);
+	if (diff)
+		ok = false;
+	result(ok, name);
+out:
+	ldt_stop();
+	free(dst);
+	area_unmap(&a);
+}
+
+/* Writes from another process: the tracker uses the child's pagemap. */
+static void test_remote(void)
+{
+	const char *name = "remote";
+	int go[2], done[2], fd = -1;
+	bool ok = true;
+	struct area a;
+	char path[64];
+	pid_t pid;
+	char c;
+
+	if (area_map(&a, ANON, area_len) || pipe(go) || pipe(done)) {
+		result(false, name);
+		area_unmap(&a);
+		return;
+	}
+	write_all(&a, 1);
+	/* Same seed in both: the child writes what the parent expects. */
+	pid = fork();
+	if (pid == 0) {
+		if (read(go[0], &c, 1) != 1)
+			_exit(1);
+		write_random(&a, 0.1);
+		if (write(done[1], "x", 1) != 1)
+			_exit(1);
+		if (read(go[0], &c, 1) != 1)
+			_exit(1);
+		_exit(0);
+	}
+	snprintf(path, sizeof(path), "/proc/%d/pagemap", pid);
+	fd = open(path, O_RDONLY);
+	if (pid < 0 || fd < 0 || ldt_start_fd(fd, a.p, a.len)) {
+		ok = false;
+		goto out;
+	}
+	if (write(go[1], "x", 1) != 1 || read(done[0], &c, 1) != 1) {
+		ok = false;
+		goto out;
+	}
+	/* The parent replays the child's choices to know what it wrote. */
+	write_random(&a, 0.1);
+	if (ldt_collect_fd(fd, a.p, a.len, a.ldt, VEC_MAX, 0, NULL) ||
+	    compare(name, &a, false, false))
+		ok = false;
+	if (ldt_stop_fd(fd))
+		ok = false;
+out:
+	if (pid > 0) {
+		if (write(go[1], "x", 1) != 1)
+			ok = false;
+		waitpid(pid, NULL, 0);
+	}
+	if (fd >= 0)
+		close(fd);
+	close(go[0]);
+	close(go[1]);
+	close(done[0]);
+	close(done[1]);
+	area_unmap(&a);
+	result(ok, name);
+}
+
+/* ---- the OS side: swap, MADV_FREE, writeback ----------------------------- */
+
+/* Swap on zram, set up here if the system has none. */
+static bool swap_ok;
+
+static long swap_total_kb(void)
+{
+	return proc_value("/proc/meminfo", "SwapTotal");
+}
+
+/* A zram device of @mb MiB: its number, or -1. */
+static int zram_add(long mb)
+{
+	char path[96];
+	long id = read_long("/sys/class/zram-control/hot_add");
+
+	if (id < 0) {
+		/* No hot_add: use zram0 if it is still unused. */
+		if (read_long("/sys/block/zram0/disksize") != 0)
+			return -1;
+		id = 0;
+	}
+	snprintf(path, sizeof(path), "/sys/block/zram%ld/disksize", id);
+	if (write_long(path, mb << 20))
+		return -1;
+	return id;
+}
+
+static void swap_setup(void)
+{
+	char cmd[128];
+	int id;
+
+	if (swap_total_kb() > 0) {
+		swap_ok = true;
+		return;
+	}
+	id = zram_add(128);
+	if (id < 0) {
+		diag("no swap, and no zram device to swap on");
+		return;
+	}
+	snprintf(cmd, sizeof(cmd),
+		 "mkswap /dev/zram%d >/dev/null && swapon /dev/zram%d", id, id);
+	if (system(cmd))
+		diag("no swap: '%s' failed", cmd);
+	swap_ok = swap_total_kb() > 0;
+	if (swap_ok)
+		diag("swap on /dev/zram%d, %ld kB", id, swap_total_kb());
+}
+
+/* Page i's content: one word at each end, from its index and a version. */
+static void put_version(struct area *a, size_t i, uint32_t ver)
+{
+	uint64_t v = ((uint64_t)ver << 32) | i;
+	uint64_t *q = (uint64_t *)(a->p + i * page_size);
+
+	STORE(&q[0], v);
+	STORE(&q[page_size / 8 - 1], v);
+	a->written[i] = 1;
+}
+
+/* Pages whose content is not version ver[i]. */
+static size_t check_versions(const char *name, struct area *a,
+			     const uint32_t *ver)
+{
+	size_t i, bad = 0;
+
+	for (i = 0; i < a->npages; i++) {
+		uint64_t want = ((uint64_t)ver[i] << 32) | i;
+		uint64_t *q = (uint64_t *)(a->p + i * page_size);
+		uint64_t first = LOAD(&q[0]), last = LOAD(&q[page_size / 8 - 1]);
+
+		if (first != want || last != want) {
+			if (bad < 5)
+				diag("%s: page %zu has %#" PRIx64 ", want %#" PRIx64,
+				     name, i, first, want);
+			bad++;
+		}
+	}
+	return bad;
+}
+
+/* Pages of the area not in memory (mincore()), i.e. swapped out. */
+static size_t swapped_pages(struct area *a)
+{
+	unsigned char *vec = calloc(a->npages, 1);
+	size_t i, n = 0;
+
+	if (vec && !mincore(a->p, a->len, vec))
+		for (i = 0; i < a->npages; i++)
+			n += !(vec[i] & 1);
+	free(vec);
+	return n;
+}
+
+/*
+ * Swap-out and swap-in: pages written and harvested (hardware dirty bit
+ * moved to OSB) must still be written to swap, and pages written and
+ * swapped out before a harvest must still be reported.  Contents are
+ * checked after every swap-in.
+ */
+static void test_swap(enum area_kind kind)
+{
+	char name[64];
+	uint32_t *ver = NULL;
+	bool ok = true;
+	struct area a;
+	size_t i, out;
+	int r;
+
+	snprintf(name, sizeof(name), "swap_%s", kind_name[kind]);
+	if (!swap_ok) {
+		skip(name, "no swap");
+		return;
+	}
+	if (kind == THP && !thp_ok) {
+		skip(name, "THP not available");
+		return;
+	}
+	if (area_map(&a, kind, area_len / 2)) {
+		result(false, name);
+		area_unmap(&a);
+		return;
+	}
+	ver = calloc(a.npages, sizeof(*ver));
+	if (!ver) {
+		result(false, name);
+		goto out;
+	}
+	/*
+	 * Fresh pages, written once and harvested: a new shmem folio is not
+	 * marked dirty by the fault, only its entry is, so if the harvest
+	 * left the OS no dirty bit (OSB), reclaim would drop the data.
+	 */
+	ldt_start(a.p, a.len);
+	for (i = 0; i < a.npages; i++)
+		put_version(&a, i, ver[i] = 1);
+	if (ldt_collect(a.p, a.len, a.ldt) || compare(name, &a, false, false))
+		ok = false;
+	ldt_stop();
+	area_clear_maps(&a);
+	/* Out and back in for reading: pages now in the swap cache, clean. */
+	if (madvise(a.p, a.len, MADV_PAGEOUT)) {
+		diag("%s: MADV_PAGEOUT: %s", name, strerror(errno));
+		result(false, name);
+		goto out;
+	}
+	out = swapped_pages(&a);
+	/*
+	 * Swap in through the swap cache (MADV_WILLNEED; a read fault alone
+	 * would bypass it on zram): the folios stay there, clean, mapped
+	 * writable, and a write only sets the entry's dirty bit.
+	 */
+	madvise(a.p, a.len, MADV_WILLNEED);
+	if (check_versions(name, &a, ver))
+		ok = false;
+	ldt_start(a.p, a.len);
+	area_clear_maps(&a);
+	for (r = 2; r < 6; r++) {
+		size_t k = a.npages / 8, j, bad;
+
+		for (j = 0; j < k; j++) {
+			i = rnd_below(a.npages);
+			put_version(&a, i, ver[i] = r);
+		}
+		/* Even rounds: harvest first, so only OSB keeps them dirty. */
+		if (r % 2 == 0 && ldt_collect(a.p, a.len, a.ldt))
+			ok = false;
+		if (madvise(a.p, a.len, MADV_PAGEOUT))
+			ok = false;
+		out = swapped_pages(&a);
+		if (r % 2 && ldt_collect(a.p, a.len, a.ldt))
+			ok = false;
+		if (compare(name, &a, false, false))
+			ok = false;
+		madvise(a.p, a.len, MADV_WILLNEED);
+		bad = check_versions(name, &a, ver);
+		if (bad)
+			ok = false;
+		diag("%s: round %d: %zu pages written, %zu swapped out, %zu wrong after swap-in",
+		     name, r, count(a.written, a.npages),
+		     out, bad);
+		area_clear_maps(&a);
+	}
+	ldt_stop();
+	result(ok, name);
+out:
+	free(ver);
+	area_unmap(&a);
+}
+
+/*
+ * MADV_FREE cleans the entries (the tracker keeps them in TB), then
+ * reclaim discards the clean pages (the tracker's log keeps them).
+ */
+static void test_madv_free(enum area_kind kind)
+{
+	char name[64];
+	bool ok = true;
+	struct area a;
+	size_t zero = 0, i;
+	int r;
+
+	snprintf(name, sizeof(name), "madvfree_%s", kind_name[kind]);
+	if (area_setup(name, &a, kind, area_len / 2))
+		return;
+	ldt_start(a.p, a.len);
+	for (r = 0; r < 4; r++) {
+		write_random(&a, 0.1);
+		if (madvise(a.p, a.len, MADV_FREE))
+			ok = false;
+		/* Odd rounds: and reclaim what MADV_FREE made discardable. */
+		if (r % 2 && swap_ok && madvise(a.p, a.len, MADV_PAGEOUT))
+			ok = false;
+		if (ldt_collect(a.p, a.len, a.ldt) ||
+		    compare(name, &a, false, false))
+			ok = false;
+		area_clear_maps(&a);
+	}
+	for (i = 0; i < a.npages; i++)
+		zero += !LOAD(a.p + i * page_size);
+	diag("%s: %zu pages were discarded", name, zero);
+	ldt_stop();
+	area_unmap(&a);
+	result(ok, name);
+}
+
+/*
+ * Writeback: a shared mapping of a block device (zram) has write-notify
+ * and real writeback, so msync() cleans its entries with folio_mkclean().
+ * Pages written before that must still be reported (TB), and pages
+ * harvested before it must still be written back (their folios were
+ * dirtied by the write fault; checked on the device after dropping the
+ * page cache).
+ */
+static void test_writeback(void)
+{
+	const char *name = "writeback_blockdev";
+	size_t len = area_len / 2, i;
+	uint32_t *ver = NULL;
+	struct area a;
+	char path[32];
+	bool ok = true;
+	int id, fd, r;
+
+	id = zram_add(len >> 20);
+	if (id < 0) {
+		skip(name, "no zram device");
+		return;
+	}
+	snprintf(path, sizeof(path), "/dev/zram%d", id);
+	fd = open(path, O_RDWR);
+	memset(&a, 0, sizeof(a));
+	a.len = len;
+	a.npages = len / page_size;
+	a.fd = -1;
+	a.p = fd < 0 ? MAP_FAILED : mmap(NULL, len, PROT_READ | PROT_WRITE,
+					 MAP_SHARED, fd, 0);
+	a.written = calloc(a.npages, 1);
+	a.ldt = calloc(a.npages, 1);
+	a.sd = calloc(a.npages, 1);
+	a.scan = calloc(a.npages, 1);
+	ver = calloc(a.npages, sizeof(*ver));
+	if (a.p == MAP_FAILED || !a.written || !a.ldt || !ver) {
+		diag("%s: cannot map %s: %s", name, path, strerror(errno));
+		result(false, name);
+		goto out;
+	}
+	for (i = 0; i < a.npages; i++)
+		put_version(&a, i, ver[i] = 1);
+	if (msync(a.p, len, MS_SYNC))
+		ok = false;
+	ldt_start(a.p, len);
+	area_clear_maps(&a);
+	for (r = 2; r < 6; r++) {
+		size_t k = a.npages / 8, j;
+
+		for (j = 0; j < k; j++) {
+			i = rnd_below(a.npages);
+			put_version(&a, i, ver[i] = r);
+		}
+		/* Even rounds harvest before the writeback, odd ones after. */
+		if (r % 2 == 0 && ldt_collect(a.p, len, a.ldt))
+			ok = false;
+		if (msync(a.p, len, MS_SYNC))
+			ok = false;
+		if (r % 2 && ldt_collect(a.p, len, a.ldt))
+			ok = false;
+		if (compare(name, &a, false, false))
+			ok = false;
+		area_clear_maps(&a);
+	}
+	ldt_stop();
+	/* What is on the device? */
+	munmap(a.p, len);
+	a.p = NULL;
+	if (fsync(fd) || write_file("/proc/sys/vm/drop_caches", "1"))
+		ok = false;
+	a.p = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0);
+	if (a.p == MAP_FAILED || check_versions(name, &a, ver))
+		ok = false;
+	if (a.p != MAP_FAILED)
+		munmap(a.p, len);
+	a.p = NULL;
+	result(ok, name);
+out:
+	if (a.p && a.p != MAP_FAILED)
+		munmap(a.p, len);
+	if (fd >= 0)
+		close(fd);
+	free(ver);
+	free(a.written);
+	free(a.ldt);
+	free(a.sd);
+	free(a.scan);
+}
+
+/* ---- THP split and collapse, KSM, migration, GUP ------------------------- */
+
+/*
+ * Splitting a huge PMD into PTEs keeps its dirty state as it is: dirty for
+ * the tracker only (after MADV_FREE cleaned it: TB), or for the OS only
+ * (after a harvest: OSB, which must not turn into 512 false positives).
+ * A split of the folio itself (partial MADV_PAGEOUT) goes through
+ * migration entries.
+ */
+static void test_thp_split(void)
+{
+	const char *name = "thp_split";
+	size_t thp_pages_nr = THP_SIZE / page_size, extra;
+	bool ok = true;
+	struct area a;
+	long huge;
+
+	if (area_setup(name, &a, THP, 2 * THP_SIZE))
+		return;
+	ldt_start(a.p, a.len);
+
+	/* TB: written, cleaned by MADV_FREE, split by mprotect(). */
+	write_random_range(&a, 0, thp_pages_nr, 0.05);
+	if (madvise(a.p, THP_SIZE, MADV_FREE) ||
+	    mprotect(a.p + page_size, page_size, PROT_READ))
+		ok = false;
+	huge = thp_pages(a.p, THP_SIZE);
+	if (ldt_collect(a.p, a.len, a.ldt) ||
+	    compare("thp_split TB", &a, false, false))
+		ok = false;
+	diag("%s: split with TB: %ld huge pages left, %zu reported",
+	     name, huge, count(a.ldt, a.npages));
+	area_clear_maps(&a);
+
+	/* OSB: written, harvested, split. */
+	write_random_range(&a, thp_pages_nr, 2 * thp_pages_nr, 0.05);
+	if (ldt_collect(a.p, a.len, a.ldt) ||
+	    compare("thp_split OSB (before)", &a, false, false))
+		ok = false;
+	area_clear_maps(&a);
+	if (mprotect(a.p + THP_SIZE + page_size, page_size, PROT_READ))
+		ok = false;
+	if (ldt_collect(a.p, a.len, a.ldt))
+		ok = false;
+	extra = count(a.ldt, a.npages);
+	diag("%s: split with OSB: %zu reported (false positives)", name, extra);
+	area_clear_maps(&a);
+	if (mprotect(a.p, a.len, PROT_READ | PROT_WRITE))
+		ok = false;
+
+	/* Written, then the folio split through migration entries. */
+	if (swap_ok) {
+		area_unmap(&a);
+		if (area_setup(name, &a, THP, 2 * THP_SIZE))
+			return;
+		ldt_start(a.p, a.len);
+		write_random(&a, 0.05);
+		if (madvise(a.p + THP_SIZE / 2, THP_SIZE, MADV_PAGEOUT))
+			ok = false;
+		if (ldt_collect(a.p, a.len, a.ldt) ||
+		    compare("thp_split folio", &a, false, false))
+			ok = false;
+		diag("%s: folio split by partial pageout: %ld huge pages left",
+		     name, thp_pages(a.p, a.len));
+	}
+	ldt_stop();
+	area_unmap(&a);
+	result(ok, name);
+}
+
+/* MADV_COLLAPSE of written small pages into a THP. */
+static void test_collapse(enum area_kind kind)
+{
+	char name[64];
+	bool ok = true;
+	struct area a;
+	int err;
+
+	snprintf(name, sizeof(name), "collapse_%s", kind_name[kind]);
+	if (!thp_ok) {
+		skip(name, "THP not available");
+		return;
+	}
+	err = area_map(&a, kind == THP ? ANON : kind, area_len / 2);
+	if (err || madvise(a.p, a.len, MADV_NOHUGEPAGE)) {
+		result(false, name);
+		area_unmap(&a);
+		return;
+	}
+	write_all(&a, 1);
+	ldt_start(a.p, a.len);
+	write_random(&a, 0.05);
+	if (madvise(a.p, a.len, MADV_HUGEPAGE) ||
+	    madvise(a.p, a.len, MADV_COLLAPSE)) {
+		diag("%s: MADV_COLLAPSE: %s", name, strerror(errno));
+		skip(name, "MADV_COLLAPSE failed");
+		ldt_stop();
+		area_unmap(&a);
+		return;
+	}
+	if (ldt_collect(a.p, a.len, a.ldt) || compare(name, &a, false, false))
+		ok = false;
+	diag("%s: %ld pages in THPs after collapse, %zu reported", name,
+	     thp_pages(a.p, a.len), count(a.ldt, a.npages));
+	ldt_stop();
+	area_unmap(&a);
+	result(ok, name);
+}
+
+/*
+ * KSM merges written pages: write_protect_page() cleans their entries
+ * (TB) and replace_page() drops them (log).
+ */
+static void test_ksm(void)
+{
+	const char *name = "ksm";
+	const char *run = "/sys/kernel/mm/ksm/run";
+	long old_run = read_long(run);
+	long old_scan = read_long("/sys/kernel/mm/ksm/pages_to_scan");
+	long old_sleep = read_long("/sys/kernel/mm/ksm/sleep_millisecs");
+	long merged = 0;
+	bool ok = true;
+	struct area a;
+	size_t i;
+	int t;
+
+	if (old_run < 0) {
+		skip(name, "no KSM");
+		return;
+	}
+	if (area_setup(name, &a, ANON, area_len / 8))
+		return;
+	write_long("/sys/kernel/mm/ksm/pages_to_scan", 10000);
+	write_long("/sys/kernel/mm/ksm/sleep_millisecs", 10);
+	ldt_start(a.p, a.len);
+	for (i = 0; i < a.npages; i++) {
+		memset(a.p + i * page_size, 0x77, page_size);
+		a.written[i] = 1;
+	}
+	if (madvise(a.p, a.len, MADV_MERGEABLE) || write_long(run, 1)) {
+		skip(name, "cannot enable KSM");
+		goto out;
+	}
+	for (t = 0; t < 300; t++) {
+		merged = read_long("/proc/self/ksm_merging_pages");
+		if (merged >= (long)a.npages / 2)
+			break;
+		usleep(20000);
+	}
+	diag("%s: %ld of %zu pages merged", name, merged, a.npages);
+	if (ldt_collect(a.p, a.len, a.ldt) || compare(name, &a, false, false))
+		ok = false;
+	area_clear_maps(&a);
+	/* Nothing written since: nothing to report. */
+	if (ldt_collect(a.p, a.len, a.ldt))
+		ok = false;
+	diag("%s: %zu reported with no writes", name, count(a.ldt, a.npages));
+	area_clear_maps(&a);
+	/* Writes break the sharing (COW) and are reported. */
+	write_random(&a, 0.2);
+	if (ldt_collect(a.p, a.len, a.ldt) || compare(name, &a, false, false))
+		ok = false;
+	if (merged <= 0)
+		diag("%s: KSM merged nothing in time", name);
+	result(ok, name);
+out:
+	madvise(a.p, a.len, MADV_UNMERGEABLE);
+	write_long(run, old_run);
+	write_long("/sys/kernel/mm/ksm/pages_to_scan", old_scan);
+	write_long("/sys/kernel/mm/ksm/sleep_millisecs", old_sleep);
+	ldt_stop();
+	area_unmap(&a);
+}
+
+/* Compaction migrates pages; PFNs in pagemap show which ones moved. */
+static void test_compaction(void)
+{
+	const char *name = "compaction";
+	uint64_t *before = NULL, *after = NULL;
+	size_t i, moved = 0;
+	bool ok = true;
+	struct area a;
+	int r;
+
+	if (access("/proc/sys/vm/compact_memory", W_OK)) {
+		skip(name, "no compaction");
+		return;
+	}
+	if (area_setup(name, &a, ANON, area_len))
+		return;
+	before = calloc(a.npages, sizeof(*before));
+	after = calloc(a.npages, sizeof(*after));
+	if (!before || !after) {
+		result(false, name);
+		goto out;
+	}
+	ldt_start(a.p, a.len);
+	for (r = 0; r < 2; r++) {
+		write_random(&a, 0.2);
+		if (pagemap_entries(a.p, a.npages, before) ||
+		    write_file("/proc/sys/vm/compact_memory", "1") ||
+		    pagemap_entries(a.p, a.npages, after))
+			ok = false;
+		for (i = 0; i < a.npages; i++)
+			moved += (before[i] & ((1ULL << 55) - 1)) !=
+				 (after[i] & ((1ULL << 55) - 1));
+		if (ldt_collect(a.p, a.len, a.ldt) ||
+		    compare(name, &a, false, false))
+			ok = false;
+		area_clear_maps(&a);
+	}
+	diag("%s: %zu page moves seen", name, moved);
+	ldt_stop();
+	result(ok, name);
+out:
+	free(before);
+	free(after);
+	area_unmap(&a);
+}
+
+/*
+ * Writes through the kernel's own mapping of a user page (GUP:
+ * process_vm_writev(), /proc/PID/mem) never set the user PTE's dirty bit;
+ * LDT marks the entry dirty when the page is pinned for writing.
+ */
+static void test_gup(enum area_kind kind)
+{
+	char name[64];
+	uint64_t v = 0x1234;
+	bool ok = true;
+	struct area a;
+	int memfd = -1, r;
+
+	snprintf(name, sizeof(name), "gup_%s", kind_name[kind]);
+	if (area_setup(name, &a, kind, area_len / 2))
+		return;
+	memfd = open("/proc/self/mem", O_RDWR);
+	ldt_start(a.p, a.len);
+	for (r = 0; r < 3; r++) {
+		size_t k = a.npages / 16, j;
+
+		for (j = 0; j < k; j++) {
+			size_t i = rnd_below(a.npages);
+			struct iovec local = { &v, sizeof(v) };
+			struct iovec remote = { a.p + i * page_size +
+						rnd_below(page_size / 8) * 8,
+						sizeof(v) };
+
+			if (j % 2) {
+				if (process_vm_writev(getpid(), &local, 1,
+						      &remote, 1, 0) != sizeof(v))
+					ok = false;
+			} else if (memfd < 0 ||
+				   pwrite(memfd, &v, sizeof(v),
+					  (uintptr_t)remote.iov_base) != sizeof(v)) {
+				ok = false;
+			}
+			a.written[i] = 1;
+		}
+		if (ldt_collect(a.p, a.len, a.ldt) ||
+		    compare(name, &a, false, false))
+			ok = false;
+		area_clear_maps(&a);
+	}
+	if (memfd >= 0)
+		close(memfd);
+	ldt_stop();
+	area_unmap(&a);
+	result(ok, name);
+}
+
+struct test {
+	const char *name;
+	void (*fn)(void);
+};
+
+static void t_random_anon(void) { test_random(ANON); }
+static void t_random_shmem(void) { test_random(SHMEM); }
+static void t_random_private_file(void) { test_random(PRIVATE_FILE); }
+static void t_random_thp(void) { test_random(THP); }
+static void t_fork_anon(void) { test_fork(ANON); }
+static void t_fork_shmem(void) { test_fork(SHMEM); }
+static void t_fork_thp(void) { test_fork(THP); }
+static void t_mprotect_anon(void) { test_mprotect(ANON); }
+static void t_mprotect_shmem(void) { test_mprotect(SHMEM); }
+static void t_mprotect_thp(void) { test_mprotect(THP); }
+static void t_mremap_anon(void) { test_mremap(ANON); }
+static void t_mremap_shmem(void) { test_mremap(SHMEM); }
+static void t_mremap_thp(void) { test_mremap(THP); }
+static void t_dontneed_anon(void) { test_zap(ANON, false); }
+static void t_dontneed_shmem(void) { test_zap(SHMEM, false); }
+static void t_dontneed_thp(void) { test_zap(THP, false); }
+static void t_munmap_anon(void) { test_zap(ANON, true); }
+static void t_munmap_shmem(void) { test_zap(SHMEM, true); }
+static void t_munmap_thp(void) { test_zap(THP, true); }
+static void t_precopy_anon(void) { test_copy(ANON); }
+static void t_precopy_shmem(void) { test_copy(SHMEM); }
+static void t_precopy_thp(void) { test_copy(THP); }
+static void t_swap_anon(void) { test_swap(ANON); }
+static void t_swap_shmem(void) { test_swap(SHMEM); }
+static void t_swap_thp(void) { test_swap(THP); }
+static void t_madvfree_anon(void) { test_madv_free(ANON); }
+static void t_madvfree_thp(void) { test_madv_free(THP); }
+static void t_collapse_anon(void) { test_collapse(ANON); }
+static void t_collapse_shmem(void) { test_collapse(SHMEM); }
+static void t_gup_anon(void) { test_gup(ANON); }
+static void t_gup_shmem(void) { test_gup(SHMEM); }
+static void t_gup_thp(void) { test_gup(THP); }
+
+static const struct test tests[] = {
+	{ "api", test_api },
+	{ "random_anon", t_random_anon },
+	{ "random_shmem", t_random_shmem },
+	{ "random_private_file", t_random_private_file },
+	{ "random_thp", t_random_thp },
+	{ "resume", test_resume },
+	{ "reads_are_clean", test_clean },
+	{ "fork_anon", t_fork_anon },
+	{ "fork_shmem", t_fork_shmem },
+	{ "fork_thp", t_fork_thp },
+	{ "mprotect_anon", t_mprotect_anon },
+	{ "mprotect_shmem", t_mprotect_shmem },
+	{ "mprotect_thp", t_mprotect_thp },
+	{ "mremap_anon", t_mremap_anon },
+	{ "mremap_shmem", t_mremap_shmem },
+	{ "mremap_thp", t_mremap_thp },
+	{ "dontneed_anon", t_dontneed_anon },
+	{ "dontneed_shmem", t_dontneed_shmem },
+	{ "dontneed_thp", t_dontneed_thp },
+	{ "munmap_anon", t_munmap_anon },
+	{ "munmap_shmem", t_munmap_shmem },
+	{ "munmap_thp", t_munmap_thp },
+	{ "remote", test_remote },
+	{ "precopy_anon", t_precopy_anon },
+	{ "precopy_shmem", t_precopy_shmem },
+	{ "precopy_thp", t_precopy_thp },
+	{ "swap_anon", t_swap_anon },
+	{ "swap_shmem", t_swap_shmem },
+	{ "swap_thp", t_swap_thp },
+	{ "madvfree_anon", t_madvfree_anon },
+	{ "madvfree_thp", t_madvfree_thp },
+	{ "writeback_blockdev", test_writeback },
+	{ "thp_split", test_thp_split },
+	{ "collapse_anon", t_collapse_anon },
+	{ "collapse_shmem", t_collapse_shmem },
+	{ "ksm", test_ksm },
+	{ "compaction", test_compaction },
+	{ "gup_anon", t_gup_anon },
+	{ "gup_shmem", t_gup_shmem },
+	{ "gup_thp", t_gup_thp },
+};
+
+#ifndef ARRAY_SIZE
+#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+#endif
+#define NR_TESTS ARRAY_SIZE(tests)
+
+static bool selected(const char *name, int argc, char **argv)
+{
+	int i;
+
+	if (!argc)
+		return true;
+	for (i = 0; i < argc; i++)
+		if (!strcmp(argv[i], name))
+			return true;
+	return false;
+}
+
+int main(int argc, char **argv)
+{
+	uint64_t seed = (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+	size_t i, n = 0;
+	void *probe;
+	int opt;
+
+	while ((opt = getopt(argc, argv, "qs:v")) != -1) {
+		switch (opt) {
+		case 'q':
+			area_len = 4UL << 20;
+			rounds = 2;
+			break;
+		case 's':
+			seed = strtoull(optarg, NULL, 0);
+			break;
+		case 'v':
+			verbose = true;
+			break;
+		default:
+			fprintf(stderr, "usage: %s [-q] [-s SEED] [-v] [TEST...]\n",
+				argv[0]);
+			return 255;
+		}
+	}
+	argc -= optind;
+	argv += optind;
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	page_size = sysconf(_SC_PAGESIZE);
+	thp_setup();
+	swap_setup();
+	rng_state = seed ? seed : 1;
+
+	for (i = 0; i < NR_TESTS; i++)
+		n += selected(tests[i].name, argc, argv);
+	printf("TAP version 13\n1..%zu\n", n);
+	diag("ldt-selftest: seed %#" PRIx64 " (replay with -s)", seed);
+
+	pagemap_fd = open("/proc/self/pagemap", O_RDONLY);
+	if (pagemap_fd < 0) {
+		diag("cannot open /proc/self/pagemap: %s", strerror(errno));
+		return 255;
+	}
+	/* Is LDT there at all?  (Unknown pagemap ioctls fail with EINVAL.) */
+	probe = mmap(NULL, page_size, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS,
+		     -1, 0);
+	if (probe == MAP_FAILED || ldt_start(probe, page_size) || ldt_stop()) {
+		diag("LDT ioctls not supported by this kernel (CONFIG_LDT=n?)");
+		for (i = 0; i < NR_TESTS; i++)
+			if (selected(tests[i].name, argc, argv))
+				skip(tests[i].name, "no LDT");
+		return 0;
+	}
+	for (i = 0; i < NR_TESTS; i++)
+		if (selected(tests[i].name, argc, argv))
+			tests[i].fn();
+
+	diag("ldt-selftest: %d failures", failures);
+	printf("ldt-selftest: %s\n", failures ? "FAIL" : "PASS");
+	return failures;
+}
