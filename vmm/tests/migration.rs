@@ -149,12 +149,7 @@ fn migrate_and_check(
 
     // The guest goes on at the destination.
     let before = counters(&std::fs::read(s.path("dst.out")).unwrap()).len();
-    std::thread::sleep(Duration::from_millis(500));
-    let after = counters(&std::fs::read(s.path("dst.out")).unwrap()).len();
-    assert!(
-        after > before,
-        "destination counter advances ({before} -> {after})"
-    );
+    advances(&s.path("dst.out"), before + 10);
     assert_eq!(ctl(&dst_api, &["shutdown"])["ok"], true);
     assert!(wait_exit(&mut dst, Duration::from_secs(10)).success());
 
@@ -267,10 +262,26 @@ fn assert_source_alive(src: &mut SourceVm) {
     assert!(src.child.try_wait().unwrap().is_none(), "source VMM exited");
     assert_eq!(ctl(&src.api, &["status"])["result"]["state"], "running");
     let a = counters(&std::fs::read(&src.out).unwrap());
-    std::thread::sleep(Duration::from_millis(300));
-    let b = counters(&std::fs::read(&src.out).unwrap());
-    assert!(b.len() > a.len(), "source counter stopped");
-    assert_consecutive(&b);
+    advances(&src.out, a.len() + 10);
+    assert_consecutive(&counters(&std::fs::read(&src.out).unwrap()));
+}
+
+/// Waits (at most 20 s: the host may be loaded) until the console at `out`
+/// holds at least `lines` counter lines.
+fn advances(out: &Path, lines: usize) {
+    let t = std::time::Instant::now();
+    loop {
+        let n = counters(&std::fs::read(out).unwrap()).len();
+        if n >= lines {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "guest counter at {} stopped at {n} lines",
+            out.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn shutdown(src: &mut SourceVm) {

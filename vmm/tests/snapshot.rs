@@ -60,7 +60,13 @@ fn restore_and_check(dir: &Path, files: &[&Path], id: &str) -> Vec<u64> {
     );
     assert_eq!(api(&sock, &["status"])["result"]["state"], "paused");
     api(&sock, &["resume"]);
-    std::thread::sleep(Duration::from_millis(400));
+    // Let it print a few lines (a loaded host may take a while).
+    let t = std::time::Instant::now();
+    while counters(&std::fs::read(&out).unwrap()).len() < 20
+        && t.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     finish(child, &sock);
     counters(&std::fs::read(&out).unwrap())
 }
