@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# kmod/run-nested-kmod.sh: build the ldt_kvm module and its test program and
+# run them in the nested machine: QEMU TCG emulating an AMD CPU with SVM and
+# NPT (-cpu EPYC,+svm,+npt) booting the project's host-config 6.12 kernel
+# (images/build-nested.sh: KVM + KVM_AMD + modules), whose initramfs holds
+# busybox, ldt_kvm.ko, ldt_kvm_test and kmod/tests/nested-init.
+#
+# Usage: kmod/run-nested-kmod.sh [--timeout S] [--log FILE] [--kdir DIR]
+#                                [--smp N] [--test-args 'ARGS']
+#   --timeout S      kill QEMU after S seconds (default 1200)
+#   --log FILE       also write the console output to FILE
+#   --kdir DIR       a configured and built kernel tree to build against and
+#                    boot (DIR/arch/x86/boot/bzImage); default: the tree of
+#                    images/build-nested.sh (built first if needed), or
+#                    $LDT_KMOD_KDIR
+#   --smp N          vCPUs of the nested machine (default 2)
+#   --test-args A    arguments for ldt_kvm_test inside (%20 = space not
+#                    needed: passed through the kernel command line encoded)
+#
+# Prints everything the nested machine prints.  Exit status: the number of
+# failed checks inside (0 = all passed, capped at 127); 255 if the harness
+# failed (build error, timeout, panic, no verdict).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=images/lib.sh
+source "$ROOT/images/lib.sh"
+
+fail() {
+	echo "run-nested-kmod: $*" >&2
+	exit 255
+}
+
+timeout_s=1200
+log=
+kdir=${LDT_KMOD_KDIR:-}
+smp=2
+test_args=
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--timeout | --log | --kdir | --smp | --test-args)
+		[ $# -ge 2 ] || fail "$1 needs a value"
+		case "$1" in
+		--timeout) timeout_s=$2 ;;
+		--log) log=$2 ;;
+		--kdir) kdir=$2 ;;
+		--smp) smp=$2 ;;
+		--test-args) test_args=$2 ;;
+		esac
+		shift 2
+		;;
+	-h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;
+	*) fail "unknown argument $1 (try --help)" ;;
+	esac
+done
+
+ldt_ensure_packages qemu-system-x86 busybox-static gcc make libc6-dev cpio ||
+	fail "cannot install packages"
+
+# 1. The nested machine's kernel tree.
+if [ -z "$kdir" ]; then
+	echo "run-nested-kmod: building (or reusing) the nested host kernel (images/build-nested.sh)"
+	"$ROOT/images/build-nested.sh" >&2 || fail "images/build-nested.sh failed"
+	kdir=$("$ROOT/images/build-nested.sh" --print-cache-dir)/linux
+fi
+kernel=$kdir/arch/x86/boot/bzImage
+[ -f "$kernel" ] || fail "no bzImage in $kdir (build the kernel first)"
+[ -f "$kdir/vmlinux" ] || fail "no vmlinux in $kdir"
+grep -q '^CONFIG_MODULES=y' "$kdir/.config" || fail "$kdir: CONFIG_MODULES is off"
+grep -q '^CONFIG_KVM_AMD=[ym]' "$kdir/.config" || fail "$kdir: CONFIG_KVM_AMD is off"
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# 2. The module, built out of tree in a scratch copy (nothing written into
+# the checkout or the kernel tree).  The symbol versions of the kernel: its
+# Module.symvers, or the vmlinux.symvers that `make bzImage` leaves.
+mkdir -p "$work/kbuild/uapi"
+cp "$ROOT/kmod/Kbuild" "$ROOT/kmod/ldt_kvm.c" "$work/kbuild/"
+cp "$ROOT/kmod/uapi/ldt_kvm.h" "$work/kbuild/uapi/"
+# `make bzImage` leaves no scripts/module.lds (the linker script of every
+# module): that is `make modules_prepare`, cheap on a built tree.  Under the
+# build's lock (images/build-nested.sh flocks <cache dir>.lock).
+if [ ! -f "$kdir/scripts/module.lds" ]; then
+	echo "run-nested-kmod: make modules_prepare in $kdir"
+	lock=${kdir%/linux}.lock
+	[ -f "$lock" ] || lock=$work/none.lock
+	flock "$lock" make -C "$kdir" ARCH=x86_64 modules_prepare >"$work/prepare.log" 2>&1 ||
+		{ cat "$work/prepare.log" >&2; fail "make modules_prepare failed in $kdir"; }
+fi
+extra=()
+if [ ! -f "$kdir/Module.symvers" ]; then
+	[ -f "$kdir/vmlinux.symvers" ] || fail "$kdir has neither Module.symvers nor vmlinux.symvers"
+	extra=(KBUILD_EXTRA_SYMBOLS="$kdir/vmlinux.symvers")
+fi
+echo "run-nested-kmod: building ldt_kvm.ko against $kdir"
+if ! make -C "$kdir" ARCH=x86_64 M="$work/kbuild" "${extra[@]}" modules >"$work/kbuild.log" 2>&1; then
+	cat "$work/kbuild.log" >&2
+	fail "module build failed"
+fi
+grep -E '(warning|error):' "$work/kbuild.log" >&2 || true
+
+# 3. The test program (static: the nested machine has no libraries).
+echo "run-nested-kmod: building ldt_kvm_test"
+gcc -O2 -static -pthread -mno-avx -mno-avx2 -Wall -Wextra -Werror \
+	-o "$work/ldt_kvm_test" "$ROOT/kmod/tests/ldt_kvm_test.c" ||
+	fail "test program build failed"
+
+# 4. initramfs (uncompressed cpio, -initrd).
+root=$work/root
+mkdir -p "$root"/{bin,dev,proc,sys,tmp}
+install -m 0755 "$ROOT/kmod/tests/nested-init" "$root/init"
+install -m 0755 /bin/busybox "$root/bin/busybox"
+for a in sh cat cut dd dmesg echo grep head insmod kill ls lsmod mkswap mount \
+	printf reboot rm rmmod sed sleep swapon sync tail test timeout tr wc [; do
+	ln -s busybox "$root/bin/$a"
+done
+install -m 0644 "$work/kbuild/ldt_kvm.ko" "$root/ldt_kvm.ko"
+install -m 0755 "$work/ldt_kvm_test" "$root/bin/ldt_kvm_test"
+(cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$work/initramfs.cpio"
+
+# 5. Boot.  As images/run-nested.sh: microvm, ISA UART, isa-debug-exit at
+# 0x501 for the status, i8042 for reboot=k.
+# tsc_early_khz: under TCG on a loaded host the kernel's PIT calibration of
+# the TSC often fails ("tsc: Marking TSC unstable due to could not calculate
+# TSC khz"); KVM then has no TSC frequency and every KVM_RUN spins forever
+# in vcpu_enter_guest (kvm_guest_time_update() re-requests
+# KVM_REQ_CLOCK_UPDATE while get_cpu_tsc_khz() is 0).  TCG's TSC runs at
+# the host's rate, so give the kernel that.
+mhz=$(awk -F: '/^cpu MHz/ { printf "%d", $2; exit }' /proc/cpuinfo 2>/dev/null || true)
+[ -n "$mhz" ] && [ "$mhz" -gt 0 ] || mhz=2000
+cmdline="console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 tsc_early_khz=$((mhz * 1000))"
+[ -z "$test_args" ] || cmdline="$cmdline ldt.kmodtest=${test_args// /%20}"
+# shellcheck disable=SC2054 # the commas are inside -M's argument
+qemu=(qemu-system-x86_64
+	-M microvm,isa-serial=on,rtc=on,acpi=off
+	-accel tcg -cpu EPYC,+svm,+npt -m 1G -smp "$smp"
+	-nographic -no-reboot
+	-kernel "$kernel" -initrd "$work/initramfs.cpio" -append "$cmdline"
+	-device isa-debug-exit,iobase=0x501,iosize=1
+	-device i8042)
+out=$work/console.log
+echo "run-nested-kmod: booting the nested machine (timeout ${timeout_s}s)"
+echo "run-nested-kmod: cmdline: $cmdline"
+t0=$(date +%s)
+set +e
+timeout "$timeout_s" "${qemu[@]}" </dev/null | tee "$out"
+rc=${PIPESTATUS[0]}
+set -e
+[ -z "$log" ] || cp "$out" "$log"
+echo "run-nested-kmod: QEMU exited with $rc after $(($(date +%s) - t0)) s"
+
+[ "$rc" -ne 124 ] || fail "timed out after ${timeout_s}s; last line: '$(grep -v '^\s*$' "$out" | tail -n1 | tr -d '\r')'"
+grep -q 'Kernel panic' "$out" && fail "the nested kernel panicked: $(grep -m1 'Kernel panic' "$out" | tr -d '\r')"
+verdict=$(sed -n 's/^kmod-nested: failed checks \([0-9]*\)\r*$/\1/p' "$out" | tail -n1)
+[ -n "$verdict" ] || fail "no verdict from the nested machine (QEMU exit code $rc)"
+[ $(((verdict << 1 | 1) & 255)) -eq "$rc" ] ||
+	fail "QEMU exit code $rc does not match the printed verdict $verdict"
+exit "$verdict"
