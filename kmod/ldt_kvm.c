@@ -47,6 +47,8 @@
 #include "ldt_kvm.h"
 
 #define LDT_KVM_MAX_ROOTS	32
+/* pages walked per mmu_lock hold at most: 1 GiB, the largest SPTE */
+#define LDT_KVM_CHUNK_PAGES	(1UL << 18)
 
 /* A memslot as the tracker knows it. */
 struct ldt_slot {
@@ -389,6 +391,7 @@ struct ldt_walk {
 	struct ldt_tracker *t;
 	struct ldt_slot *s;
 	gfn_t start, end;		/* harvested range */
+	gfn_t lo, hi;			/* the part walked under this lock hold */
 	unsigned long *d, *c, *w;	/* bit i = gfn start + i */
 	u64 cleared;
 	bool report;
@@ -464,8 +467,8 @@ static void ldt_walk_entry(struct ldt_walk *w, u64 *sptep, int level, gfn_t gfn)
 static void ldt_walk_pt(struct ldt_walk *w, u64 *pt, int level, gfn_t base)
 {
 	int shift = (level - 1) * SPTE_LEVEL_BITS;
-	gfn_t lo = max(w->start, base);
-	gfn_t hi = min(w->end, base + ((gfn_t)SPTE_ENT_PER_PAGE << shift));
+	gfn_t lo = max(w->lo, base);
+	gfn_t hi = min(w->hi, base + ((gfn_t)SPTE_ENT_PER_PAGE << shift));
 	unsigned int i, first, last;
 
 	if (lo >= hi)
@@ -762,6 +765,8 @@ static int ldt_harvest_range(struct ldt_tracker *t, int as_id,
 	read_lock(&kvm->mmu_lock);
 	rcu_read_lock();
 	other_mmu = ldt_vm_uses_other_mmu(kvm);
+	w.lo = w.start;
+	w.hi = min(w.end, round_up(w.start + 1, LDT_KVM_CHUNK_PAGES));
 	if (!other_mmu) {
 		if (report && ldt_check_roots(t)) {
 			t->st.root_changes++;
@@ -786,11 +791,31 @@ static int ldt_harvest_range(struct ldt_tracker *t, int as_id,
 			ldt_set_in(&w, w.c, kvm->mmu_invalidate_range_start,
 				   kvm->mmu_invalidate_range_end -
 				   kvm->mmu_invalidate_range_start);
-		list_for_each_entry_rcu(root, &kvm->arch.tdp_mmu_roots, link) {
-			if (root->role.invalid ||
-			    kvm_mmu_role_as_id(root->role) != as_id)
-				continue;
-			ldt_walk_pt(&w, root->spt, root->role.level, 0);
+		/*
+		 * Walk in 1 GiB-aligned chunks (no SPTE crosses one), dropping
+		 * mmu_lock and RCU in between like KVM's own walkers yield, so
+		 * a big VM does not hold off KVM's writers or the scheduler.
+		 * A root invalidated meanwhile is skipped here and seen by the
+		 * next harvest's ldt_check_roots() (whole VM then).
+		 */
+		for (;;) {
+			list_for_each_entry_rcu(root, &kvm->arch.tdp_mmu_roots, link) {
+				if (root->role.invalid ||
+				    kvm_mmu_role_as_id(root->role) != as_id)
+					continue;
+				ldt_walk_pt(&w, root->spt, root->role.level, 0);
+			}
+			if (w.hi >= w.end)
+				break;
+			w.lo = w.hi;
+			w.hi = min(w.end, w.lo + LDT_KVM_CHUNK_PAGES);
+			if (need_resched() || rwlock_needbreak(&kvm->mmu_lock)) {
+				rcu_read_unlock();
+				read_unlock(&kvm->mmu_lock);
+				cond_resched();
+				read_lock(&kvm->mmu_lock);
+				rcu_read_lock();
+			}
 		}
 	}
 	rcu_read_unlock();

@@ -126,10 +126,12 @@ install -m 0755 "$work/ldt_kvm_test" "$root/bin/ldt_kvm_test"
 # TSC khz"); KVM then has no TSC frequency and every KVM_RUN spins forever
 # in vcpu_enter_guest (kvm_guest_time_update() re-requests
 # KVM_REQ_CLOCK_UPDATE while get_cpu_tsc_khz() is 0).  TCG's TSC runs at
-# the host's rate, so give the kernel that.
+# the host's rate, so give the kernel that.  tsc=reliable: the clocksource
+# watchdog would otherwise often mark the TSC unstable under TCG and fall
+# back to jiffies (10 ms resolution: useless timings).
 mhz=$(awk -F: '/^cpu MHz/ { printf "%d", $2; exit }' /proc/cpuinfo 2>/dev/null || true)
 [ -n "$mhz" ] && [ "$mhz" -gt 0 ] || mhz=2000
-cmdline="console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 tsc_early_khz=$((mhz * 1000))"
+cmdline="console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 tsc_early_khz=$((mhz * 1000)) tsc=reliable"
 [ -z "$test_args" ] || cmdline="$cmdline ldt.kmodtest=${test_args// /%20}"
 # shellcheck disable=SC2054 # the commas are inside -M's argument
 qemu=(qemu-system-x86_64

@@ -46,10 +46,11 @@
 #define PAGE 4096UL
 #define SYS_GPA 0x0UL
 #define SYS_SIZE (2UL << 20)
-#define DATA_GPA (64UL << 20)
+/* across the 1 GiB boundary: the module walks in 1 GiB chunks */
+#define DATA_GPA ((1UL << 30) - (8UL << 20))
 #define PML4_GPA 0x1000UL
 #define PDPT_GPA 0x2000UL
-#define PD_GPA 0x3000UL
+#define PD_GPA 0x3000UL /* 4 page directories: 0x3000..0x6fff */
 #define CODE_GPA 0x8000UL
 #define CMD_GPA 0x10000UL
 #define LIST_GPA 0x20000UL /* up to (2 MiB - 128 KiB) / 4 entries */
@@ -249,10 +250,11 @@ static void vm_setup_cpu(struct vm *v)
 	};
 	int i;
 
-	/* identity map of the first GiB, 2 MiB pages, A/D preset */
+	/* identity map of the first 4 GiB, 2 MiB pages, A/D preset */
 	pml4[0] = PDPT_GPA | 0x23;
-	pdpt[0] = PD_GPA | 0x23;
-	for (i = 0; i < 512; i++)
+	for (i = 0; i < 4; i++)
+		pdpt[i] = (PD_GPA + i * PAGE) | 0x23;
+	for (i = 0; i < 4 * 512; i++)
 		pd[i] = ((uint64_t)i << 21) | 0xe3;
 	memcpy(v->sys + CODE_GPA, guest_code, guest_code_end - guest_code);
 
