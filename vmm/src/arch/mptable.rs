@@ -46,9 +46,12 @@ pub fn build(base: u64, vcpus: u8) -> Vec<u8> {
     entries.extend_from_slice(&[MP_IOAPIC, ioapic_id, APIC_VERSION, 1]);
     entries.extend_from_slice(&(IOAPIC_ADDR as u32).to_le_bytes());
     count += 1;
+    // ISA IRQ n is I/O APIC pin n, as KVM's default GSI routing wires it;
+    // the PIT's IRQ 0 included. Declaring pin 0 ExtINT instead makes Linux
+    // take the "ExtINT not setup in hardware" path of check_timer(), which
+    // oopses on real KVM (seen with 6.12 under nested SVM).
     for irq in 0..ISA_IRQS {
-        let kind = if irq == 0 { MP_IRQ_EXTINT } else { MP_IRQ_INT };
-        entries.extend_from_slice(&[MP_INTSRC, kind, 0, 0, 0, irq, ioapic_id, irq]);
+        entries.extend_from_slice(&[MP_INTSRC, MP_IRQ_INT, 0, 0, 0, irq, ioapic_id, irq]);
         count += 1;
     }
     // LINT0 of every local APIC is ExtINT, LINT1 is NMI.
@@ -108,5 +111,18 @@ mod tests {
         let first = &t[16 + 44..];
         assert_eq!((first[0], first[1], first[3]), (MP_PROCESSOR, 0, 3));
         assert_eq!((first[20], first[21], first[23]), (MP_PROCESSOR, 1, 1));
+    }
+
+    #[test]
+    fn routes_isa_irq_n_to_ioapic_pin_n_including_the_timer() {
+        let vcpus = 2;
+        let t = build(0x9fc00, vcpus);
+        let intsrc = &t[16 + 44 + 20 * vcpus as usize + 8 + 8..];
+        for irq in 0..ISA_IRQS {
+            let e = &intsrc[8 * irq as usize..][..8];
+            assert_eq!(e[0], MP_INTSRC);
+            assert_eq!(e[1], MP_IRQ_INT, "irq {irq} must be a plain INT");
+            assert_eq!((e[5], e[6], e[7]), (irq, vcpus, irq));
+        }
     }
 }

@@ -5,10 +5,15 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 
+use kvm_bindings::{
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+};
 use vmm_sys_util::errno;
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref};
 use vmm_sys_util::{ioctl_io_nr, ioctl_iowr_nr};
 
+use super::kvm_ioctls_ext::{check_vm_extension, enable_vm_cap};
 use super::{DirtyBitmap, DirtyError, DirtySource, DirtySourceKind};
 use crate::vm::Vm;
 
@@ -18,6 +23,11 @@ pub const DEVICE: &str = "/dev/ldt-kvm";
 pub const API_VERSION: u32 = 1;
 
 const LDT_KVM_IOC_MAGIC: u32 = b'L' as u32;
+
+/// `LDT_KVM_FEAT_CONSUME_KVM_LOG`: the module can take KVM's own dirty log.
+const FEAT_CONSUME_KVM_LOG: u64 = 1 << 4;
+/// `LDT_KVM_ATTACH_CONSUME_KVM_LOG`.
+const ATTACH_CONSUME_KVM_LOG: u32 = 1 << 0;
 
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -80,11 +90,33 @@ pub fn available() -> bool {
 
 pub struct HostLdt {
     dev: Option<File>,
+    /// KVM's dirty logging is on for the module (CONSUME_KVM_LOG).
+    kvm_log: bool,
 }
 
 impl HostLdt {
     pub fn new() -> Self {
-        HostLdt { dev: None }
+        HostLdt {
+            dev: None,
+            kvm_log: false,
+        }
+    }
+
+    /// Hands KVM's dirty log of every slot to the module, so the writes KVM
+    /// itself makes to guest memory (kvmclock, steal time, emulated
+    /// instructions), which set no TDP dirty bit, are reported too. With
+    /// manual protection and INITIALLY_SET, and nobody calling
+    /// KVM_CLEAR_DIRTY_LOG, KVM never write-protects a page for it.
+    fn enable_kvm_log(vm: &Vm) -> Result<bool, DirtyError> {
+        let flags = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET;
+        let supported = check_vm_extension(&vm.fd, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) as u32;
+        if supported & flags != flags {
+            return Ok(false);
+        }
+        enable_vm_cap(&vm.fd, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, flags as u64)
+            .map_err(|e| DirtyError::Ioctl("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)", e))?;
+        vm.set_dirty_logging(true)?;
+        Ok(true)
     }
 }
 
@@ -124,17 +156,31 @@ impl DirtySource for HostLdt {
                 v.api_version
             )));
         }
-        let mut a = LdtKvmAttach {
-            size: std::mem::size_of::<LdtKvmAttach>() as u32,
-            vm_fd: vm.fd.as_raw_fd(),
-            ..Default::default()
+        let mut kvm_log = v.features & FEAT_CONSUME_KVM_LOG != 0 && Self::enable_kvm_log(vm)?;
+        let attach = |flags: u32| {
+            let mut a = LdtKvmAttach {
+                size: std::mem::size_of::<LdtKvmAttach>() as u32,
+                vm_fd: vm.fd.as_raw_fd(),
+                flags,
+                ..Default::default()
+            };
+            // SAFETY: as above; the module only reads `a`.
+            check(
+                unsafe { ioctl_with_mut_ref(&dev, LDT_KVM_ATTACH(), &mut a) },
+                "LDT_KVM_ATTACH",
+            )
         };
-        // SAFETY: as above; the module only reads `a`.
-        check(
-            unsafe { ioctl_with_mut_ref(&dev, LDT_KVM_ATTACH(), &mut a) },
-            "LDT_KVM_ATTACH",
-        )?;
+        if kvm_log && attach(ATTACH_CONSUME_KVM_LOG).is_err() {
+            // The module refuses the KVM log of a VM with a dirty ring: fall
+            // back to TDP dirty bits only.
+            vm.set_dirty_logging(false)?;
+            kvm_log = false;
+        }
+        if !kvm_log {
+            attach(0)?;
+        }
         self.dev = Some(dev);
+        self.kvm_log = kvm_log;
         Ok(())
     }
 
@@ -166,10 +212,13 @@ impl DirtySource for HostLdt {
         Ok(dirty)
     }
 
-    fn stop(&mut self, _vm: &Vm) -> Result<(), DirtyError> {
+    fn stop(&mut self, vm: &Vm) -> Result<(), DirtyError> {
         if let Some(dev) = self.dev.take() {
             // SAFETY: DETACH takes no argument.
             check(unsafe { ioctl(&dev, LDT_KVM_DETACH()) }, "LDT_KVM_DETACH")?;
+        }
+        if std::mem::take(&mut self.kvm_log) {
+            vm.set_dirty_logging(false)?;
         }
         Ok(())
     }
