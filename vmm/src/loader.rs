@@ -42,6 +42,12 @@ pub enum LoadError {
     ElfMachine { path: PathBuf, machine: u16 },
     #[error("{path} is not a loadable x86-64 kernel (neither ELF vmlinux nor bzImage): {err}")]
     Kernel { path: PathBuf, err: loader::Error },
+    #[error("{path} is a truncated bzImage: {size} bytes, its header says {expected}")]
+    TruncatedBzImage {
+        path: PathBuf,
+        size: u64,
+        expected: u64,
+    },
     #[error("initrd {path} ({size} bytes) does not fit in guest RAM below the kernel's limit")]
     InitrdTooBig { path: PathBuf, size: u64 },
     #[error("kernel command line: {0}")]
@@ -152,6 +158,7 @@ pub fn load_linux(
     } else {
         let r = BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
             .map_err(kernel_err)?;
+        check_bzimage_size(path, &kernel, &r.setup_header)?;
         (r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET, r.setup_header)
     };
 
@@ -195,6 +202,28 @@ pub fn load_linux(
     mem.write_obj(params, GuestAddress(ZERO_PAGE_ADDR))?;
     // The boot stack only has to last until the kernel sets up its own.
     Ok(regs::entry_regs(entry, ZERO_PAGE_ADDR, ZERO_PAGE_ADDR))
+}
+
+/// linux-loader loads whatever follows the setup code, so a cut-off image
+/// would boot and crash; the header says how long the image must be.
+fn check_bzimage_size(
+    path: &Path,
+    kernel: &File,
+    header: &Option<linux_loader::bootparam::setup_header>,
+) -> Result<(), LoadError> {
+    let Some(h) = header else { return Ok(()) };
+    // setup_sects 0 means 4 (boot protocol); the boot sector comes first.
+    let setup_sects = if h.setup_sects == 0 { 4 } else { h.setup_sects };
+    let expected = (setup_sects as u64 + 1) * 512 + h.syssize as u64 * 16;
+    let size = kernel.metadata().map_err(read_err(path))?.len();
+    if size < expected {
+        return Err(LoadError::TruncatedBzImage {
+            path: path.into(),
+            size,
+            expected,
+        });
+    }
+    Ok(())
 }
 
 fn load_initrd(

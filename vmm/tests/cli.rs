@@ -83,6 +83,30 @@ fn truncated_kernels_are_rejected() {
     );
 }
 
+/// A minimal bzImage header: 1 setup sector after the boot sector, a
+/// protected-mode part of `syssize` 16-byte paragraphs.
+fn bzimage(syssize: u32, len: usize) -> Vec<u8> {
+    let mut img = vec![0u8; len];
+    img[0x1f1] = 1; // setup_sects
+    img[0x1f4..0x1f8].copy_from_slice(&syssize.to_le_bytes());
+    img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // protocol 2.15
+    img[0x211] = 1; // loadflags: LOADED_HIGH
+    img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+    img
+}
+
+#[test]
+fn truncated_bzimage_is_rejected_before_it_runs() {
+    // The header promises 1024 + 64 * 16 bytes; half of them are there.
+    let cut = file(&bzimage(64, 1536), "trunc-bzimage");
+    fails_with(
+        &run(&["run", cut.path().to_str().unwrap()]),
+        "truncated bzImage: 1536 bytes, its header says 2048",
+    );
+}
+
 #[test]
 fn elf_for_another_machine_is_rejected() {
     let mut hdr = vec![0u8; 64];
