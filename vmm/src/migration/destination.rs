@@ -56,13 +56,15 @@ pub fn receive(
             MessageKind::Memory if !restored => apply_memory(machine, &frame.payload)?,
             MessageKind::RoundEnd if !restored => rounds += 1,
             MessageKind::State if !restored => {
-                restore_state(machine, &frame.payload)?;
-                restored = true;
+                // Digest first: restoring MSR_KVM_WALL_CLOCK_NEW makes KVM
+                // write the wall clock into guest memory at once.
                 let digest = if hello.verify {
                     Some(memory_digest(&machine.vm)?)
                 } else {
                     None
                 };
+                restore_state(machine, &frame.payload)?;
+                restored = true;
                 conn.send(
                     MessageKind::Ready,
                     &serde_json::to_vec(&Ready { digest }).expect("ready serializes"),

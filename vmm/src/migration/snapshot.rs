@@ -204,6 +204,7 @@ pub fn restore(
     let machine = builder::build(&res).map_err(|e| MigrationError::Build(e.to_string()))?;
     let mut expected_base: Option<String> = None;
     let mut last_id = String::new();
+    let mut last_state = None;
     for (i, path) in files.iter().enumerate() {
         let what = |e: MigrationError| MigrationError::Build(format!("{}: {e}", path.display()));
         let mut r = BufReader::new(File::open(path).map_err(|e| what(e.into()))?);
@@ -234,7 +235,7 @@ pub fn restore(
                 Ok(f) if f.kind == MessageKind::RoundEnd => {}
                 Ok(f) if f.kind == MessageKind::State => {
                     if i + 1 == files.len() {
-                        restore_state(&machine, &f.payload).map_err(what)?;
+                        last_state = Some((path, f.payload));
                     }
                     state_seen = true;
                 }
@@ -251,12 +252,18 @@ pub fn restore(
         expected_base = Some(info.id.clone());
         last_id = info.id;
     }
+    // Digest before restoring the vCPUs: restoring MSR_KVM_WALL_CLOCK_NEW
+    // makes KVM write the wall clock into guest memory at once.
     let digest = memory_digest(&machine.vm)?;
     if digest != last_id {
         return Err(MigrationError::DigestMismatch {
             source_digest: last_id,
             destination: digest,
         });
+    }
+    if let Some((path, state)) = last_state {
+        restore_state(&machine, &state)
+            .map_err(|e| MigrationError::Build(format!("{}: {e}", path.display())))?;
     }
     Ok((hello, machine))
 }
