@@ -1,0 +1,45 @@
+# shellcheck shell=bash
+# images/nested/lib.sh: what the nested-machine scripts share
+# (images/run-nested.sh, kmod/run-nested-kmod.sh).  Sourced after
+# images/lib.sh.  Not an input of any kernel build: changing it rebuilds
+# nothing.
+
+# nested_tsc_args: kernel parameters the nested machine's kernel needs
+# under TCG.  tsc_early_khz: on a loaded host the kernel's PIT calibration
+# of the TSC often fails ("tsc: Marking TSC unstable due to could not
+# calculate TSC khz"); KVM then has no TSC frequency and every KVM_RUN
+# spins forever in vcpu_enter_guest (kvm_guest_time_update() re-requests
+# KVM_REQ_CLOCK_UPDATE while get_cpu_tsc_khz() is 0).  TCG's TSC runs at
+# the host's rate, so give the kernel that.  tsc=reliable: the clocksource
+# watchdog would otherwise often mark the TSC unstable under TCG and fall
+# back to jiffies (10 ms resolution: useless timings).
+nested_tsc_args() {
+	local mhz
+	mhz=$(awk -F: '/^cpu MHz/ { printf "%d", $2; exit }' /proc/cpuinfo 2>/dev/null || true)
+	[ -n "$mhz" ] && [ "$mhz" -gt 0 ] || mhz=2000
+	echo "tsc_early_khz=$((mhz * 1000)) tsc=reliable"
+}
+
+# nested_static_vmm: build a static ldt-vmm (the nested machine has no
+# shared libraries) and print its path.  musl if that Rust target is
+# installed, else glibc with crt-static.  Its own target dir, so it neither
+# waits for nor disturbs the normal target/ builds.
+nested_static_vmm() {
+	local triple rustflags tdir
+	if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+		triple=x86_64-unknown-linux-musl
+		rustflags=
+	else
+		triple=x86_64-unknown-linux-gnu
+		rustflags='-C target-feature=+crt-static'
+	fi
+	tdir=$LDT_ROOT/target/nested-static
+	echo "nested: building a static ldt-vmm ($triple${rustflags:+, $rustflags})" >&2
+	(cd "$LDT_ROOT" && RUSTFLAGS=$rustflags CARGO_TARGET_DIR=$tdir \
+		cargo build --release --quiet --target "$triple" --bin ldt-vmm) >&2 || return 1
+	file -L "$tdir/$triple/release/ldt-vmm" 2>/dev/null | grep -q 'statically linked\|static-pie linked' || {
+		echo "nested: $tdir/$triple/release/ldt-vmm is not statically linked" >&2
+		return 1
+	}
+	echo "$tdir/$triple/release/ldt-vmm"
+}

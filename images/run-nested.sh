@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# images/run-nested.sh: the nested machine.  QEMU TCG emulates an AMD CPU
+# with SVM and NPT (-cpu EPYC,+svm,+npt); in it boots the nested host kernel
+# (images/build-nested.sh: the same 6.12 source and patches as guest.img,
+# configured with KVM_AMD) with an initramfs holding a static ldt-vmm and
+# images/guest.img.  Its init (images/nested/init) runs the guest image as
+# a level-2 guest on real KVM/SVM semantics:
+#   ldt-vmm run /guest.img --cpu-profile host --cmdline-append 'ldt.run=CMD'
+# and reports the level-2 exit status, which this script returns.
+#
+# Usage: images/run-nested.sh [--timeout S] [--run CMD] [--l2-opts OPTS]
+#                             [--migrate SRC] [--smp N] [--kernel FILE]
+#                             [--vmm FILE] [--log FILE]
+#   --timeout S     kill QEMU after S seconds (default 1800)
+#   --run CMD       the level-2 guest's ldt.run= command, encoded as for
+#                   guest.img (%20 = space); default /bin/ldt-syscheck
+#   --l2-opts OPTS  extra ldt-vmm options for the level-2 guest, e.g.
+#                   '--vcpus 2'
+#   --smp N         CPUs of the nested machine (default 2: MTTCG runs them
+#                   on two host threads)
+#   --migrate SRC   live-migrate the level-2 guest while CMD runs, between
+#                   two ldt-vmm processes, with --dirty-source SRC --verify
+#                   (images/nested/migrate-l2); the status is then the
+#                   destination's (250: the migration failed)
+#   --kernel FILE   boot this nested host kernel instead of building (or
+#                   reusing) the one of images/build-nested.sh
+#   --vmm FILE      use this static ldt-vmm instead of building one
+#   --log FILE      also write the console output to FILE
+#
+# Exit status: the level-2 guest's status N (0..252); 253: the level-2
+# kernel panicked; 254: no /dev/kvm in the nested machine; 255: the harness
+# failed (timeout, level-1 panic, QEMU error, no verdict).  Everything the
+# nested machine and the level-2 guest print is streamed as it comes (both
+# kernels use earlyprintk), so progress is visible; a timeout names the
+# last line seen.
+set -euo pipefail
+
+# shellcheck source=images/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=images/nested/lib.sh
+source "$LDT_ROOT/images/nested/lib.sh"
+
+harness_fail() {
+	echo "run-nested: $*" >&2
+	exit 255
+}
+
+timeout_s=1800
+run=/bin/ldt-syscheck
+l2opts=
+migrate=
+smp=2
+log=
+kernel=
+vmm=
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--timeout | --run | --l2-opts | --migrate | --smp | --kernel | --vmm | --log)
+		[ $# -ge 2 ] || harness_fail "$1 needs a value"
+		case "$1" in
+		--timeout) timeout_s=$2 ;;
+		--run) run=$2 ;;
+		--l2-opts) l2opts=$2 ;;
+		--migrate) migrate=$2 ;;
+		--smp) smp=$2 ;;
+		--kernel) kernel=$2 ;;
+		--vmm) vmm=$2 ;;
+		--log) log=$2 ;;
+		esac
+		shift 2
+		;;
+	-h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;
+	*) harness_fail "unknown argument $1 (try --help)" ;;
+	esac
+done
+[[ "$run" != *' '* ]] || harness_fail "--run: encode spaces as %20"
+
+ldt_ensure_packages qemu-system-x86 busybox-static cpio || harness_fail "cannot install packages"
+
+# 1. The level-2 guest image and the level-1 kernel (both cached by inputs).
+echo "run-nested: building (or reusing) images/guest.img"
+"$LDT_ROOT/images/build.sh" || harness_fail "images/build.sh failed"
+if [ -z "$kernel" ]; then
+	echo "run-nested: building (or reusing) the nested host kernel"
+	"$LDT_ROOT/images/build-nested.sh" || harness_fail "images/build-nested.sh failed"
+	kernel=$("$LDT_ROOT/images/build-nested.sh" --print-cache-dir)/bzImage
+fi
+[ -f "$kernel" ] || harness_fail "no nested kernel at $kernel"
+
+# 2. A static ldt-vmm (images/nested/lib.sh).
+if [ -z "$vmm" ]; then
+	vmm=$(nested_static_vmm) || harness_fail "cannot build a static ldt-vmm"
+fi
+file -L "$vmm" 2>/dev/null | grep -q 'statically linked\|static-pie linked' ||
+	harness_fail "$vmm is not statically linked"
+
+# 3. The nested machine's initramfs (uncompressed cpio, passed with -initrd):
+# busybox, init, ldt-vmm, the guest image.
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+root=$work/root
+mkdir -p "$root"/{bin,dev,proc,sys,tmp}
+install -m 0755 "$LDT_ROOT/images/nested/init" "$root/init"
+install -m 0755 "$LDT_ROOT/images/nested/migrate-l2" "$root/bin/migrate-l2"
+install -m 0755 /bin/busybox "$root/bin/busybox"
+for a in sh cat dd echo grep head kill mkdir mount printf reboot rm sed sleep sync tail tee test tr; do
+	ln -s busybox "$root/bin/$a"
+done
+install -m 0755 "$vmm" "$root/bin/ldt-vmm"
+install -m 0644 "$LDT_ROOT/images/guest.img" "$root/guest.img"
+(cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$work/initramfs.cpio"
+
+# 4. Boot.  microvm as in run-qemu.sh (ISA UART, isa-debug-exit at 0x501
+# for the status, i8042 for reboot=k); rtc=on: TCG has no kvmclock.  The
+# level-1 machine needs room for the level-2 guest (ldt-vmm's default
+# 256 MiB) besides itself.
+# tsc_early_khz, tsc=reliable: see nested_tsc_args in images/nested/lib.sh.
+cmdline="console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 $(nested_tsc_args) ldt.run=$run"
+[ -z "$l2opts" ] || cmdline="$cmdline ldt.l2=${l2opts// /%20}"
+[ -z "$migrate" ] || cmdline="$cmdline ldt.migrate=$migrate"
+# shellcheck disable=SC2054 # the commas are inside -M's argument
+qemu=(qemu-system-x86_64
+	-M microvm,isa-serial=on,rtc=on,acpi=off
+	-accel tcg -cpu EPYC,+svm,+npt -m 1G -smp "$smp"
+	-nographic -no-reboot
+	-kernel "$kernel" -initrd "$work/initramfs.cpio" -append "$cmdline"
+	-device isa-debug-exit,iobase=0x501,iosize=1
+	-device i8042)
+
+out=$work/console.log
+echo "run-nested: booting the nested machine (timeout ${timeout_s}s)"
+echo "run-nested: cmdline: $cmdline"
+t0=$(date +%s)
+set +e
+timeout "$timeout_s" "${qemu[@]}" </dev/null | tee "$out"
+rc=${PIPESTATUS[0]}
+set -e
+[ -z "$log" ] || cp "$out" "$log"
+echo "run-nested: QEMU exited with $rc after $(($(date +%s) - t0)) s"
+
+verdict=$(sed -n 's/^ldt-nested: level-2 exit status \([0-9]*\)\r*$/\1/p' "$out" | tail -n1)
+if [ "$rc" -eq 124 ]; then
+	harness_fail "timed out after ${timeout_s}s; last line: '$(grep -v '^\s*$' "$out" | tail -n1 | tr -d '\r')'"
+fi
+# The first oops lines say where; a level-2 panic is a verdict (253).
+if grep -q 'Kernel panic' "$out"; then
+	grep -m4 -E 'BUG:|Oops|RIP:|Kernel panic' "$out" | tr -d '\r' | sed 's/^/run-nested: /' >&2
+	[ "$verdict" = 253 ] || harness_fail "the nested machine's kernel panicked"
+fi
+[ -n "$verdict" ] || harness_fail "no level-2 verdict (QEMU exit code $rc)"
+# isa-debug-exit makes QEMU exit with (N << 1) | 1 (8 bits).
+[ $(((verdict << 1 | 1) & 255)) -eq "$rc" ] ||
+	harness_fail "QEMU exit code $rc does not match the printed status $verdict"
+echo "run-nested: level-2 guest status $verdict"
+exit "$verdict"
