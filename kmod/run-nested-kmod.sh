@@ -25,6 +25,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=images/lib.sh
 source "$ROOT/images/lib.sh"
+# shellcheck source=images/nested/lib.sh
+source "$ROOT/images/nested/lib.sh"
 
 fail() {
 	echo "run-nested-kmod: $*" >&2
@@ -106,32 +108,41 @@ gcc -O2 -static -pthread -mno-avx -mno-avx2 -Wall -Wextra -Werror \
 	-o "$work/ldt_kvm_test" "$ROOT/kmod/tests/ldt_kvm_test.c" ||
 	fail "test program build failed"
 
-# 4. initramfs (uncompressed cpio, -initrd).
+# 4. A static ldt-vmm and its flat counter payload (assembled as
+# vmm/build.rs does), for the host-ldt source of ldt-vmm: bench dirty and
+# migrate --dirty-source host-ldt inside.
+vmm=$(nested_static_vmm) || fail "cannot build a static ldt-vmm"
+if ! as --64 -I "$ROOT/vmm/payloads" --defsym PAGES=16 --defsym SPIN=200000 \
+	-o "$work/counter.o" "$ROOT/vmm/payloads/counter.S" ||
+	! ld -Ttext=0x100000 --oformat binary -o "$work/counter.bin" "$work/counter.o"; then
+	fail "cannot assemble the counter payload"
+fi
+
+# The guest image, for a Linux guest migrated with host-ldt (its kvmclock
+# and the other pages KVM itself writes come from KVM's log).
+"$ROOT/images/build.sh" >&2 || fail "images/build.sh failed"
+
+# 5. initramfs (uncompressed cpio, -initrd).
 root=$work/root
 mkdir -p "$root"/{bin,dev,proc,sys,tmp}
 install -m 0755 "$ROOT/kmod/tests/nested-init" "$root/init"
 install -m 0755 /bin/busybox "$root/bin/busybox"
-for a in sh cat cut dd dmesg echo grep head insmod kill ls lsmod mkswap mount \
-	printf reboot rm rmmod sed sleep swapon sync tail test timeout tr wc [; do
+for a in sh cat cut dd dmesg echo grep head insmod kill ls lsmod mkdir mkswap mount \
+	printf reboot rm rmmod sed sleep stat swapon sync tail test timeout tr wc [; do
 	ln -s busybox "$root/bin/$a"
 done
 install -m 0644 "$work/kbuild/ldt_kvm.ko" "$root/ldt_kvm.ko"
 install -m 0755 "$work/ldt_kvm_test" "$root/bin/ldt_kvm_test"
+install -m 0755 "$vmm" "$root/bin/ldt-vmm"
+install -m 0644 "$work/counter.bin" "$root/counter.bin"
+install -m 0644 "$ROOT/images/guest.img" "$root/guest.img"
+install -m 0755 "$ROOT/images/nested/migrate-l2" "$root/bin/migrate-l2"
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$work/initramfs.cpio"
 
-# 5. Boot.  As images/run-nested.sh: microvm, ISA UART, isa-debug-exit at
-# 0x501 for the status, i8042 for reboot=k.
-# tsc_early_khz: under TCG on a loaded host the kernel's PIT calibration of
-# the TSC often fails ("tsc: Marking TSC unstable due to could not calculate
-# TSC khz"); KVM then has no TSC frequency and every KVM_RUN spins forever
-# in vcpu_enter_guest (kvm_guest_time_update() re-requests
-# KVM_REQ_CLOCK_UPDATE while get_cpu_tsc_khz() is 0).  TCG's TSC runs at
-# the host's rate, so give the kernel that.  tsc=reliable: the clocksource
-# watchdog would otherwise often mark the TSC unstable under TCG and fall
-# back to jiffies (10 ms resolution: useless timings).
-mhz=$(awk -F: '/^cpu MHz/ { printf "%d", $2; exit }' /proc/cpuinfo 2>/dev/null || true)
-[ -n "$mhz" ] && [ "$mhz" -gt 0 ] || mhz=2000
-cmdline="console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 tsc_early_khz=$((mhz * 1000)) tsc=reliable"
+# 6. Boot.  As images/run-nested.sh: microvm, ISA UART, isa-debug-exit at
+# 0x501 for the status, i8042 for reboot=k; the TSC parameters of
+# images/nested/lib.sh.
+cmdline="console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 $(nested_tsc_args)"
 [ -z "$test_args" ] || cmdline="$cmdline ldt.kmodtest=${test_args// /%20}"
 # shellcheck disable=SC2054 # the commas are inside -M's argument
 qemu=(qemu-system-x86_64
