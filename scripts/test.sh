@@ -2,8 +2,12 @@
 # The project's whole test suite (README's test command; .ci/run calls it):
 # installs dependencies, builds, runs the Rust tests (unit, flat-payload
 # dirty-source, CLI, migration and snapshot tests), the Debian kernel boot
-# test, the guest image tests, and a short fuzz run of the migration
-# receiver. Ends with one "N passed, N failed" line over the suites.
+# test, the guest image tests (under QEMU TCG, under ldt-vmm on this
+# machine's KVM, and in the nested machine: QEMU TCG with SVM+NPT, where
+# the image also runs its LDT selftests and is live-migrated), the host
+# module's tests in the nested machine, and a short fuzz run of the
+# migration receiver. Ends with one "N passed, N failed" line over the
+# suites.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +32,9 @@ suite build cargo build --release --workspace
 suite cargo-test cargo test --release --workspace
 suite linux-debian-boot env VMM=target/release/ldt-vmm tests/linux-debian-boot.sh
 suite image-qemu tests/image-qemu.sh
+suite image-ldt-vmm tests/image-ldt-vmm.sh
+suite image-nested tests/image-nested.sh
+suite kmod-nested tests/kmod-nested.sh
 suite fuzz scripts/fuzz.sh
 
 echo "suites: $passed passed, $failed failed"
