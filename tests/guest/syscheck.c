@@ -16,6 +16,7 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,7 +36,7 @@
 #define ANON_SIZE (4UL << 20)
 #define FILE_SIZE (256UL << 10)
 #define PIPE_BYTES (256UL << 10) /* several times the pipe buffer */
-#define XMM_ROUNDS 300 /* sched_yield() rounds per process */
+#define XMM_ROUNDS 300 /* ping-pong rounds per process */
 #define XMM_BYTES (16 * 16) /* xmm0..xmm15 */
 
 /* Print a diagnostic line; kselftest readers skip lines starting with '#'. */
@@ -419,13 +420,19 @@ static int test_pipe(void)
 
 /*
  * Load xmm0..xmm15 from in, spin a little (a timer interrupt may come),
- * call sched_yield() with SYSCALL, and store xmm0..xmm15 to out.  All in
- * one asm statement, so nothing but the kernel can touch the registers
- * between the load and the store.
+ * make two one-byte system calls with SYSCALL (nr1 on fd1, then nr2 on
+ * fd2: the ping-pong of test_xmm_switch, where one of them blocks until
+ * the other process ran), and store xmm0..xmm15 to out.  All in one asm
+ * statement, so nothing but the kernel can touch the registers between the
+ * load and the store.
  */
-static void xmm_yield_roundtrip(const unsigned char *in, unsigned char *out,
-				long spins)
+static bool xmm_syscalls_roundtrip(const unsigned char *in, unsigned char *out,
+				   long spins, long nr1, long fd1, long nr2,
+				   long fd2)
 {
+	long ret1, ret2;
+	char byte = 'x';
+
 	asm volatile(
 		"movdqu 0x00(%[in]), %%xmm0\n\t"
 		"movdqu 0x10(%[in]), %%xmm1\n\t"
@@ -445,8 +452,18 @@ static void xmm_yield_roundtrip(const unsigned char *in, unsigned char *out,
 		"movdqu 0xf0(%[in]), %%xmm15\n\t"
 		"1: dec %[spins]\n\t"
 		"jg 1b\n\t"
-		"mov %[nr], %%eax\n\t"
+		"mov %[nr1], %%rax\n\t"
+		"mov %[fd1], %%rdi\n\t"
+		"mov %[buf], %%rsi\n\t"
+		"mov $1, %%edx\n\t"
 		"syscall\n\t"
+		"mov %%rax, %[ret1]\n\t"
+		"mov %[nr2], %%rax\n\t"
+		"mov %[fd2], %%rdi\n\t"
+		"mov %[buf], %%rsi\n\t"
+		"mov $1, %%edx\n\t"
+		"syscall\n\t"
+		"mov %%rax, %[ret2]\n\t"
 		"movdqu %%xmm0, 0x00(%[out])\n\t"
 		"movdqu %%xmm1, 0x10(%[out])\n\t"
 		"movdqu %%xmm2, 0x20(%[out])\n\t"
@@ -463,28 +480,33 @@ static void xmm_yield_roundtrip(const unsigned char *in, unsigned char *out,
 		"movdqu %%xmm13, 0xd0(%[out])\n\t"
 		"movdqu %%xmm14, 0xe0(%[out])\n\t"
 		"movdqu %%xmm15, 0xf0(%[out])\n\t"
-		: [spins] "+r"(spins)
-		: [in] "r"(in), [out] "r"(out), [nr] "i"(SYS_sched_yield)
-		: "rax", "rcx", "r11", "cc", "memory",
+		: [spins] "+r"(spins), [ret1] "=m"(ret1), [ret2] "=m"(ret2)
+		: [in] "r"(in), [out] "r"(out), [buf] "r"(&byte),
+		  [nr1] "m"(nr1), [fd1] "m"(fd1), [nr2] "m"(nr2), [fd2] "m"(fd2)
+		: "rax", "rcx", "rdx", "rsi", "rdi", "r11", "cc", "memory",
 		  "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6",
 		  "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13",
 		  "xmm14", "xmm15");
+	return ret1 == 1 && ret2 == 1;
 }
 
 /*
- * One of the two processes of test_xmm_switch: pinned to CPU 0, waits on
- * the start pipe, then XMM_ROUNDS times loads a pattern unique to (seed,
- * round) into xmm0..xmm15, yields the CPU to the other process and checks
- * the registers came back intact.  Exits 0 when they always did and
- * enough context switches happened.
+ * One of the two processes of test_xmm_switch: pinned to CPU 0, then
+ * XMM_ROUNDS times loads a pattern unique to (seed, round) into
+ * xmm0..xmm15, passes the one token to the other process and waits for it
+ * to come back (first != 0: write then read; else read then write), and
+ * checks the registers came back intact.  Both on one CPU with one token,
+ * the other process must run before the token comes back: a context switch
+ * a round with the registers live.  Exits 0 when they always came back intact and
+ * the switches happened.
  */
-static void xmm_switch_child(int start_fd, unsigned int seed)
+static void xmm_switch_child(int to_other, int from_other, bool first,
+			     unsigned int seed)
 {
 	unsigned char in[XMM_BYTES], out[XMM_BYTES];
 	struct rusage ru;
 	cpu_set_t cpus;
 	long switches;
-	char c;
 
 	CPU_ZERO(&cpus);
 	CPU_SET(0, &cpus);
@@ -492,17 +514,20 @@ static void xmm_switch_child(int start_fd, unsigned int seed)
 		diag("xmm %u: sched_setaffinity: %s", seed, strerror(errno));
 		_exit(1);
 	}
-	/* Start together, so each yield has the other process to run. */
-	if (read(start_fd, &c, 1) < 0) {
-		diag("xmm %u: start pipe: %s", seed, strerror(errno));
-		_exit(1);
-	}
 	for (unsigned int round = 0; round < XMM_ROUNDS; round++) {
+		long nr1 = first ? SYS_write : SYS_read;
+		long fd1 = first ? to_other : from_other;
 		size_t bad;
 
 		fill(in, sizeof(in), (size_t)round * XMM_BYTES, seed);
 		memset(out, 0, sizeof(out));
-		xmm_yield_roundtrip(in, out, 1000 + 97 * (long)(round % 11));
+		if (!xmm_syscalls_roundtrip(in, out, 1000 + 97 * (long)(round % 11),
+					    nr1, fd1,
+					    first ? SYS_read : SYS_write,
+					    first ? from_other : to_other)) {
+			diag("xmm %u: round %u: the other process is gone", seed, round);
+			_exit(1);
+		}
 		bad = check(out, sizeof(out), (size_t)round * XMM_BYTES, seed);
 		if (bad != sizeof(out)) {
 			diag("xmm %u: round %u: xmm%zu byte %zu is 0x%02x, expected 0x%02x",
@@ -514,10 +539,15 @@ static void xmm_switch_child(int start_fd, unsigned int seed)
 		diag("xmm %u: getrusage: %s", seed, strerror(errno));
 		_exit(1);
 	}
+	/*
+	 * The token's round trip needs the other process to run on this CPU
+	 * in between: a switch a round, voluntary when the wait blocks,
+	 * involuntary when the wakeup at the write preempts this process.
+	 */
 	switches = ru.ru_nvcsw + ru.ru_nivcsw;
-	diag("xmm %u: %d rounds, %ld context switches", seed, XMM_ROUNDS,
-	     switches);
-	if (switches < XMM_ROUNDS / 2) {
+	diag("xmm %u: %d rounds, %ld context switches (%ld voluntary)", seed,
+	     XMM_ROUNDS, switches, ru.ru_nvcsw);
+	if (switches < XMM_ROUNDS - 1) {
 		diag("xmm %u: too few context switches to test anything", seed);
 		_exit(1);
 	}
@@ -531,11 +561,17 @@ static void xmm_switch_child(int start_fd, unsigned int seed)
  */
 static int test_xmm_switch(void)
 {
-	int start[2], ret = 0;
+	int ab[2], ba[2], ret = 0;
 	pid_t pids[2] = { -1, -1 };
 
-	if (pipe(start)) {
+	if (pipe(ab)) {
 		diag("pipe: %s", strerror(errno));
+		return -1;
+	}
+	if (pipe(ba)) {
+		diag("pipe: %s", strerror(errno));
+		close(ab[0]);
+		close(ab[1]);
 		return -1;
 	}
 	for (int i = 0; i < 2; i++) {
@@ -546,13 +582,16 @@ static int test_xmm_switch(void)
 			break;
 		}
 		if (pids[i] == 0) {
-			close(start[1]);
-			xmm_switch_child(start[0], 11 + i);
+			if (i == 0)
+				xmm_switch_child(ab[1], ba[0], true, 11);
+			xmm_switch_child(ba[1], ab[0], false, 12);
 		}
 	}
-	/* Closing the write end wakes both children (read returns 0). */
-	close(start[0]);
-	close(start[1]);
+	/* A child whose peer dies sees EOF or EPIPE and fails, never hangs. */
+	close(ab[0]);
+	close(ab[1]);
+	close(ba[0]);
+	close(ba[1]);
 	for (int i = 0; i < 2; i++) {
 		if (pids[i] > 0 && wait_for_exit(pids[i], 0))
 			ret = -1;
