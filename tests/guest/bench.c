@@ -14,12 +14,19 @@
  *            after each interval (experiment 2);
  *   kv       an in-process key-value store (zipfian keys, 4096-byte
  *            values, 25% gets, 75% sets) while a tracker thread collects
- *            every 1, 5 and 10 s (experiment 3, standing in for Redis
- *            with YCSB);
+ *            every 1, 5 and 10 s (experiment 3 without a server);
+ *   redis    the same load (YCSB-like, pipelined) on a Redis server
+ *            (/usr/bin/redis-server: Debian's, from the second initrd
+ *            images/build-redis.sh makes; $LDT_BENCH_REDIS overrides the
+ *            path) in its own process, tracked
+ *            from outside through /proc/PID/pagemap, collected every 1, 5
+ *            and 10 s (experiment 3); skipped with a note when the server
+ *            is not there;
  *   collect  time to collect the dirty information after writing 10%,
  *            20%, ... 100% of a region (experiment 4).
  *
  * Usage: ldt-bench [--short] [--max-mib N] [EXPERIMENT...]
+ *   (default: write timeline kv redis collect)
  *   --short      small sizes and durations, for CI (the numbers are not
  *                asserted; under QEMU TCG they say little anyway)
  *   --max-mib N  largest working set / region (default: full 128, short 16)
@@ -42,7 +49,11 @@
 #include <linux/userfaultfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <signal.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 
 /* include/uapi/linux/ldt.h, for C libraries whose headers predate it. */
 #ifndef LDT_START
@@ -101,6 +112,9 @@ struct pm_scan_arg {
 #define PAGE_IS_WRITTEN		(1 << 1)
 #define PM_SCAN_WP_MATCHING	(1 << 0)
 #define PM_SCAN_CHECK_WPASYNC	(1 << 1)
+#endif
+#ifndef PAGE_IS_SOFT_DIRTY
+#define PAGE_IS_SOFT_DIRTY	(1 << 7)
 #endif
 #ifndef UFFD_USER_MODE_ONLY
 #define UFFD_USER_MODE_ONLY 1
@@ -191,22 +205,27 @@ struct tracked {
 static struct ldt_region ldt_vec[VEC_LEN];
 static struct page_region scan_vec[VEC_LEN];
 
-static long scan_collect(struct tracked *tr)
+/*
+ * PAGEMAP_SCAN over [start, end) of the address space behind fd, for the
+ * pages in category (reset where flags ask for it): pages found, or -errno.
+ */
+static long scan_range(int fd, uint64_t start, uint64_t end, uint64_t flags,
+		       uint64_t category)
 {
 	struct pm_scan_arg arg = {
 		.size = sizeof(arg),
-		.flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-		.start = (uintptr_t)tr->p,
-		.end = (uintptr_t)tr->p + tr->len,
+		.flags = flags,
+		.start = start,
+		.end = end,
 		.vec = (uintptr_t)scan_vec,
 		.vec_len = VEC_LEN,
-		.category_mask = PAGE_IS_WRITTEN,
-		.return_mask = PAGE_IS_WRITTEN,
+		.category_mask = category,
+		.return_mask = category,
 	};
 	long pages = 0;
 
 	for (;;) {
-		long n = ioctl(pagemap_fd, PAGEMAP_SCAN, &arg), i;
+		long n = ioctl(fd, PAGEMAP_SCAN, &arg), i;
 
 		if (n < 0)
 			return -errno;
@@ -218,19 +237,20 @@ static long scan_collect(struct tracked *tr)
 	}
 }
 
-static long ldt_collect(struct tracked *tr)
+/* LDT_HARVEST of [start, end) behind fd: pages reported, or -errno. */
+static long ldt_range(int fd, uint64_t start, uint64_t end)
 {
 	struct ldt_harvest_arg arg = {
 		.size = sizeof(arg),
-		.start = (uintptr_t)tr->p,
-		.end = (uintptr_t)tr->p + tr->len,
+		.start = start,
+		.end = end,
 		.vec = (uintptr_t)ldt_vec,
 		.vec_len = VEC_LEN,
 	};
 	long pages = 0;
 
 	for (;;) {
-		long n = ioctl(pagemap_fd, LDT_HARVEST, &arg), i;
+		long n = ioctl(fd, LDT_HARVEST, &arg), i;
 
 		if (n < 0)
 			return -errno;
@@ -274,9 +294,13 @@ static long collect(struct tracked *tr)
 			pages += (tr->pm[i] >> 55) & 1;
 		return write_text("/proc/self/clear_refs", "4") ?: pages;
 	case PAGEMAP_SCAN_WP:
-		return scan_collect(tr);
+		return scan_range(pagemap_fd, (uintptr_t)tr->p,
+				  (uintptr_t)tr->p + tr->len,
+				  PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+				  PAGE_IS_WRITTEN);
 	case LDT:
-		return ldt_collect(tr);
+		return ldt_range(pagemap_fd, (uintptr_t)tr->p,
+				 (uintptr_t)tr->p + tr->len);
 	default:
 		return -EINVAL;
 	}
@@ -477,8 +501,12 @@ static void bench_timeline(void)
 
 /* ---- experiment 3: key-value store with a periodic tracker ---------------- */
 
+struct ext_tracked;
+static long ext_collect(struct ext_tracked *e);
+
 struct kv_tracker {
-	struct tracked *tr;
+	struct tracked *tr;		/* this process's store, or */
+	struct ext_tracked *ext;	/* another process (redis) */
 	double period_ms;
 	bool stop;
 	unsigned long rounds;
@@ -499,7 +527,7 @@ static void *kv_tracker_fn(void *arg)
 			usleep(1000);
 			continue;
 		}
-		d = collect(k->tr);
+		d = k->ext ? ext_collect(k->ext) : collect(k->tr);
 		t1 = now_ms();
 		if (d < 0)
 			errors++;
@@ -586,6 +614,359 @@ static void bench_kv(void)
 	munmap(store, len);
 }
 
+/* ---- experiment 3 with Redis: tracking another process ------------------- */
+
+#define REDIS_SERVER	"/usr/bin/redis-server"
+#define REDIS_SOCK	"/tmp/ldt-bench-redis.sock"
+#define REDIS_DEPTH	16	/* pipelined requests per round trip */
+/* The whole user address space (x86-64, 4-level paging). */
+#define USER_END	0x7ffffffff000ULL
+
+/*
+ * Trackers of another process's whole address space.  PAGEMAP_SCAN's
+ * write-protect mode needs a userfaultfd registered by the tracked process
+ * itself, so from outside it reads the soft-dirty category instead (and
+ * resets with clear_refs, like soft-dirty).
+ */
+struct ext_tracked {
+	enum tracker t;
+	int pm_fd;
+	char clear_refs[64];
+	char maps[64];
+};
+
+static long ext_reset_soft_dirty(struct ext_tracked *e, long pages)
+{
+	return write_text(e->clear_refs, "4") ?: pages;
+}
+
+/* soft-dirty: pagemap entries of every writable mapping, from maps. */
+static long ext_soft_dirty(struct ext_tracked *e)
+{
+	static uint64_t pm[VEC_LEN];
+	unsigned long start, end;
+	char line[512], perms[8];
+	long pages = 0;
+	FILE *f = fopen(e->maps, "r");
+
+	if (!f)
+		return -errno;
+	while (fgets(line, sizeof(line), f)) {
+		if (sscanf(line, "%lx-%lx %7s", &start, &end, perms) != 3 ||
+		    perms[1] != 'w')
+			continue;
+		while (start < end) {
+			size_t n = (end - start) / PAGE, i;
+			ssize_t got;
+
+			if (n > VEC_LEN)
+				n = VEC_LEN;
+			got = pread(e->pm_fd, pm, n * 8, start / PAGE * 8);
+			if (got <= 0)
+				break;
+			for (i = 0; i < (size_t)got / 8; i++)
+				pages += (pm[i] >> 55) & 1;
+			start += n * PAGE;
+		}
+	}
+	fclose(f);
+	return ext_reset_soft_dirty(e, pages);
+}
+
+static long ext_collect(struct ext_tracked *e)
+{
+	switch (e->t) {
+	case NONE:
+		return 0;
+	case SOFT_DIRTY:
+		return ext_soft_dirty(e);
+	case PAGEMAP_SCAN_WP: {
+		long pages = scan_range(e->pm_fd, 0, USER_END, 0,
+					PAGE_IS_SOFT_DIRTY);
+
+		return pages < 0 ? pages : ext_reset_soft_dirty(e, pages);
+	}
+	case LDT:
+		return ldt_range(e->pm_fd, 0, USER_END);
+	default:
+		return -EINVAL;
+	}
+}
+
+static int ext_track(struct ext_tracked *e, enum tracker t, pid_t pid)
+{
+	char path[64];
+
+	memset(e, 0, sizeof(*e));
+	e->t = t;
+	snprintf(path, sizeof(path), "/proc/%d/pagemap", pid);
+	snprintf(e->clear_refs, sizeof(e->clear_refs), "/proc/%d/clear_refs", pid);
+	snprintf(e->maps, sizeof(e->maps), "/proc/%d/maps", pid);
+	e->pm_fd = open(path, O_RDONLY);
+	if (e->pm_fd < 0)
+		return -errno;
+	if (t == LDT) {
+		struct ldt_start_arg arg = {
+			.size = sizeof(arg), .start = 0, .end = USER_END,
+		};
+
+		if (ioctl(e->pm_fd, LDT_START, &arg))
+			return -errno;
+	}
+	return ext_collect(e) < 0 ? -EIO : 0;
+}
+
+static void ext_untrack(struct ext_tracked *e)
+{
+	if (e->pm_fd >= 0) {
+		if (e->t == LDT)
+			ioctl(e->pm_fd, LDT_STOP);
+		close(e->pm_fd);
+	}
+	e->pm_fd = -1;
+}
+
+/* A Redis connection with a read buffer for RESP replies. */
+struct redis {
+	int fd;
+	char in[1 << 16];
+	size_t have, used;
+};
+
+static bool redis_fill(struct redis *r)
+{
+	ssize_t n;
+
+	if (r->used) {
+		memmove(r->in, r->in + r->used, r->have - r->used);
+		r->have -= r->used;
+		r->used = 0;
+	}
+	n = read(r->fd, r->in + r->have, sizeof(r->in) - r->have);
+	if (n <= 0)
+		return false;
+	r->have += n;
+	return true;
+}
+
+/* Consumes one reply; false on a connection error or an error reply. */
+static bool redis_reply(struct redis *r)
+{
+	for (;;) {
+		char *s = r->in + r->used, *nl;
+		size_t avail = r->have - r->used;
+
+		nl = avail ? memchr(s, '\n', avail) : NULL;
+		if (nl) {
+			size_t line = nl + 1 - s;
+			long len;
+
+			if (s[0] == '+' || s[0] == ':') {
+				r->used += line;
+				return true;
+			}
+			if (s[0] != '$')
+				return false;	/* '-' error or a type we never ask for */
+			len = strtol(s + 1, NULL, 10);
+			if (len < 0) {
+				r->used += line;
+				return true;
+			}
+			if (avail >= line + len + 2) {
+				r->used += line + len + 2;
+				return true;
+			}
+		}
+		if (!redis_fill(r))
+			return false;
+	}
+}
+
+static bool write_all(int fd, const char *p, size_t n)
+{
+	while (n) {
+		ssize_t w = write(fd, p, n);
+
+		if (w <= 0)
+			return false;
+		p += w;
+		n -= w;
+	}
+	return true;
+}
+
+/* REDIS_DEPTH commands (SET with a 4096-byte value or GET), then replies. */
+static bool redis_round(struct redis *r, size_t keys, bool all_sets,
+			size_t first)
+{
+	static char out[REDIS_DEPTH * (PAGE + 128)];
+	static char val[PAGE];
+	size_t n = 0;
+	int j;
+
+	for (j = 0; j < REDIS_DEPTH; j++) {
+		char key[32];
+		size_t k = all_sets ? (first + j) % keys : zipf_key(keys);
+		int kl = snprintf(key, sizeof(key), "key:%zu", k);
+
+		if (!all_sets && (rnd() & 3) == 0) {
+			n += sprintf(out + n, "*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n", kl, key);
+		} else {
+			memset(val, 'a' + (int)(rnd() % 26), PAGE);
+			n += sprintf(out + n, "*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%lu\r\n",
+				     kl, key, PAGE);
+			memcpy(out + n, val, PAGE);
+			n += PAGE;
+			memcpy(out + n, "\r\n", 2);
+			n += 2;
+		}
+	}
+	if (!write_all(r->fd, out, n))
+		return false;
+	for (j = 0; j < REDIS_DEPTH; j++)
+		if (!redis_reply(r))
+			return false;
+	return true;
+}
+
+static const char *redis_server(void)
+{
+	const char *p = getenv("LDT_BENCH_REDIS");
+
+	return p && *p ? p : REDIS_SERVER;
+}
+
+static pid_t redis_start(struct redis *r)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	pid_t pid;
+	int i;
+
+	unlink(REDIS_SOCK);
+	pid = fork();
+	if (pid == 0) {
+		int null = open("/dev/null", O_WRONLY);
+
+		if (null >= 0) {
+			dup2(null, 1);
+			dup2(null, 2);
+		}
+		execl(redis_server(), "redis-server", "--port", "0",
+		      "--unixsocket", REDIS_SOCK, "--save", "", "--appendonly",
+		      "no", "--daemonize", "no", "--loglevel", "warning",
+		      (char *)NULL);
+		_exit(127);
+	}
+	if (pid < 0)
+		return -1;
+	strcpy(sa.sun_path, REDIS_SOCK);
+	/* Up to 60 s: under an interpreting hypervisor exec is slow. */
+	for (i = 0; i < 600; i++) {
+		r->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (r->fd < 0)
+			break;
+		if (!connect(r->fd, (struct sockaddr *)&sa, sizeof(sa)))
+			return pid;
+		close(r->fd);
+		r->fd = -1;
+		if (waitpid(pid, NULL, WNOHANG) == pid)
+			return -1;
+		usleep(100000);
+	}
+	kill(pid, SIGKILL);
+	waitpid(pid, NULL, 0);
+	return -1;
+}
+
+static void bench_redis(void)
+{
+	size_t keys = (short_mode ? 1 : 16) * MIB / PAGE;
+	const double periods_s[] = { 1, 5, 10 };
+	double duration_s = short_mode ? 1 : 30;
+	struct redis r = { .fd = -1 };
+	size_t i, pi;
+	pid_t pid;
+	int t;
+
+	if (access(redis_server(), X_OK)) {
+		printf("# redis: skipped: no %s (boot with the initrd of images/build-redis.sh)\n",
+		       redis_server());
+		return;
+	}
+	pid = redis_start(&r);
+	if (pid < 0) {
+		printf("# redis: cannot start %s\n", redis_server());
+		errors++;
+		return;
+	}
+	/* Every key once, so the store is resident before any tracking. */
+	for (i = 0; i < keys; i += REDIS_DEPTH) {
+		if (!redis_round(&r, keys, true, i)) {
+			printf("# redis: loading the keys failed\n");
+			errors++;
+			goto out;
+		}
+	}
+	for (t = 0; t < NR_TRACKERS; t++) {
+		for (pi = 0; pi < 3; pi++) {
+			struct kv_tracker k = { 0 };
+			struct ext_tracked e;
+			unsigned long ops = 0;
+			double period = periods_s[pi] * (short_mode ? 100 : 1000);
+			double t0, t1;
+			pthread_t th;
+			int err;
+
+			if (t == NONE && pi)
+				break;
+			err = ext_track(&e, t, pid);
+			if (err) {
+				printf("# redis: %s: cannot track: %s\n",
+				       tracker_name[t], strerror(-err));
+				errors++;
+				ext_untrack(&e);
+				break;
+			}
+			k.ext = &e;
+			k.period_ms = period;
+			if (t != NONE && pthread_create(&th, NULL, kv_tracker_fn, &k)) {
+				errors++;
+				ext_untrack(&e);
+				break;
+			}
+			t0 = now_ms();
+			do {
+				if (!redis_round(&r, keys, false, 0)) {
+					printf("# redis: request failed\n");
+					errors++;
+					break;
+				}
+				ops += REDIS_DEPTH;
+				t1 = now_ms();
+			} while (t1 - t0 < duration_s * 1e3);
+			t1 = now_ms();
+			__atomic_store_n(&k.stop, true, __ATOMIC_RELAXED);
+			if (t != NONE)
+				pthread_join(th, NULL);
+			printf("{\"bench\":\"redis\",\"tracker\":\"%s\",\"keys\":%zu,"
+			       "\"period_s\":%.1f,\"duration_s\":%.1f,\"ops\":%lu,"
+			       "\"ops_per_s\":%.0f,\"rounds\":%lu,\"collect_ms_mean\":%.3f,"
+			       "\"dirty_pages_mean\":%.0f}\n",
+			       t == PAGEMAP_SCAN_WP ? "pagemap-scan-sd" : tracker_name[t],
+			       keys, t == NONE ? 0 : period / 1e3, (t1 - t0) / 1e3, ops,
+			       ops / ((t1 - t0) / 1e3), k.rounds,
+			       k.rounds ? k.collect_ms / k.rounds : 0,
+			       k.rounds ? (double)k.dirty / k.rounds : 0);
+			ext_untrack(&e);
+		}
+	}
+out:
+	close(r.fd);
+	kill(pid, SIGTERM);
+	waitpid(pid, NULL, 0);
+	unlink(REDIS_SOCK);
+}
+
 /* ---- experiment 4: time to collect the dirty information ------------------ */
 
 static void bench_collect(void)
@@ -636,6 +1017,7 @@ static const struct {
 	{ "write", bench_write },
 	{ "timeline", bench_timeline },
 	{ "kv", bench_kv },
+	{ "redis", bench_redis },
 	{ "collect", bench_collect },
 };
 
@@ -652,7 +1034,7 @@ int main(int argc, char **argv)
 		else if (!strcmp(argv[i], "--max-mib") && i + 1 < argc)
 			max_mib = strtoul(argv[++i], NULL, 0);
 		else if (argv[i][0] == '-') {
-			fprintf(stderr, "usage: %s [--short] [--max-mib N] [write|timeline|kv|collect]...\n",
+			fprintf(stderr, "usage: %s [--short] [--max-mib N] [write|timeline|kv|redis|collect]...\n",
 				argv[0]);
 			return 2;
 		}
