@@ -110,37 +110,18 @@ install -m 0755 "$vmm" "$root/bin/ldt-vmm"
 install -m 0644 "$LDT_ROOT/images/guest.img" "$root/guest.img"
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$work/initramfs.cpio"
 
-# 4. Boot.  microvm as in run-qemu.sh (ISA UART, isa-debug-exit at 0x501
-# for the status, i8042 for reboot=k); rtc=on: TCG has no kvmclock.  The
-# level-1 machine needs room for the level-2 guest (ldt-vmm's default
-# 256 MiB) besides itself.
-# tsc_early_khz, tsc=reliable: see nested_tsc_args in images/nested/lib.sh.
-cmdline="console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 $(nested_tsc_args) ldt.run=$run"
-[ -z "$l2opts" ] || cmdline="$cmdline ldt.l2=${l2opts// /%20}"
-[ -z "$migrate" ] || cmdline="$cmdline ldt.migrate=$migrate"
-# shellcheck disable=SC2054 # the commas are inside -M's argument
-qemu=(qemu-system-x86_64
-	-M microvm,isa-serial=on,rtc=on,acpi=off
-	-accel tcg -cpu EPYC,+svm,+npt -m 1G -smp "$smp"
-	-nographic -no-reboot
-	-kernel "$kernel" -initrd "$work/initramfs.cpio" -append "$cmdline"
-	-device isa-debug-exit,iobase=0x501,iosize=1
-	-device i8042)
-
+# 4. Boot (images/nested/lib.sh).
+words="ldt.run=$run"
+[ -z "$l2opts" ] || words="$words ldt.l2=${l2opts// /%20}"
+[ -z "$migrate" ] || words="$words ldt.migrate=$migrate"
 out=$work/console.log
-echo "run-nested: booting the nested machine (timeout ${timeout_s}s)"
-echo "run-nested: cmdline: $cmdline"
-t0=$(date +%s)
-set +e
-timeout "$timeout_s" "${qemu[@]}" </dev/null | tee "$out"
-rc=${PIPESTATUS[0]}
-set -e
+nested_boot run-nested "$kernel" "$work/initramfs.cpio" "$words" "$smp" "$timeout_s" "$out"
+rc=$NESTED_RC
 [ -z "$log" ] || cp "$out" "$log"
-echo "run-nested: QEMU exited with $rc after $(($(date +%s) - t0)) s"
 
 verdict=$(sed -n 's/^ldt-nested: level-2 exit status \([0-9]*\)\r*$/\1/p' "$out" | tail -n1)
 if [ "$rc" -eq 124 ]; then
-	harness_fail "timed out after ${timeout_s}s; last line: '$(grep -v '^\s*$' "$out" | tail -n1 | tr -d '\r')'"
+	harness_fail "timed out after ${timeout_s}s; last line: '$(nested_last_line "$out")'"
 fi
 # The first oops lines say where; a level-2 panic is a verdict (253).
 if grep -q 'Kernel panic' "$out"; then

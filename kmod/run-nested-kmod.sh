@@ -139,31 +139,15 @@ install -m 0644 "$ROOT/images/guest.img" "$root/guest.img"
 install -m 0755 "$ROOT/images/nested/migrate-l2" "$root/bin/migrate-l2"
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$work/initramfs.cpio"
 
-# 6. Boot.  As images/run-nested.sh: microvm, ISA UART, isa-debug-exit at
-# 0x501 for the status, i8042 for reboot=k; the TSC parameters of
-# images/nested/lib.sh.
-cmdline="console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 $(nested_tsc_args)"
-[ -z "$test_args" ] || cmdline="$cmdline ldt.kmodtest=${test_args// /%20}"
-# shellcheck disable=SC2054 # the commas are inside -M's argument
-qemu=(qemu-system-x86_64
-	-M microvm,isa-serial=on,rtc=on,acpi=off
-	-accel tcg -cpu EPYC,+svm,+npt -m 1G -smp "$smp"
-	-nographic -no-reboot
-	-kernel "$kernel" -initrd "$work/initramfs.cpio" -append "$cmdline"
-	-device isa-debug-exit,iobase=0x501,iosize=1
-	-device i8042)
+# 6. Boot (images/nested/lib.sh).
+words=
+[ -z "$test_args" ] || words="ldt.kmodtest=${test_args// /%20}"
 out=$work/console.log
-echo "run-nested-kmod: booting the nested machine (timeout ${timeout_s}s)"
-echo "run-nested-kmod: cmdline: $cmdline"
-t0=$(date +%s)
-set +e
-timeout "$timeout_s" "${qemu[@]}" </dev/null | tee "$out"
-rc=${PIPESTATUS[0]}
-set -e
+nested_boot run-nested-kmod "$kernel" "$work/initramfs.cpio" "$words" "$smp" "$timeout_s" "$out"
+rc=$NESTED_RC
 [ -z "$log" ] || cp "$out" "$log"
-echo "run-nested-kmod: QEMU exited with $rc after $(($(date +%s) - t0)) s"
 
-[ "$rc" -ne 124 ] || fail "timed out after ${timeout_s}s; last line: '$(grep -v '^\s*$' "$out" | tail -n1 | tr -d '\r')'"
+[ "$rc" -ne 124 ] || fail "timed out after ${timeout_s}s; last line: '$(nested_last_line "$out")'"
 grep -q 'Kernel panic' "$out" && fail "the nested kernel panicked: $(grep -m1 'Kernel panic' "$out" | tr -d '\r')"
 verdict=$(sed -n 's/^kmod-nested: failed checks \([0-9]*\)\r*$/\1/p' "$out" | tail -n1)
 [ -n "$verdict" ] || fail "no verdict from the nested machine (QEMU exit code $rc)"

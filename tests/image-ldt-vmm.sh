@@ -28,14 +28,15 @@ if [ ! -x "$VMM" ]; then
 	(cd "$ROOT" && cargo build --release)
 fi
 
-passed=0
-failed=0
+# shellcheck source=tests/lib.sh
+source "$ROOT/tests/lib.sh"
+
 logdir=$(mktemp -d)
 trap 'rm -rf "$logdir"' EXIT
 
 # run_case NAME EXPECTED_STATUS "LDT-VMM OPTIONS" CMDLINE_APPEND [REQUIRED_OUTPUT...]
 run_case() {
-	local name=$1 want=$2 opts=$3 append=$4 log=$logdir/$1.log status=0 why='' printed t0
+	local name=$1 want=$2 opts=$3 append=$4 log=$logdir/$1.log status=0 printed t0
 	shift 4
 	echo "=== $name: ldt-vmm run $opts --cmdline-append '$append' (timeout ${TIMEOUT}s, expecting status $want)"
 	t0=$(date +%s)
@@ -49,6 +50,7 @@ run_case() {
 	set -e
 	echo "=== $name: ldt-vmm exited with $status after $(($(date +%s) - t0)) s"
 	printed=$(sed -n 's/^ldt-init: exit status \([0-9]*\)\r*$/\1/p' "$log" | tail -n1)
+	why=
 	if [ "$status" -eq 124 ]; then
 		why="timed out after ${TIMEOUT}s; last console line: '$(grep -v '^\s*$' "$log" | tail -n1 | tr -d '\r')'"
 	elif grep -q 'Kernel panic' "$log"; then
@@ -60,16 +62,8 @@ run_case() {
 		# Status 0 also means "guest reset"; 1 also means "ldt-vmm error".
 		why="init printed exit status '${printed:-nothing}', expected $want"
 	fi
-	for text in "$@"; do
-		grep -qF -- "$text" "$log" || why="${why:+$why; }output lacks '$text'"
-	done
-	if [ -z "$why" ]; then
-		echo "PASS $name"
-		passed=$((passed + 1))
-	else
-		echo "FAIL $name: $why"
-		failed=$((failed + 1))
-	fi
+	require_output "$log" "$@"
+	record "$name"
 }
 
 # bad_image NAME EXPECTED_ERROR: a damaged copy of guest.img (made by the
@@ -78,13 +72,11 @@ run_case() {
 bad_image() {
 	local name=$1 want=$2 out status=0
 	out=$(timeout 60 "$VMM" run "$logdir/$name.img" </dev/null 2>&1) || status=$?
-	if [ "$status" -eq 1 ] && grep -qF -- "$want" <<<"$out"; then
-		echo "PASS $name: $out"
-		passed=$((passed + 1))
-	else
-		echo "FAIL $name: status $status, expected 1 and '$want'; output: $(tail -n 3 <<<"$out")"
-		failed=$((failed + 1))
+	why=
+	if [ "$status" -ne 1 ] || ! grep -qF -- "$want" <<<"$out"; then
+		why="status $status, expected 1 and '$want'; output: $(tail -n 3 <<<"$out")"
 	fi
+	record "$name" "$out"
 }
 size=$(stat -c %s "$IMAGE")
 head -c $((size / 2)) "$IMAGE" >"$logdir/truncated.img"
@@ -106,5 +98,4 @@ run_case smp 7 '--vcpus 2' 'earlyprintk=ttyS0 ldt.run=[%20$(nproc)%20=%202%20]%2
 	'smp: Brought up 1 node, 2 CPUs' 'ldt-init: user space reached' \
 	'ldt-init: exit status 7'
 
-echo "image-ldt-vmm: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+summary image-ldt-vmm

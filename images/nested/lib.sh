@@ -43,3 +43,36 @@ nested_static_vmm() {
 	}
 	echo "$tdir/$triple/release/ldt-vmm"
 }
+
+# nested_boot TAG KERNEL INITRD 'CMDLINE WORDS' SMP TIMEOUT OUT: boot the
+# nested machine: QEMU TCG emulating an AMD CPU with SVM and NPT, microvm
+# as in images/run-qemu.sh (ISA UART, isa-debug-exit at 0x501 for the
+# status, i8042 for reboot=k; rtc=on: TCG has no kvmclock), 1 GiB (room
+# for level-2 guests besides the level-1 kernel), the console streamed and
+# kept in OUT.  The kernel command line starts with the console, panic and
+# TSC words.  Sets NESTED_RC to QEMU's exit code (124: timeout).
+nested_boot() {
+	local tag=$1 kernel=$2 initrd=$3 smp=$5 timeout_s=$6 out=$7 cmdline t0
+	cmdline="console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 $(nested_tsc_args) $4"
+	# shellcheck disable=SC2054 # the commas are inside -M's argument
+	local qemu=(qemu-system-x86_64
+		-M microvm,isa-serial=on,rtc=on,acpi=off
+		-accel tcg -cpu EPYC,+svm,+npt -m 1G -smp "$smp"
+		-nographic -no-reboot
+		-kernel "$kernel" -initrd "$initrd" -append "$cmdline"
+		-device isa-debug-exit,iobase=0x501,iosize=1
+		-device i8042)
+	echo "$tag: booting the nested machine (timeout ${timeout_s}s)"
+	echo "$tag: cmdline: $cmdline"
+	t0=$(date +%s)
+	set +e
+	timeout "$timeout_s" "${qemu[@]}" </dev/null | tee "$out"
+	NESTED_RC=${PIPESTATUS[0]}
+	set -e
+	echo "$tag: QEMU exited with $NESTED_RC after $(($(date +%s) - t0)) s"
+}
+
+# nested_last_line OUT: the last non-empty console line (for timeouts).
+nested_last_line() {
+	grep -v '^\s*$' "$1" | tail -n1 | tr -d '\r'
+}
