@@ -9,13 +9,19 @@
 # and reports the level-2 exit status, which this script returns.
 #
 # Usage: images/run-nested.sh [--timeout S] [--run CMD] [--l2-opts OPTS]
-#                             [--migrate SRC] [--smp N] [--kernel FILE]
+#                             [--migrate SRC] [--bench-migrate] [--smp N]
+#                             [--kernel FILE]
 #                             [--vmm FILE] [--log FILE]
 #   --timeout S     kill QEMU after S seconds (default 1800)
 #   --run CMD       the level-2 guest's ldt.run= command, encoded as for
 #                   guest.img (%20 = space); default /bin/ldt-syscheck
 #   --l2-opts OPTS  extra ldt-vmm options for the level-2 guest, e.g.
 #                   '--vcpus 2'
+#   --bench-migrate instead of one guest run: images/nested/bench-migrate-l2,
+#                   the same level-2 guest migrated with each ldt-vmm dirty
+#                   source and with QEMU (copied into the nested machine
+#                   with its libraries and firmware); the status is the
+#                   number of failed modes
 #   --smp N         CPUs of the nested machine (default 2: MTTCG runs them
 #                   on two host threads)
 #   --migrate SRC   live-migrate the level-2 guest while CMD runs, between
@@ -50,6 +56,7 @@ run=/bin/ldt-syscheck
 l2opts=
 migrate=
 smp=2
+bench=
 log=
 kernel=
 vmm=
@@ -69,6 +76,7 @@ while [ $# -gt 0 ]; do
 		esac
 		shift 2
 		;;
+	--bench-migrate) bench=migrate; shift ;;
 	-h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;
 	*) harness_fail "unknown argument $1 (try --help)" ;;
 	esac
@@ -102,8 +110,20 @@ root=$work/root
 mkdir -p "$root"/{bin,dev,proc,sys,tmp}
 install -m 0755 "$LDT_ROOT/images/nested/init" "$root/init"
 install -m 0755 "$LDT_ROOT/images/nested/migrate-l2" "$root/bin/migrate-l2"
+install -m 0755 "$LDT_ROOT/images/nested/bench-migrate-l2" "$root/bin/bench-migrate-l2"
+if [ -n "$bench" ]; then
+	# QEMU for the comparison: the binary, every library ldd names, the
+	# loader, and its firmware directory, at their Debian paths.
+	qemu_bin=/usr/bin/qemu-system-x86_64
+	install -D -m 0755 "$qemu_bin" "$root$qemu_bin"
+	for lib in $(ldd "$qemu_bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do
+		install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"
+	done
+	mkdir -p "$root/usr/share"
+	cp -rL /usr/share/qemu /usr/share/seabios "$root/usr/share/"
+fi
 install -m 0755 /bin/busybox "$root/bin/busybox"
-for a in sh cat dd echo grep head kill mkdir mount printf reboot rm sed sleep sync tail tee test tr; do
+for a in awk sh cat dd echo grep head kill mkdir mkfifo mount printf reboot rm sed sleep sync tail tee test tr; do
 	ln -s busybox "$root/bin/$a"
 done
 install -m 0755 "$vmm" "$root/bin/ldt-vmm"
@@ -114,6 +134,7 @@ install -m 0644 "$LDT_ROOT/images/guest.img" "$root/guest.img"
 words="ldt.run=$run"
 [ -z "$l2opts" ] || words="$words ldt.l2=${l2opts// /%20}"
 [ -z "$migrate" ] || words="$words ldt.migrate=$migrate"
+[ -z "$bench" ] || words="$words ldt.bench=$bench"
 out=$work/console.log
 nested_boot run-nested "$kernel" "$work/initramfs.cpio" "$words" "$smp" "$timeout_s" "$out"
 rc=$NESTED_RC
