@@ -6,7 +6,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::digest::memory_digest;
 use super::transport::{Connection, Listener};
-use super::{parse, Hello, MachineState, MigrationError, Ready};
+use super::{is_zero, parse, Hello, MachineState, MigrationError, Ready};
 use crate::arch::layout::PAGE_SIZE;
 use crate::builder::{self, Machine};
 use crate::devices::console::ConsoleOut;
@@ -105,11 +105,16 @@ pub fn apply_memory(machine: &Machine, payload: &[u8]) -> Result<(), MigrationEr
             ));
         }
         if r.is_zero() {
+            // Only pages that are not zero already: reading a page never
+            // touched maps the shared zero page, writing it would allocate
+            // it (most of a fresh destination's RAM, in round 0).
+            let mut page = [0u8; PAGE_SIZE as usize];
             for p in 0..r.pages as u64 {
-                machine
-                    .vm
-                    .memory
-                    .write_slice(&zero, GuestAddress(r.gpa + p * PAGE_SIZE))?;
+                let at = GuestAddress(r.gpa + p * PAGE_SIZE);
+                machine.vm.memory.read_slice(&mut page, at)?;
+                if !is_zero(&page) {
+                    machine.vm.memory.write_slice(&zero, at)?;
+                }
             }
         } else {
             machine
@@ -145,4 +150,56 @@ pub fn restore_state(machine: &Machine, payload: &[u8]) -> Result<(), MigrationE
         .unwrap()
         .restore(&state.devices)
         .map_err(|e| MigrationError::Build(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::cpuid::CpuProfile;
+    use crate::dirty::DirtySourceKind;
+    use ldt_migration::{encode_memory_header, MemoryRange, RANGE_ZERO};
+
+    fn message(gpa: u64, flags: u32, fill: u8) -> Vec<u8> {
+        let mut m = encode_memory_header(&[MemoryRange {
+            gpa,
+            pages: 2,
+            flags,
+        }]);
+        if flags & RANGE_ZERO == 0 {
+            m.extend_from_slice(&[fill; 2 * PAGE_SIZE as usize]);
+        }
+        m
+    }
+
+    fn page(machine: &Machine, gpa: u64) -> Vec<u8> {
+        let mut p = vec![0u8; PAGE_SIZE as usize];
+        machine
+            .vm
+            .memory
+            .read_slice(&mut p, GuestAddress(gpa))
+            .unwrap();
+        p
+    }
+
+    #[test]
+    fn a_zero_range_clears_pages_written_before_and_leaves_zero_ones() {
+        let hello = Hello {
+            mem_mib: 4,
+            vcpus: 1,
+            cpu_profile: CpuProfile::detect(),
+            dirty_source: DirtySourceKind::KvmBitmap,
+            verify: false,
+            snapshot: None,
+        };
+        let (console, _out) = ConsoleOut::buffer();
+        let machine = builder::build(&hello.resources(console, None)).unwrap();
+        apply_memory(&machine, &message(0x10_0000, 0, 0xab)).unwrap();
+        assert!(page(&machine, 0x10_1000).iter().all(|b| *b == 0xab));
+        // A later round says the pages are zero now, and two never touched.
+        apply_memory(&machine, &message(0x10_0000, RANGE_ZERO, 0)).unwrap();
+        apply_memory(&machine, &message(0x20_0000, RANGE_ZERO, 0)).unwrap();
+        for gpa in [0x10_0000, 0x10_1000, 0x20_0000, 0x20_1000] {
+            assert!(page(&machine, gpa).iter().all(|b| *b == 0), "{gpa:#x}");
+        }
+    }
 }

@@ -112,3 +112,9 @@ pub(crate) fn parse<T: for<'de> Deserialize<'de>>(
 ) -> Result<T, MigrationError> {
     serde_json::from_slice(payload).map_err(|e| MigrationError::BadMessage(what, e.to_string()))
 }
+
+/// Whether a page is all zeroes (sent as a flag, skipped when already so).
+pub(crate) fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(8)
+        .all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
+}

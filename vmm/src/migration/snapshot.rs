@@ -132,6 +132,9 @@ fn write_snapshot(
             let mut source = dirty::create(opts.dirty_source, ctl.dirty_options, ctl.ring.clone())?;
             dirty::reset_vmm_writes(&ctl.vm);
             source.start(&ctl.vm)?;
+            // This snapshot has all memory: the next diff starts from here
+            // (with INITIALLY_SET the source would report everything).
+            dirty::harvest(source.as_mut(), &ctl.vm)?;
             *chain = Some(SnapshotChain {
                 source,
                 last_id: String::new(),

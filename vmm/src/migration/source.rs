@@ -10,7 +10,7 @@ use super::digest::memory_digest;
 use super::report::{memcpy_rate_mb_s, MigrationReport, Progress, RoundStats};
 use super::throttle::Throttle;
 use super::transport::{self, Connection, Endpoint, FrameSink};
-use super::{parse, Hello, MachineState, MigrationError, Ready};
+use super::{is_zero, parse, Hello, MachineState, MigrationError, Ready};
 use crate::arch::layout::PAGE_SIZE;
 use crate::dirty::{self, DirtyBitmap, DirtySource, DirtySourceKind};
 use crate::runner::{RunState, VmControl};
@@ -108,6 +108,7 @@ impl<'a> Sender<'a> {
     }
 
     /// One message: runs of zero and non-zero pages of `data` at `gpa`.
+    /// The non-zero pages are copied once, straight into the message.
     fn send_chunk(
         &mut self,
         sink: &mut dyn FrameSink,
@@ -116,10 +117,8 @@ impl<'a> Sender<'a> {
         stats: &mut RoundStats,
     ) -> Result<(), MigrationError> {
         let mut ranges: Vec<MemoryRange> = Vec::new();
-        let mut payload_data: Vec<u8> = Vec::with_capacity(data.len());
         for (i, page) in data.chunks_exact(PAGE_SIZE as usize).enumerate() {
-            let zero = is_zero(page);
-            let flags = if zero { RANGE_ZERO } else { 0 };
+            let flags = if is_zero(page) { RANGE_ZERO } else { 0 };
             let page_gpa = gpa + i as u64 * PAGE_SIZE;
             match ranges.last_mut() {
                 Some(r) if r.flags == flags && r.gpa + r.pages as u64 * PAGE_SIZE == page_gpa => {
@@ -131,15 +130,19 @@ impl<'a> Sender<'a> {
                     flags,
                 }),
             }
-            if zero {
-                stats.zero_pages += 1;
-            } else {
-                payload_data.extend_from_slice(page);
-            }
-            stats.pages += 1;
         }
         let mut msg = encode_memory_header(&ranges);
-        msg.extend_from_slice(&payload_data);
+        msg.reserve(data.len());
+        for r in &ranges {
+            let pages = r.pages as u64;
+            if r.is_zero() {
+                stats.zero_pages += pages;
+            } else {
+                let off = (r.gpa - gpa) as usize;
+                msg.extend_from_slice(&data[off..off + (pages * PAGE_SIZE) as usize]);
+            }
+            stats.pages += pages;
+        }
         sink.send(MessageKind::Memory, &msg)?;
         self.memory_bytes += data.len() as u64;
         self.throttle(sink)?;
@@ -178,11 +181,6 @@ pub(crate) fn save_machine_state(ctl: &VmControl) -> Result<MachineState, Migrat
         vcpus,
         devices: ctl.devices.lock().unwrap().save(),
     })
-}
-
-fn is_zero(page: &[u8]) -> bool {
-    page.chunks_exact(8)
-        .all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
 }
 
 fn expect(frame: ldt_migration::Frame, kind: MessageKind) -> Result<Vec<u8>, MigrationError> {
@@ -257,6 +255,9 @@ fn run_rounds(
 ) -> Result<MigrationReport, MigrationError> {
     let setup_ms = started.elapsed().as_secs_f64() * 1e3;
     let mut sender = Sender::new(ctl, opts.bandwidth_limit_mbps, conn.bytes_sent);
+    // Round 0 sends all memory, so what the source reports up to here (all
+    // of it with INITIALLY_SET) is covered: drop it, or round 1 resends it.
+    dirty::harvest(source, &ctl.vm)?;
     let mut rounds = vec![sender.send_round(conn, 0, &DirtyBitmap::full(&ctl.vm.slots))?];
     let target = Duration::from_millis(opts.downtime_ms);
     let mut converged = true;
