@@ -36,6 +36,18 @@ run_case() {
 	echo "=== $name: level-2 ldt.run=$run ${opts[*]}, expecting status $want (timeout ${TIMEOUT}s)"
 	"$ROOT/images/run-nested.sh" --timeout "$TIMEOUT" --run "$run" --log "$log" "${opts[@]}" \
 		</dev/null || status=$?
+	# Seen once in ~15 migration runs: the level-2 guest triple-faults (no
+	# oops printed) as ldt-memcheck starts, before any migration or dirty
+	# tracking.  Not understood yet (nested SVM under TCG is suspected);
+	# such a run is repeated once, loudly, and only that failure.
+	if [ "$status" -eq 251 ] && grep -q 'guest triple fault' "$log" &&
+		! grep -q 'ldt-migrate-l2: migrating' "$log"; then
+		echo "=== $name: RETRY: level-2 triple fault before the migration started"
+		grep -m3 'triple fault\|ldt-init: running' "$log" | sed 's/^/=== /'
+		status=0
+		"$ROOT/images/run-nested.sh" --timeout "$TIMEOUT" --run "$run" --log "$log" "${opts[@]}" \
+			</dev/null || status=$?
+	fi
 	why=
 	[ "$status" -eq "$want" ] || why="status $status, expected $want"
 	require_output "$log" "$@"
