@@ -17,6 +17,8 @@ set -euo pipefail
 
 # shellcheck source=images/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=images/pack.sh
+source "$LDT_ROOT/images/pack.sh"
 
 ldt_ensure_packages redis-tools cpio || ldt_die "cannot install redis-tools"
 key=$({
@@ -53,13 +55,7 @@ stage=$(mktemp -d "$LDT_CACHE/redis-stage.XXXXXX")
 trap 'rm -rf "$stage"' EXIT
 
 install -D -m 0755 "$server" "$stage/usr/bin/redis-server"
-# Every library ldd resolves (absolute paths), and the loader itself;
-# copied with symlinks resolved, at the path the binary asks for.
-libs=$(ldd "$server" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }')
-[ -n "$libs" ] || ldt_die "ldd found no libraries for $server"
-for lib in $libs; do
-	install -D -m 0755 "$(readlink -f "$lib")" "$stage$lib"
-done
+pack_libs "$server" "$stage" || ldt_die "cannot copy the libraries of $server"
 
 # Fixed mtimes and owners: the same inputs give the same archive.
 find "$stage" -exec touch -h -d @0 {} +
@@ -68,5 +64,5 @@ mkdir -p "$dir"
 	cpio -o -H newc --quiet -R 0:0 --reproducible) >"$out.tmp" ||
 	ldt_die "cpio failed"
 mv "$out.tmp" "$out"
-echo "built $out ($(du -h "$out" | cut -f1), $(echo "$libs" | wc -w) libraries)"
+echo "built $out ($(du -h "$out" | cut -f1))"
 echo "$out"

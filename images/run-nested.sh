@@ -45,6 +45,8 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # shellcheck source=images/nested/lib.sh
 source "$LDT_ROOT/images/nested/lib.sh"
+# shellcheck source=images/pack.sh
+source "$LDT_ROOT/images/pack.sh"
 
 harness_fail() {
 	echo "run-nested: $*" >&2
@@ -116,9 +118,7 @@ if [ -n "$bench" ]; then
 	# loader, and its firmware directory, at their Debian paths.
 	qemu_bin=/usr/bin/qemu-system-x86_64
 	install -D -m 0755 "$qemu_bin" "$root$qemu_bin"
-	for lib in $(ldd "$qemu_bin" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do
-		install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"
-	done
+	pack_libs "$qemu_bin" "$root" || harness_fail "cannot copy the libraries of $qemu_bin"
 	mkdir -p "$root/usr/share"
 	cp -rL /usr/share/qemu /usr/share/seabios "$root/usr/share/"
 fi
