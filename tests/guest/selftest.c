@@ -1,12 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * ldt-selftest: tests of lightweight dirty tracking (LDT, CONFIG_LDT; see
- * Documentation/admin-guide/mm/ldt.rst in the patched kernel).
+ * ldt-selftest: tests of lightweight dirty tracking (LDT, CONFIG_LWDT; see
+ * Documentation/admin-guide/mm/lwdt.rst in the patched kernel).
  *
  * The property tested everywhere: LDT never misses a write.  Each test
  * writes pages (at random, over anonymous memory, shmem, private file
  * mappings, THPs and small pages), keeps its own record of what it wrote,
- * then harvests with LDT_HARVEST and checks that every written page was
+ * then harvests with LWDT_HARVEST and checks that every written page was
  * reported.  Where it makes sense the same writes are also tracked by
  * soft-dirty (/proc/self/clear_refs + pagemap bit 55) and by PAGEMAP_SCAN
  * with userfaultfd async write-protection, and all three are compared with
@@ -54,21 +54,21 @@
 #include <sys/uio.h>
 #include <sys/wait.h>
 
-/* include/uapi/linux/ldt.h, for C libraries whose headers predate it. */
-#ifndef LDT_START
-struct ldt_region {
+/* include/uapi/linux/lwdt.h, for C libraries whose headers predate it. */
+#ifndef LWDT_START
+struct lwdt_region {
 	uint64_t start;
 	uint64_t end;
 };
 
-struct ldt_start_arg {
+struct lwdt_start_arg {
 	uint64_t size;
 	uint64_t flags;
 	uint64_t start;
 	uint64_t end;
 };
 
-struct ldt_harvest_arg {
+struct lwdt_harvest_arg {
 	uint64_t size;
 	uint64_t flags;
 	uint64_t start;
@@ -79,9 +79,9 @@ struct ldt_harvest_arg {
 	uint64_t max_pages;
 };
 
-#define LDT_START	_IOW('f', 0x40, struct ldt_start_arg)
-#define LDT_HARVEST	_IOWR('f', 0x41, struct ldt_harvest_arg)
-#define LDT_STOP	_IO('f', 0x42)
+#define LWDT_START	_IOW('f', 0x40, struct lwdt_start_arg)
+#define LWDT_HARVEST	_IOWR('f', 0x41, struct lwdt_harvest_arg)
+#define LWDT_STOP	_IO('f', 0x42)
 #endif
 
 /* PAGEMAP_SCAN (Linux 6.7, include/uapi/linux/fs.h). */
@@ -238,34 +238,34 @@ static long proc_value(const char *path, const char *key)
 
 /* ---- LDT ------------------------------------------------------------- */
 
-static int ldt_start_fd(int fd, const void *p, size_t len)
+static int lwdt_start_fd(int fd, const void *p, size_t len)
 {
-	struct ldt_start_arg arg = {
+	struct lwdt_start_arg arg = {
 		.size = sizeof(arg),
 		.start = (uintptr_t)p,
 		.end = (uintptr_t)p + len,
 	};
 
-	return ioctl(fd, LDT_START, &arg) ? -errno : 0;
+	return ioctl(fd, LWDT_START, &arg) ? -errno : 0;
 }
 
-static int ldt_start(const void *p, size_t len)
+static int lwdt_start(const void *p, size_t len)
 {
-	return ldt_start_fd(pagemap_fd, p, len);
+	return lwdt_start_fd(pagemap_fd, p, len);
 }
 
-static int ldt_stop_fd(int fd)
+static int lwdt_stop_fd(int fd)
 {
-	return ioctl(fd, LDT_STOP) ? -errno : 0;
+	return ioctl(fd, LWDT_STOP) ? -errno : 0;
 }
 
-static int ldt_stop(void)
+static int lwdt_stop(void)
 {
-	return ldt_stop_fd(pagemap_fd);
+	return lwdt_stop_fd(pagemap_fd);
 }
 
 #define VEC_MAX 4096
-static struct ldt_region ldt_vec[VEC_MAX];
+static struct lwdt_region lwdt_vec[VEC_MAX];
 
 struct harvest_stats {
 	long calls, regions, pages, outside;
@@ -277,16 +277,16 @@ struct harvest_stats {
  * (0: none), resuming from walk_end until the range is covered.  Returns
  * 0 or -errno.
  */
-static int ldt_collect_fd(int fd, const void *p, size_t len,
+static int lwdt_collect_fd(int fd, const void *p, size_t len,
 			  unsigned char *map, size_t vec_len, size_t max_pages,
 			  struct harvest_stats *st)
 {
 	uintptr_t base = (uintptr_t)p, end = base + len;
-	struct ldt_harvest_arg arg = {
+	struct lwdt_harvest_arg arg = {
 		.size = sizeof(arg),
 		.start = base,
 		.end = end,
-		.vec = (uintptr_t)ldt_vec,
+		.vec = (uintptr_t)lwdt_vec,
 		.vec_len = vec_len,
 		.max_pages = max_pages,
 	};
@@ -297,7 +297,7 @@ static int ldt_collect_fd(int fd, const void *p, size_t len,
 	if (vec_len > VEC_MAX)
 		return -EINVAL;
 	for (;;) {
-		long n = ioctl(fd, LDT_HARVEST, &arg);
+		long n = ioctl(fd, LWDT_HARVEST, &arg);
 		long i;
 
 		if (n < 0)
@@ -307,12 +307,12 @@ static int ldt_collect_fd(int fd, const void *p, size_t len,
 		for (i = 0; i < n; i++) {
 			uint64_t a;
 
-			if (ldt_vec[i].start < arg.start || ldt_vec[i].end > end ||
-			    ldt_vec[i].start >= ldt_vec[i].end) {
+			if (lwdt_vec[i].start < arg.start || lwdt_vec[i].end > end ||
+			    lwdt_vec[i].start >= lwdt_vec[i].end) {
 				st->outside++;
 				continue;
 			}
-			for (a = ldt_vec[i].start; a < ldt_vec[i].end;
+			for (a = lwdt_vec[i].start; a < lwdt_vec[i].end;
 			     a += page_size) {
 				if (map)
 					map[(a - base) / page_size] = 1;
@@ -329,9 +329,9 @@ static int ldt_collect_fd(int fd, const void *p, size_t len,
 	}
 }
 
-static int ldt_collect(const void *p, size_t len, unsigned char *map)
+static int lwdt_collect(const void *p, size_t len, unsigned char *map)
 {
-	return ldt_collect_fd(pagemap_fd, p, len, map, VEC_MAX, 0, NULL);
+	return lwdt_collect_fd(pagemap_fd, p, len, map, VEC_MAX, 0, NULL);
 }
 
 /* ---- soft-dirty and PAGEMAP_SCAN, the references ----------------------- */
@@ -744,7 +744,7 @@ static size_t compare(const char *what, struct area *a, bool have_sd,
 
 /* Totals over the rounds of one test, for its summary line. */
 struct totals {
-	size_t written, ldt_missed, ldt_extra, sd_missed, sd_extra;
+	size_t written, lwdt_missed, lwdt_extra, sd_missed, sd_extra;
 	size_t scan_missed, scan_extra;
 };
 
@@ -754,8 +754,8 @@ static void add_totals(struct totals *t, struct area *a)
 
 	for (i = 0; i < a->npages; i++) {
 		t->written += a->written[i];
-		t->ldt_missed += a->written[i] && !a->ldt[i];
-		t->ldt_extra += !a->written[i] && a->ldt[i];
+		t->lwdt_missed += a->written[i] && !a->ldt[i];
+		t->lwdt_extra += !a->written[i] && a->ldt[i];
 		t->sd_missed += a->written[i] && !a->sd[i];
 		t->sd_extra += !a->written[i] && a->sd[i];
 		t->scan_missed += a->written[i] && !a->scan[i];
@@ -773,8 +773,8 @@ static int rounds = 4;
 static void test_api(void)
 {
 	const char *name = "api";
-	struct ldt_start_arg sa = { .size = sizeof(sa) };
-	struct ldt_harvest_arg ha = { .size = sizeof(ha) };
+	struct lwdt_start_arg sa = { .size = sizeof(sa) };
+	struct lwdt_harvest_arg ha = { .size = sizeof(ha) };
 	unsigned char *p;
 	bool ok = true;
 
@@ -788,49 +788,49 @@ static void test_api(void)
 		name, __LINE__, #cond, errno); ok = false; } } while (0)
 	ha.start = (uintptr_t)p;
 	ha.end = (uintptr_t)p + 16 * page_size;
-	ha.vec = (uintptr_t)ldt_vec;
+	ha.vec = (uintptr_t)lwdt_vec;
 	ha.vec_len = 16;
 	/* Not tracked yet. */
-	EXPECT(ioctl(pagemap_fd, LDT_HARVEST, &ha) == -1 && errno == EINVAL);
-	EXPECT(ldt_stop() == -EINVAL);
+	EXPECT(ioctl(pagemap_fd, LWDT_HARVEST, &ha) == -1 && errno == EINVAL);
+	EXPECT(lwdt_stop() == -EINVAL);
 	/* Bad arguments. */
 	sa.start = (uintptr_t)p;
 	sa.end = (uintptr_t)p + 16 * page_size;
 	sa.size = sizeof(sa) + 8;
-	EXPECT(ioctl(pagemap_fd, LDT_START, &sa) == -1 && errno == EINVAL);
+	EXPECT(ioctl(pagemap_fd, LWDT_START, &sa) == -1 && errno == EINVAL);
 	sa.size = sizeof(sa);
 	sa.flags = 1;
-	EXPECT(ioctl(pagemap_fd, LDT_START, &sa) == -1 && errno == EINVAL);
+	EXPECT(ioctl(pagemap_fd, LWDT_START, &sa) == -1 && errno == EINVAL);
 	sa.flags = 0;
 	sa.start = (uintptr_t)p + 1;
-	EXPECT(ioctl(pagemap_fd, LDT_START, &sa) == -1 && errno == EINVAL);
+	EXPECT(ioctl(pagemap_fd, LWDT_START, &sa) == -1 && errno == EINVAL);
 	sa.start = sa.end;
-	EXPECT(ioctl(pagemap_fd, LDT_START, &sa) == -1 && errno == EINVAL);
+	EXPECT(ioctl(pagemap_fd, LWDT_START, &sa) == -1 && errno == EINVAL);
 	sa.start = (uintptr_t)p;
-	EXPECT(ioctl(pagemap_fd, LDT_START, &sa) == 0);
+	EXPECT(ioctl(pagemap_fd, LWDT_START, &sa) == 0);
 	ha.vec_len = 0;
-	EXPECT(ioctl(pagemap_fd, LDT_HARVEST, &ha) == -1 && errno == EINVAL);
+	EXPECT(ioctl(pagemap_fd, LWDT_HARVEST, &ha) == -1 && errno == EINVAL);
 	ha.vec_len = 16;
 	ha.flags = 1;
-	EXPECT(ioctl(pagemap_fd, LDT_HARVEST, &ha) == -1 && errno == EINVAL);
+	EXPECT(ioctl(pagemap_fd, LWDT_HARVEST, &ha) == -1 && errno == EINVAL);
 	ha.flags = 0;
 	ha.size = 8;
-	EXPECT(ioctl(pagemap_fd, LDT_HARVEST, &ha) == -1 && errno == EINVAL);
+	EXPECT(ioctl(pagemap_fd, LWDT_HARVEST, &ha) == -1 && errno == EINVAL);
 	ha.size = sizeof(ha);
 	/* Nothing written yet: nothing reported, walk_end at the end. */
-	EXPECT(ioctl(pagemap_fd, LDT_HARVEST, &ha) == 0);
+	EXPECT(ioctl(pagemap_fd, LWDT_HARVEST, &ha) == 0);
 	EXPECT(ha.walk_end == ha.end);
 	p[3 * page_size] = 1;
-	EXPECT(ioctl(pagemap_fd, LDT_HARVEST, &ha) == 1);
-	EXPECT(ldt_vec[0].start == (uintptr_t)p + 3 * page_size &&
-	       ldt_vec[0].end == (uintptr_t)p + 4 * page_size);
+	EXPECT(ioctl(pagemap_fd, LWDT_HARVEST, &ha) == 1);
+	EXPECT(lwdt_vec[0].start == (uintptr_t)p + 3 * page_size &&
+	       lwdt_vec[0].end == (uintptr_t)p + 4 * page_size);
 	/* Outside the tracked range nothing is reported. */
 	p[3 * page_size] = 2;
 	ha.end = (uintptr_t)p + 32 * page_size;
-	EXPECT(ioctl(pagemap_fd, LDT_HARVEST, &ha) == 1);
+	EXPECT(ioctl(pagemap_fd, LWDT_HARVEST, &ha) == 1);
 	EXPECT(ha.walk_end == ha.end);
-	EXPECT(ldt_stop() == 0);
-	EXPECT(ldt_stop() == -EINVAL);
+	EXPECT(lwdt_stop() == 0);
+	EXPECT(lwdt_stop() == -EINVAL);
 	EXPECT(ioctl(pagemap_fd, 0x7777, NULL) == -1);
 #undef EXPECT
 	munmap(p, 16 * page_size);
@@ -857,7 +857,7 @@ static void test_random(enum area_kind kind)
 	have_scan = !err;
 	if (err)
 		diag("%s: no PAGEMAP_SCAN reference: %s", name, strerror(-err));
-	if (ldt_start(a.p, a.len) || sd_clear()) {
+	if (lwdt_start(a.p, a.len) || sd_clear()) {
 		result(false, name);
 		goto out;
 	}
@@ -868,7 +868,7 @@ static void test_random(enum area_kind kind)
 		write_random(&a, (r + 1) * 0.05);
 		if (sd_collect(a.p, a.npages, a.sd) || sd_clear() ||
 		    (have_scan && scan_collect(&sc, a.scan)) ||
-		    ldt_collect(a.p, a.len, a.ldt)) {
+		    lwdt_collect(a.p, a.len, a.ldt)) {
 			diag("%s: collecting failed: %s", name, strerror(errno));
 			ok = false;
 			break;
@@ -880,10 +880,10 @@ static void test_random(enum area_kind kind)
 	}
 	diag("%s: %d rounds, %zu pages written: ldt missed %zu extra %zu; "
 	     "soft-dirty missed %zu extra %zu; pagemap_scan %s missed %zu extra %zu",
-	     name, rounds, t.written, t.ldt_missed, t.ldt_extra, t.sd_missed,
+	     name, rounds, t.written, t.lwdt_missed, t.lwdt_extra, t.sd_missed,
 	     t.sd_extra, have_scan ? "" : "(unavailable)", t.scan_missed,
 	     t.scan_extra);
-	if (ldt_stop())
+	if (lwdt_stop())
 		ok = false;
 	result(ok, name);
 out:
@@ -902,11 +902,11 @@ static void test_resume(void)
 
 	if (area_setup(name, &a, ANON, area_len))
 		return;
-	ldt_start(a.p, a.len);
+	lwdt_start(a.p, a.len);
 	/* Scattered pages: many regions. */
 	for (i = 0; i < a.npages; i += 3)
 		write_page(&a, i, 2);
-	if (ldt_collect_fd(pagemap_fd, a.p, a.len, a.ldt, 1, 0, &st1))
+	if (lwdt_collect_fd(pagemap_fd, a.p, a.len, a.ldt, 1, 0, &st1))
 		ok = false;
 	if (compare("resume vec_len=1", &a, false, false))
 		ok = false;
@@ -915,13 +915,13 @@ static void test_resume(void)
 	for (i = 0; i < a.npages; i += 64)
 		for (j = 0; j < 20 && i + j < a.npages; j++)
 			write_page(&a, i + j, 3);
-	if (ldt_collect_fd(pagemap_fd, a.p, a.len, a.ldt, 7, 13, &st2))
+	if (lwdt_collect_fd(pagemap_fd, a.p, a.len, a.ldt, 7, 13, &st2))
 		ok = false;
 	if (compare("resume max_pages=13", &a, false, false))
 		ok = false;
 	/* The stopped harvests left nothing behind. */
 	memset(a.ldt, 0, a.npages);
-	if (ldt_collect(a.p, a.len, a.ldt) || count(a.ldt, a.npages))
+	if (lwdt_collect(a.p, a.len, a.ldt) || count(a.ldt, a.npages))
 		ok = false;
 	diag("%s: vec_len 1: %ld calls %ld regions %ld pages", name,
 	     st1.calls, st1.regions, st1.pages);
@@ -929,7 +929,7 @@ static void test_resume(void)
 	     st2.calls, st2.regions, st2.pages);
 	if (st1.outside || st2.outside)
 		ok = false;
-	ldt_stop();
+	lwdt_stop();
 	area_unmap(&a);
 	result(ok, name);
 }
@@ -944,16 +944,16 @@ static void test_clean(void)
 
 	if (area_setup(name, &a, ANON, area_len))
 		return;
-	ldt_start(a.p, a.len);
+	lwdt_start(a.p, a.len);
 	for (i = 0; i < a.npages; i++)
 		(void)read_page(&a, i);
-	if (ldt_collect(a.p, a.len, a.ldt))
+	if (lwdt_collect(a.p, a.len, a.ldt))
 		ok = false;
 	n = count(a.ldt, a.npages);
 	diag("%s: %zu pages read, %zu reported", name, a.npages, n);
 	if (n)
 		ok = false;
-	ldt_stop();
+	lwdt_stop();
 	area_unmap(&a);
 	result(ok, name);
 }
@@ -974,16 +974,16 @@ static void test_fork(enum area_kind kind)
 	snprintf(name, sizeof(name), "fork_%s", kind_name[kind]);
 	if (area_setup(name, &a, kind, area_len))
 		return;
-	ldt_start(a.p, a.len);
+	lwdt_start(a.p, a.len);
 	for (i = 0; i < 3; i++) {
 		write_random(&a, 0.05);
 		pid = fork();
 		if (pid == 0) {
-			struct ldt_harvest_arg ha = {
+			struct lwdt_harvest_arg ha = {
 				.size = sizeof(ha),
 				.start = (uintptr_t)a.p,
 				.end = (uintptr_t)a.p + a.len,
-				.vec = (uintptr_t)ldt_vec,
+				.vec = (uintptr_t)lwdt_vec,
 				.vec_len = 1,
 			};
 			int bad = 0;
@@ -994,7 +994,7 @@ static void test_fork(enum area_kind kind)
 			 */
 			pagemap_fd = open("/proc/self/pagemap", O_RDONLY);
 			if (pagemap_fd < 0 ||
-			    ioctl(pagemap_fd, LDT_HARVEST, &ha) != -1 ||
+			    ioctl(pagemap_fd, LWDT_HARVEST, &ha) != -1 ||
 			    errno != EINVAL)
 				bad = 1;
 			if (kind != SHMEM)
@@ -1007,7 +1007,7 @@ static void test_fork(enum area_kind kind)
 			ok = false;
 		}
 		write_random(&a, 0.05);
-		if (ldt_collect(a.p, a.len, a.ldt)) {
+		if (lwdt_collect(a.p, a.len, a.ldt)) {
 			ok = false;
 			break;
 		}
@@ -1015,7 +1015,7 @@ static void test_fork(enum area_kind kind)
 			ok = false;
 		area_clear_maps(&a);
 	}
-	ldt_stop();
+	lwdt_stop();
 	area_unmap(&a);
 	result(ok, name);
 }
@@ -1031,25 +1031,25 @@ static void test_mprotect(enum area_kind kind)
 	snprintf(name, sizeof(name), "mprotect_%s", kind_name[kind]);
 	if (area_setup(name, &a, kind, area_len))
 		return;
-	ldt_start(a.p, a.len);
+	lwdt_start(a.p, a.len);
 	for (r = 0; r < 3; r++) {
 		int prot = r == 1 ? PROT_NONE : PROT_READ;
 
 		write_random(&a, 0.1);
 		if (mprotect(a.p, a.len / 2, prot) ||
 		    mprotect(a.p + a.len / 4, a.len / 2, PROT_READ) ||
-		    (r == 2 && ldt_collect(a.p, a.len, a.ldt)) ||
+		    (r == 2 && lwdt_collect(a.p, a.len, a.ldt)) ||
 		    mprotect(a.p, a.len, PROT_READ | PROT_WRITE)) {
 			ok = false;
 			break;
 		}
-		if (r != 2 && ldt_collect(a.p, a.len, a.ldt))
+		if (r != 2 && lwdt_collect(a.p, a.len, a.ldt))
 			ok = false;
 		if (compare(name, &a, false, false))
 			ok = false;
 		area_clear_maps(&a);
 	}
-	ldt_stop();
+	lwdt_stop();
 	area_unmap(&a);
 	result(ok, name);
 }
@@ -1076,7 +1076,7 @@ static void test_mremap(enum area_kind kind)
 		area_unmap(&a);
 		return;
 	}
-	ldt_start(a.p, a.len);
+	lwdt_start(a.p, a.len);
 	write_random_range(&a, 0, half, 0.1);
 	if (mremap(a.p, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, dst) != dst) {
 		diag("%s: mremap: %s", name, strerror(errno));
@@ -1089,10 +1089,10 @@ static void test_mremap(enum area_kind kind)
 		a.written[half + i] = a.written[i];
 		a.written[i] = 0;
 	}
-	if (ldt_collect(a.p, a.len, a.ldt) ||
+	if (lwdt_collect(a.p, a.len, a.ldt) ||
 	    compare(name, &a, false, false))
 		ok = false;
-	ldt_stop();
+	lwdt_stop();
 	area_unmap(&a);
 	result(ok, name);
 }
@@ -1109,7 +1109,7 @@ static void test_zap(enum area_kind kind, bool unmap)
 		 kind_name[kind]);
 	if (area_setup(name, &a, kind, area_len))
 		return;
-	ldt_start(a.p, a.len);
+	lwdt_start(a.p, a.len);
 	for (r = 0; r < 3; r++) {
 		size_t off = rnd_below(a.npages / 2) * page_size;
 		size_t len = (1 + rnd_below(a.npages / 4)) * page_size;
@@ -1128,12 +1128,12 @@ static void test_zap(enum area_kind kind, bool unmap)
 		} else if (madvise(a.p + off, len, MADV_DONTNEED)) {
 			ok = false;
 		}
-		if (ldt_collect(a.p, a.len, a.ldt) ||
+		if (lwdt_collect(a.p, a.len, a.ldt) ||
 		    compare(name, &a, false, false))
 			ok = false;
 		area_clear_maps(&a);
 	}
-	ldt_stop();
+	lwdt_stop();
 	area_unmap(&a);
 	result(ok, name);
 }
@@ -1199,7 +1199,7 @@ static void test_copy(enum area_kind kind)
 		area_unmap(&a);
 		return;
 	}
-	ldt_start(a.p, a.len);
+	lwdt_start(a.p, a.len);
 	memcpy(dst, a.p, a.len);	/* round 0: everything */
 	cw.a = &a;
 	cw.seed = rnd();
@@ -1210,7 +1210,7 @@ static void test_copy(enum area_kind kind)
 	for (r = 0; r < 20; r++) {
 		usleep(2000);
 		memset(a.ldt, 0, a.npages);
-		if (ldt_collect(a.p, a.len, a.ldt)) {
+		if (lwdt_collect(a.p, a.len, a.ldt)) {
 			ok = false;
 			break;
 		}
@@ -1226,7 +1226,7 @@ static void test_copy(enum area_kind kind)
 	pthread_join(th, NULL);
 	/* Last round, with the writer stopped. */
 	memset(a.ldt, 0, a.npages);
-	if (ldt_collect(a.p, a.len, a.ldt))
+	if (lwdt_collect(a.p, a.len, a.ldt))
 		ok = false;
 	for (i = 0; i < a.npages; i++) {
 		if (a.ldt[i]) {
@@ -1249,7 +1249,7 @@ static void test_copy(enum area_kind kind)
 		ok = false;
 	result(ok, name);
 out:
-	ldt_stop();
+	lwdt_stop();
 	free(dst);
 	area_unmap(&a);
 }
@@ -1285,7 +1285,7 @@ static void test_remote(void)
 	}
 	snprintf(path, sizeof(path), "/proc/%d/pagemap", pid);
 	fd = open(path, O_RDONLY);
-	if (pid < 0 || fd < 0 || ldt_start_fd(fd, a.p, a.len)) {
+	if (pid < 0 || fd < 0 || lwdt_start_fd(fd, a.p, a.len)) {
 		ok = false;
 		goto out;
 	}
@@ -1295,10 +1295,10 @@ static void test_remote(void)
 	}
 	/* The parent replays the child's choices to know what it wrote. */
 	write_random(&a, 0.1);
-	if (ldt_collect_fd(fd, a.p, a.len, a.ldt, VEC_MAX, 0, NULL) ||
+	if (lwdt_collect_fd(fd, a.p, a.len, a.ldt, VEC_MAX, 0, NULL) ||
 	    compare(name, &a, false, false))
 		ok = false;
-	if (ldt_stop_fd(fd))
+	if (lwdt_stop_fd(fd))
 		ok = false;
 out:
 	if (pid > 0) {
@@ -1451,12 +1451,12 @@ static void test_swap(enum area_kind kind)
 	 * marked dirty by the fault, only its entry is, so if the harvest
 	 * left the OS no dirty bit (OSB), reclaim would drop the data.
 	 */
-	ldt_start(a.p, a.len);
+	lwdt_start(a.p, a.len);
 	for (i = 0; i < a.npages; i++)
 		put_version(&a, i, ver[i] = 1);
-	if (ldt_collect(a.p, a.len, a.ldt) || compare(name, &a, false, false))
+	if (lwdt_collect(a.p, a.len, a.ldt) || compare(name, &a, false, false))
 		ok = false;
-	ldt_stop();
+	lwdt_stop();
 	area_clear_maps(&a);
 	/* Out and back in for reading: pages now in the swap cache, clean. */
 	if (madvise(a.p, a.len, MADV_PAGEOUT)) {
@@ -1473,7 +1473,7 @@ static void test_swap(enum area_kind kind)
 	madvise(a.p, a.len, MADV_WILLNEED);
 	if (check_versions(name, &a, ver))
 		ok = false;
-	ldt_start(a.p, a.len);
+	lwdt_start(a.p, a.len);
 	area_clear_maps(&a);
 	for (r = 2; r < 6; r++) {
 		size_t k = a.npages / 8, j, bad;
@@ -1483,12 +1483,12 @@ static void test_swap(enum area_kind kind)
 			put_version(&a, i, ver[i] = r);
 		}
 		/* Even rounds: harvest first, so only OSB keeps them dirty. */
-		if (r % 2 == 0 && ldt_collect(a.p, a.len, a.ldt))
+		if (r % 2 == 0 && lwdt_collect(a.p, a.len, a.ldt))
 			ok = false;
 		if (madvise(a.p, a.len, MADV_PAGEOUT))
 			ok = false;
 		out = swapped_pages(&a);
-		if (r % 2 && ldt_collect(a.p, a.len, a.ldt))
+		if (r % 2 && lwdt_collect(a.p, a.len, a.ldt))
 			ok = false;
 		if (compare(name, &a, false, false))
 			ok = false;
@@ -1501,7 +1501,7 @@ static void test_swap(enum area_kind kind)
 		     out, bad);
 		area_clear_maps(&a);
 	}
-	ldt_stop();
+	lwdt_stop();
 	result(ok, name);
 out:
 	free(ver);
@@ -1523,7 +1523,7 @@ static void test_madv_free(enum area_kind kind)
 	snprintf(name, sizeof(name), "madvfree_%s", kind_name[kind]);
 	if (area_setup(name, &a, kind, area_len / 2))
 		return;
-	ldt_start(a.p, a.len);
+	lwdt_start(a.p, a.len);
 	for (r = 0; r < 4; r++) {
 		write_random(&a, 0.1);
 		if (madvise(a.p, a.len, MADV_FREE))
@@ -1531,7 +1531,7 @@ static void test_madv_free(enum area_kind kind)
 		/* Odd rounds: and reclaim what MADV_FREE made discardable. */
 		if (r % 2 && swap_ok && madvise(a.p, a.len, MADV_PAGEOUT))
 			ok = false;
-		if (ldt_collect(a.p, a.len, a.ldt) ||
+		if (lwdt_collect(a.p, a.len, a.ldt) ||
 		    compare(name, &a, false, false))
 			ok = false;
 		area_clear_maps(&a);
@@ -1539,7 +1539,7 @@ static void test_madv_free(enum area_kind kind)
 	for (i = 0; i < a.npages; i++)
 		zero += !LOAD(a.p + i * page_size);
 	diag("%s: %zu pages were discarded", name, zero);
-	ldt_stop();
+	lwdt_stop();
 	area_unmap(&a);
 	result(ok, name);
 }
@@ -1589,7 +1589,7 @@ static void test_writeback(void)
 		put_version(&a, i, ver[i] = 1);
 	if (msync(a.p, len, MS_SYNC))
 		ok = false;
-	ldt_start(a.p, len);
+	lwdt_start(a.p, len);
 	area_clear_maps(&a);
 	for (r = 2; r < 6; r++) {
 		size_t k = a.npages / 8, j;
@@ -1599,17 +1599,17 @@ static void test_writeback(void)
 			put_version(&a, i, ver[i] = r);
 		}
 		/* Even rounds harvest before the writeback, odd ones after. */
-		if (r % 2 == 0 && ldt_collect(a.p, len, a.ldt))
+		if (r % 2 == 0 && lwdt_collect(a.p, len, a.ldt))
 			ok = false;
 		if (msync(a.p, len, MS_SYNC))
 			ok = false;
-		if (r % 2 && ldt_collect(a.p, len, a.ldt))
+		if (r % 2 && lwdt_collect(a.p, len, a.ldt))
 			ok = false;
 		if (compare(name, &a, false, false))
 			ok = false;
 		area_clear_maps(&a);
 	}
-	ldt_stop();
+	lwdt_stop();
 	/* What is on the device? */
 	munmap(a.p, len);
 	a.p = NULL;
@@ -1653,7 +1653,7 @@ static void test_thp_split(void)
 
 	if (area_setup(name, &a, THP, 2 * THP_SIZE))
 		return;
-	ldt_start(a.p, a.len);
+	lwdt_start(a.p, a.len);
 
 	/* TB: written, cleaned by MADV_FREE, split by mprotect(). */
 	write_random_range(&a, 0, thp_pages_nr, 0.05);
@@ -1661,7 +1661,7 @@ static void test_thp_split(void)
 	    mprotect(a.p + page_size, page_size, PROT_READ))
 		ok = false;
 	huge = thp_pages(a.p, THP_SIZE);
-	if (ldt_collect(a.p, a.len, a.ldt) ||
+	if (lwdt_collect(a.p, a.len, a.ldt) ||
 	    compare("thp_split TB", &a, false, false))
 		ok = false;
 	diag("%s: split with TB: %ld huge pages left, %zu reported",
@@ -1670,13 +1670,13 @@ static void test_thp_split(void)
 
 	/* OSB: written, harvested, split. */
 	write_random_range(&a, thp_pages_nr, 2 * thp_pages_nr, 0.05);
-	if (ldt_collect(a.p, a.len, a.ldt) ||
+	if (lwdt_collect(a.p, a.len, a.ldt) ||
 	    compare("thp_split OSB (before)", &a, false, false))
 		ok = false;
 	area_clear_maps(&a);
 	if (mprotect(a.p + THP_SIZE + page_size, page_size, PROT_READ))
 		ok = false;
-	if (ldt_collect(a.p, a.len, a.ldt))
+	if (lwdt_collect(a.p, a.len, a.ldt))
 		ok = false;
 	extra = count(a.ldt, a.npages);
 	diag("%s: split with OSB: %zu reported (false positives)", name, extra);
@@ -1689,17 +1689,17 @@ static void test_thp_split(void)
 		area_unmap(&a);
 		if (area_setup(name, &a, THP, 2 * THP_SIZE))
 			return;
-		ldt_start(a.p, a.len);
+		lwdt_start(a.p, a.len);
 		write_random(&a, 0.05);
 		if (madvise(a.p + THP_SIZE / 2, THP_SIZE, MADV_PAGEOUT))
 			ok = false;
-		if (ldt_collect(a.p, a.len, a.ldt) ||
+		if (lwdt_collect(a.p, a.len, a.ldt) ||
 		    compare("thp_split folio", &a, false, false))
 			ok = false;
 		diag("%s: folio split by partial pageout: %ld huge pages left",
 		     name, thp_pages(a.p, a.len));
 	}
-	ldt_stop();
+	lwdt_stop();
 	area_unmap(&a);
 	result(ok, name);
 }
@@ -1724,21 +1724,21 @@ static void test_collapse(enum area_kind kind)
 		return;
 	}
 	write_all(&a, 1);
-	ldt_start(a.p, a.len);
+	lwdt_start(a.p, a.len);
 	write_random(&a, 0.05);
 	if (madvise(a.p, a.len, MADV_HUGEPAGE) ||
 	    madvise(a.p, a.len, MADV_COLLAPSE)) {
 		diag("%s: MADV_COLLAPSE: %s", name, strerror(errno));
 		skip(name, "MADV_COLLAPSE failed");
-		ldt_stop();
+		lwdt_stop();
 		area_unmap(&a);
 		return;
 	}
-	if (ldt_collect(a.p, a.len, a.ldt) || compare(name, &a, false, false))
+	if (lwdt_collect(a.p, a.len, a.ldt) || compare(name, &a, false, false))
 		ok = false;
 	diag("%s: %ld pages in THPs after collapse, %zu reported", name,
 	     thp_pages(a.p, a.len), count(a.ldt, a.npages));
-	ldt_stop();
+	lwdt_stop();
 	area_unmap(&a);
 	result(ok, name);
 }
@@ -1768,7 +1768,7 @@ static void test_ksm(void)
 		return;
 	write_long("/sys/kernel/mm/ksm/pages_to_scan", 10000);
 	write_long("/sys/kernel/mm/ksm/sleep_millisecs", 10);
-	ldt_start(a.p, a.len);
+	lwdt_start(a.p, a.len);
 	for (i = 0; i < a.npages; i++) {
 		memset(a.p + i * page_size, 0x77, page_size);
 		a.written[i] = 1;
@@ -1784,17 +1784,17 @@ static void test_ksm(void)
 		usleep(20000);
 	}
 	diag("%s: %ld of %zu pages merged", name, merged, a.npages);
-	if (ldt_collect(a.p, a.len, a.ldt) || compare(name, &a, false, false))
+	if (lwdt_collect(a.p, a.len, a.ldt) || compare(name, &a, false, false))
 		ok = false;
 	area_clear_maps(&a);
 	/* Nothing written since: nothing to report. */
-	if (ldt_collect(a.p, a.len, a.ldt))
+	if (lwdt_collect(a.p, a.len, a.ldt))
 		ok = false;
 	diag("%s: %zu reported with no writes", name, count(a.ldt, a.npages));
 	area_clear_maps(&a);
 	/* Writes break the sharing (COW) and are reported. */
 	write_random(&a, 0.2);
-	if (ldt_collect(a.p, a.len, a.ldt) || compare(name, &a, false, false))
+	if (lwdt_collect(a.p, a.len, a.ldt) || compare(name, &a, false, false))
 		ok = false;
 	if (merged <= 0)
 		diag("%s: KSM merged nothing in time", name);
@@ -1804,7 +1804,7 @@ out:
 	write_long(run, old_run);
 	write_long("/sys/kernel/mm/ksm/pages_to_scan", old_scan);
 	write_long("/sys/kernel/mm/ksm/sleep_millisecs", old_sleep);
-	ldt_stop();
+	lwdt_stop();
 	area_unmap(&a);
 }
 
@@ -1830,7 +1830,7 @@ static void test_compaction(void)
 		result(false, name);
 		goto out;
 	}
-	ldt_start(a.p, a.len);
+	lwdt_start(a.p, a.len);
 	for (r = 0; r < 2; r++) {
 		write_random(&a, 0.2);
 		if (pagemap_entries(a.p, a.npages, before) ||
@@ -1840,13 +1840,13 @@ static void test_compaction(void)
 		for (i = 0; i < a.npages; i++)
 			moved += (before[i] & ((1ULL << 55) - 1)) !=
 				 (after[i] & ((1ULL << 55) - 1));
-		if (ldt_collect(a.p, a.len, a.ldt) ||
+		if (lwdt_collect(a.p, a.len, a.ldt) ||
 		    compare(name, &a, false, false))
 			ok = false;
 		area_clear_maps(&a);
 	}
 	diag("%s: %zu page moves seen", name, moved);
-	ldt_stop();
+	lwdt_stop();
 	result(ok, name);
 out:
 	free(before);
@@ -1871,7 +1871,7 @@ static void test_gup(enum area_kind kind)
 	if (area_setup(name, &a, kind, area_len / 2))
 		return;
 	memfd = open("/proc/self/mem", O_RDWR);
-	ldt_start(a.p, a.len);
+	lwdt_start(a.p, a.len);
 	for (r = 0; r < 3; r++) {
 		size_t k = a.npages / 16, j;
 
@@ -1893,14 +1893,14 @@ static void test_gup(enum area_kind kind)
 			}
 			a.written[i] = 1;
 		}
-		if (ldt_collect(a.p, a.len, a.ldt) ||
+		if (lwdt_collect(a.p, a.len, a.ldt) ||
 		    compare(name, &a, false, false))
 			ok = false;
 		area_clear_maps(&a);
 	}
 	if (memfd >= 0)
 		close(memfd);
-	ldt_stop();
+	lwdt_stop();
 	area_unmap(&a);
 	result(ok, name);
 }
@@ -2049,8 +2049,8 @@ int main(int argc, char **argv)
 	/* Is LDT there at all?  (Unknown pagemap ioctls fail with EINVAL.) */
 	probe = mmap(NULL, page_size, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS,
 		     -1, 0);
-	if (probe == MAP_FAILED || ldt_start(probe, page_size) || ldt_stop()) {
-		diag("LDT ioctls not supported by this kernel (CONFIG_LDT=n?)");
+	if (probe == MAP_FAILED || lwdt_start(probe, page_size) || lwdt_stop()) {
+		diag("LDT ioctls not supported by this kernel (CONFIG_LWDT=n?)");
 		for (i = 0; i < NR_TESTS; i++)
 			if (selected(tests[i].name, argc, argv))
 				skip(tests[i].name, "no LDT");
