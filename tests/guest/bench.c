@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * ldt-bench: the four experiments of the LDT paper, in the guest, comparing
- * lightweight dirty tracking (LDT_HARVEST) with soft-dirty
+ * lightweight dirty tracking (LWDT_HARVEST) with soft-dirty
  * (/proc/self/clear_refs + pagemap), PAGEMAP_SCAN over userfaultfd async
  * write-protection, and no tracking at all.  Every result is one JSON
  * object on one line, on stdout; lines starting with '#' are comments.
@@ -55,35 +55,8 @@
 #include <sys/un.h>
 #include <sys/wait.h>
 
-/* include/uapi/linux/ldt.h, for C libraries whose headers predate it. */
-#ifndef LDT_START
-struct ldt_region {
-	uint64_t start;
-	uint64_t end;
-};
-
-struct ldt_start_arg {
-	uint64_t size;
-	uint64_t flags;
-	uint64_t start;
-	uint64_t end;
-};
-
-struct ldt_harvest_arg {
-	uint64_t size;
-	uint64_t flags;
-	uint64_t start;
-	uint64_t end;
-	uint64_t walk_end;
-	uint64_t vec;
-	uint64_t vec_len;
-	uint64_t max_pages;
-};
-
-#define LDT_START	_IOW('f', 0x40, struct ldt_start_arg)
-#define LDT_HARVEST	_IOWR('f', 0x41, struct ldt_harvest_arg)
-#define LDT_STOP	_IO('f', 0x42)
-#endif
+/* include/uapi/linux/lwdt.h, for C libraries whose headers predate it. */
+#include "lwdt-uapi.h"
 
 /* PAGEMAP_SCAN (Linux 6.7, include/uapi/linux/fs.h). */
 #ifndef PAGEMAP_SCAN
@@ -200,9 +173,10 @@ struct tracked {
 	size_t len;
 	int uffd;
 	uint64_t *pm;		/* soft-dirty: pagemap entries */
+	int session_fd;		/* LDT: the tracking session */
 };
 
-static struct ldt_region ldt_vec[VEC_LEN];
+static struct lwdt_region ldt_vec[VEC_LEN];
 static struct page_region scan_vec[VEC_LEN];
 
 /*
@@ -237,10 +211,23 @@ static long scan_range(int fd, uint64_t start, uint64_t end, uint64_t flags,
 	}
 }
 
-/* LDT_HARVEST of [start, end) behind fd: pages reported, or -errno. */
+/* LWDT_START of [start, end) on pagemap file fd: the session, or -errno. */
+static int ldt_start(int fd, uint64_t start, uint64_t end)
+{
+	struct lwdt_start_arg arg = {
+		.size = sizeof(arg),
+		.start = start,
+		.end = end,
+	};
+	int session = ioctl(fd, LWDT_START, &arg);
+
+	return session < 0 ? -errno : session;
+}
+
+/* LWDT_HARVEST of [start, end) of session fd: pages reported, or -errno. */
 static long ldt_range(int fd, uint64_t start, uint64_t end)
 {
-	struct ldt_harvest_arg arg = {
+	struct lwdt_harvest_arg arg = {
 		.size = sizeof(arg),
 		.start = start,
 		.end = end,
@@ -250,7 +237,7 @@ static long ldt_range(int fd, uint64_t start, uint64_t end)
 	long pages = 0;
 
 	for (;;) {
-		long n = ioctl(fd, LDT_HARVEST, &arg), i;
+		long n = ioctl(fd, LWDT_HARVEST, &arg), i;
 
 		if (n < 0)
 			return -errno;
@@ -299,7 +286,7 @@ static long collect(struct tracked *tr)
 				  PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
 				  PAGE_IS_WRITTEN);
 	case LDT:
-		return ldt_range(pagemap_fd, (uintptr_t)tr->p,
+		return ldt_range(tr->session_fd, (uintptr_t)tr->p,
 				 (uintptr_t)tr->p + tr->len);
 	default:
 		return -EINVAL;
@@ -314,6 +301,7 @@ static int track(struct tracked *tr, enum tracker t, unsigned char *p,
 	tr->p = p;
 	tr->len = len;
 	tr->uffd = -1;
+	tr->session_fd = -1;
 	if (t == SOFT_DIRTY) {
 		tr->pm = malloc(len / PAGE * 8);
 		if (!tr->pm)
@@ -335,22 +323,20 @@ static int track(struct tracked *tr, enum tracker t, unsigned char *p,
 		    ioctl(tr->uffd, UFFDIO_REGISTER, &reg))
 			return -errno;
 	} else if (t == LDT) {
-		struct ldt_start_arg arg = {
-			.size = sizeof(arg),
-			.start = (uintptr_t)p,
-			.end = (uintptr_t)p + len,
-		};
-
-		if (ioctl(pagemap_fd, LDT_START, &arg))
-			return -errno;
+		tr->session_fd = ldt_start(pagemap_fd, (uintptr_t)p,
+					   (uintptr_t)p + len);
+		if (tr->session_fd < 0)
+			return tr->session_fd;
 	}
 	return collect(tr) < 0 ? -EIO : 0;
 }
 
 static void untrack(struct tracked *tr)
 {
-	if (tr->t == LDT)
-		ioctl(pagemap_fd, LDT_STOP);
+	/* Closing the session stops tracking. */
+	if (tr->session_fd >= 0)
+		close(tr->session_fd);
+	tr->session_fd = -1;
 	if (tr->uffd >= 0)
 		close(tr->uffd);
 	free(tr->pm);
@@ -631,6 +617,7 @@ static void bench_kv(void)
 struct ext_tracked {
 	enum tracker t;
 	int pm_fd;
+	int session_fd;		/* LDT: the tracking session */
 	char clear_refs[64];
 	char maps[64];
 };
@@ -687,7 +674,7 @@ static long ext_collect(struct ext_tracked *e)
 		return pages < 0 ? pages : ext_reset_soft_dirty(e, pages);
 	}
 	case LDT:
-		return ldt_range(e->pm_fd, 0, USER_END);
+		return ldt_range(e->session_fd, 0, USER_END);
 	default:
 		return -EINVAL;
 	}
@@ -702,27 +689,26 @@ static int ext_track(struct ext_tracked *e, enum tracker t, pid_t pid)
 	snprintf(path, sizeof(path), "/proc/%d/pagemap", pid);
 	snprintf(e->clear_refs, sizeof(e->clear_refs), "/proc/%d/clear_refs", pid);
 	snprintf(e->maps, sizeof(e->maps), "/proc/%d/maps", pid);
+	e->session_fd = -1;
 	e->pm_fd = open(path, O_RDONLY);
 	if (e->pm_fd < 0)
 		return -errno;
 	if (t == LDT) {
-		struct ldt_start_arg arg = {
-			.size = sizeof(arg), .start = 0, .end = USER_END,
-		};
-
-		if (ioctl(e->pm_fd, LDT_START, &arg))
-			return -errno;
+		e->session_fd = ldt_start(e->pm_fd, 0, USER_END);
+		if (e->session_fd < 0)
+			return e->session_fd;
 	}
 	return ext_collect(e) < 0 ? -EIO : 0;
 }
 
 static void ext_untrack(struct ext_tracked *e)
 {
-	if (e->pm_fd >= 0) {
-		if (e->t == LDT)
-			ioctl(e->pm_fd, LDT_STOP);
+	/* Closing the session stops tracking. */
+	if (e->session_fd >= 0)
+		close(e->session_fd);
+	if (e->pm_fd >= 0)
 		close(e->pm_fd);
-	}
+	e->session_fd = -1;
 	e->pm_fd = -1;
 }
 

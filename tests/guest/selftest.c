@@ -45,6 +45,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <linux/falloc.h>
 #include <linux/userfaultfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -54,34 +55,11 @@
 #include <sys/uio.h>
 #include <sys/wait.h>
 
-/* include/uapi/linux/lwdt.h, for C libraries whose headers predate it. */
-#ifndef LWDT_START
-struct lwdt_region {
-	uint64_t start;
-	uint64_t end;
-};
-
-struct lwdt_start_arg {
-	uint64_t size;
-	uint64_t flags;
-	uint64_t start;
-	uint64_t end;
-};
-
-struct lwdt_harvest_arg {
-	uint64_t size;
-	uint64_t flags;
-	uint64_t start;
-	uint64_t end;
-	uint64_t walk_end;
-	uint64_t vec;
-	uint64_t vec_len;
-	uint64_t max_pages;
-};
-
-#define LWDT_START	_IOW('f', 0x40, struct lwdt_start_arg)
-#define LWDT_HARVEST	_IOWR('f', 0x41, struct lwdt_harvest_arg)
-#define LWDT_STOP	_IO('f', 0x42)
+#if __has_include("linux/lwdt.h")
+#include <linux/lwdt.h>
+#else
+/* Built outside the kernel tree against older headers: a copy of the uapi. */
+#include "lwdt-uapi.h"
 #endif
 
 /* PAGEMAP_SCAN (Linux 6.7, include/uapi/linux/fs.h). */
@@ -137,6 +115,10 @@ struct pm_scan_arg {
 
 static size_t page_size;
 static int pagemap_fd = -1;
+/* The session of the tests that track this process (lwdt_start()). */
+static int session_fd = -1;
+/* LWDT_START returned 0: a kernel without session descriptors. */
+static bool first_revision;
 static bool verbose;
 static uint64_t rng_state;
 static int test_nr, failures;
@@ -238,6 +220,12 @@ static long proc_value(const char *path, const char *key)
 
 /* ---- LDT ------------------------------------------------------------- */
 
+/*
+ * LWDT_START on the pagemap file @fd: the new session's descriptor, or
+ * -errno.  (The series' first revision returned 0 and kept the session on
+ * the pagemap file itself: then a duplicate of @fd stands for it, so that
+ * these tests can show what that revision missed.)
+ */
 static int lwdt_start_fd(int fd, const void *p, size_t len)
 {
 	struct lwdt_start_arg arg = {
@@ -245,23 +233,40 @@ static int lwdt_start_fd(int fd, const void *p, size_t len)
 		.start = (uintptr_t)p,
 		.end = (uintptr_t)p + len,
 	};
+	int ret = ioctl(fd, LWDT_START, &arg);
 
-	return ioctl(fd, LWDT_START, &arg) ? -errno : 0;
+	if (ret < 0)
+		return -errno;
+	if (!ret)
+		first_revision = true;
+	return ret ? ret : dup(fd);
 }
 
 static int lwdt_start(const void *p, size_t len)
 {
-	return lwdt_start_fd(pagemap_fd, p, len);
+	int fd = lwdt_start_fd(pagemap_fd, p, len);
+
+	if (fd < 0)
+		return fd;
+	session_fd = fd;
+	return 0;
 }
 
+/* LWDT_STOP on session @fd, then close it: 0 or -errno of LWDT_STOP. */
 static int lwdt_stop_fd(int fd)
 {
-	return ioctl(fd, LWDT_STOP) ? -errno : 0;
+	int ret = ioctl(fd, LWDT_STOP) ? -errno : 0;
+
+	close(fd);
+	return ret;
 }
 
 static int lwdt_stop(void)
 {
-	return lwdt_stop_fd(pagemap_fd);
+	int ret = session_fd >= 0 ? lwdt_stop_fd(session_fd) : -EBADF;
+
+	session_fd = -1;
+	return ret;
 }
 
 #define VEC_MAX 4096
@@ -331,7 +336,7 @@ static int lwdt_collect_fd(int fd, const void *p, size_t len,
 
 static int lwdt_collect(const void *p, size_t len, unsigned char *map)
 {
-	return lwdt_collect_fd(pagemap_fd, p, len, map, VEC_MAX, 0, NULL);
+	return lwdt_collect_fd(session_fd, p, len, map, VEC_MAX, 0, NULL);
 }
 
 /* ---- soft-dirty and PAGEMAP_SCAN, the references ----------------------- */
@@ -777,6 +782,7 @@ static void test_api(void)
 	struct lwdt_harvest_arg ha = { .size = sizeof(ha) };
 	unsigned char *p;
 	bool ok = true;
+	int fd;
 
 	p = mmap(NULL, 16 * page_size, PROT_READ | PROT_WRITE,
 		 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -790,9 +796,9 @@ static void test_api(void)
 	ha.end = (uintptr_t)p + 16 * page_size;
 	ha.vec = (uintptr_t)lwdt_vec;
 	ha.vec_len = 16;
-	/* Not tracked yet. */
+	/* Harvest and stop only work on a session. */
 	EXPECT(ioctl(pagemap_fd, LWDT_HARVEST, &ha) == -1 && errno == EINVAL);
-	EXPECT(lwdt_stop() == -EINVAL);
+	EXPECT(ioctl(pagemap_fd, LWDT_STOP) == -1 && errno == EINVAL);
 	/* Bad arguments. */
 	sa.start = (uintptr_t)p;
 	sa.end = (uintptr_t)p + 16 * page_size;
@@ -807,30 +813,36 @@ static void test_api(void)
 	sa.start = sa.end;
 	EXPECT(ioctl(pagemap_fd, LWDT_START, &sa) == -1 && errno == EINVAL);
 	sa.start = (uintptr_t)p;
-	EXPECT(ioctl(pagemap_fd, LWDT_START, &sa) == 0);
+	fd = ioctl(pagemap_fd, LWDT_START, &sa);
+	EXPECT(fd > 2);
+	EXPECT(fcntl(fd, F_GETFD) == FD_CLOEXEC);
 	ha.vec_len = 0;
-	EXPECT(ioctl(pagemap_fd, LWDT_HARVEST, &ha) == -1 && errno == EINVAL);
+	EXPECT(ioctl(fd, LWDT_HARVEST, &ha) == -1 && errno == EINVAL);
 	ha.vec_len = 16;
 	ha.flags = 1;
-	EXPECT(ioctl(pagemap_fd, LWDT_HARVEST, &ha) == -1 && errno == EINVAL);
+	EXPECT(ioctl(fd, LWDT_HARVEST, &ha) == -1 && errno == EINVAL);
 	ha.flags = 0;
 	ha.size = 8;
-	EXPECT(ioctl(pagemap_fd, LWDT_HARVEST, &ha) == -1 && errno == EINVAL);
+	EXPECT(ioctl(fd, LWDT_HARVEST, &ha) == -1 && errno == EINVAL);
 	ha.size = sizeof(ha);
 	/* Nothing written yet: nothing reported, walk_end at the end. */
-	EXPECT(ioctl(pagemap_fd, LWDT_HARVEST, &ha) == 0);
+	EXPECT(ioctl(fd, LWDT_HARVEST, &ha) == 0);
 	EXPECT(ha.walk_end == ha.end);
 	p[3 * page_size] = 1;
-	EXPECT(ioctl(pagemap_fd, LWDT_HARVEST, &ha) == 1);
+	EXPECT(ioctl(fd, LWDT_HARVEST, &ha) == 1);
 	EXPECT(lwdt_vec[0].start == (uintptr_t)p + 3 * page_size &&
 	       lwdt_vec[0].end == (uintptr_t)p + 4 * page_size);
 	/* Outside the tracked range nothing is reported. */
 	p[3 * page_size] = 2;
 	ha.end = (uintptr_t)p + 32 * page_size;
-	EXPECT(ioctl(pagemap_fd, LWDT_HARVEST, &ha) == 1);
+	EXPECT(ioctl(fd, LWDT_HARVEST, &ha) == 1);
 	EXPECT(ha.walk_end == ha.end);
-	EXPECT(lwdt_stop() == 0);
-	EXPECT(lwdt_stop() == -EINVAL);
+	/* The pagemap file's other ioctls are not the session's. */
+	EXPECT(ioctl(fd, 0x7777, NULL) == -1 && errno == ENOTTY);
+	EXPECT(ioctl(fd, LWDT_STOP) == 0);
+	EXPECT(ioctl(fd, LWDT_STOP) == -1 && errno == EINVAL);
+	EXPECT(ioctl(fd, LWDT_HARVEST, &ha) == -1 && errno == EINVAL);
+	EXPECT(close(fd) == 0);
 	EXPECT(ioctl(pagemap_fd, 0x7777, NULL) == -1);
 #undef EXPECT
 	munmap(p, 16 * page_size);
@@ -906,7 +918,7 @@ static void test_resume(void)
 	/* Scattered pages: many regions. */
 	for (i = 0; i < a.npages; i += 3)
 		write_page(&a, i, 2);
-	if (lwdt_collect_fd(pagemap_fd, a.p, a.len, a.ldt, 1, 0, &st1))
+	if (lwdt_collect_fd(session_fd, a.p, a.len, a.ldt, 1, 0, &st1))
 		ok = false;
 	if (compare("resume vec_len=1", &a, false, false))
 		ok = false;
@@ -915,7 +927,7 @@ static void test_resume(void)
 	for (i = 0; i < a.npages; i += 64)
 		for (j = 0; j < 20 && i + j < a.npages; j++)
 			write_page(&a, i + j, 3);
-	if (lwdt_collect_fd(pagemap_fd, a.p, a.len, a.ldt, 7, 13, &st2))
+	if (lwdt_collect_fd(session_fd, a.p, a.len, a.ldt, 7, 13, &st2))
 		ok = false;
 	if (compare("resume max_pages=13", &a, false, false))
 		ok = false;
@@ -986,16 +998,20 @@ static void test_fork(enum area_kind kind)
 				.vec = (uintptr_t)lwdt_vec,
 				.vec_len = 1,
 			};
-			int bad = 0;
+			int bad = 0, fd;
 
 			/*
-			 * Tracking is not inherited.  (The inherited
-			 * pagemap_fd still stands for the parent's mm.)
+			 * Tracking is not inherited: the child's own mm
+			 * takes a session.  (The inherited pagemap_fd
+			 * still stands for the parent's mm.)
 			 */
 			pagemap_fd = open("/proc/self/pagemap", O_RDONLY);
 			if (pagemap_fd < 0 ||
 			    ioctl(pagemap_fd, LWDT_HARVEST, &ha) != -1 ||
 			    errno != EINVAL)
+				bad = 1;
+			fd = lwdt_start_fd(pagemap_fd, a.p, a.len);
+			if (fd < 0 || lwdt_stop_fd(fd))
 				bad = 1;
 			if (kind != SHMEM)
 				write_random(&a, 0.1);
@@ -1258,7 +1274,7 @@ out:
 static void test_remote(void)
 {
 	const char *name = "remote";
-	int go[2], done[2], fd = -1;
+	int go[2], done[2], fd = -1, sfd = -1;
 	bool ok = true;
 	struct area a;
 	char path[64];
@@ -1285,7 +1301,9 @@ static void test_remote(void)
 	}
 	snprintf(path, sizeof(path), "/proc/%d/pagemap", pid);
 	fd = open(path, O_RDONLY);
-	if (pid < 0 || fd < 0 || lwdt_start_fd(fd, a.p, a.len)) {
+	if (pid > 0 && fd >= 0)
+		sfd = lwdt_start_fd(fd, a.p, a.len);
+	if (sfd < 0) {
 		ok = false;
 		goto out;
 	}
@@ -1295,10 +1313,10 @@ static void test_remote(void)
 	}
 	/* The parent replays the child's choices to know what it wrote. */
 	write_random(&a, 0.1);
-	if (lwdt_collect_fd(fd, a.p, a.len, a.ldt, VEC_MAX, 0, NULL) ||
+	if (lwdt_collect_fd(sfd, a.p, a.len, a.ldt, VEC_MAX, 0, NULL) ||
 	    compare(name, &a, false, false))
 		ok = false;
-	if (lwdt_stop_fd(fd))
+	if (lwdt_stop_fd(sfd))
 		ok = false;
 out:
 	if (pid > 0) {
@@ -1905,6 +1923,522 @@ static void test_gup(enum area_kind kind)
 	result(ok, name);
 }
 
+/* ---- sessions ------------------------------------------------------------ */
+
+/* Start a session on /proc/@pid/pagemap: its descriptor, or -errno. */
+static int start_on_pid(pid_t pid, const void *p, size_t len)
+{
+	char path[64];
+	int fd, ret;
+
+	snprintf(path, sizeof(path), "/proc/%d/pagemap", (int)pid);
+	fd = open(path, O_RDONLY);
+	if (fd < 0)
+		return -errno;
+	ret = lwdt_start_fd(fd, p, len);
+	close(fd);
+	return ret;
+}
+
+/*
+ * One session per address space: a second LWDT_START, from this process or
+ * another, over the tracked range or a part of it, is refused with EBUSY
+ * (and does not drop the first session's unharvested writes).
+ */
+static void test_session_busy(void)
+{
+	const char *name = "session_busy";
+	bool ok = true;
+	struct area a;
+	int fd, status;
+	pid_t pid;
+
+	if (area_setup(name, &a, ANON, area_len / 4))
+		return;
+	if (lwdt_start(a.p, a.len)) {
+		result(false, name);
+		area_unmap(&a);
+		return;
+	}
+	write_random(&a, 0.2);
+	fd = lwdt_start_fd(pagemap_fd, a.p + page_size, 4 * page_size);
+	if (fd != -EBUSY) {
+		diag("%s: second LWDT_START: %s", name,
+		     fd < 0 ? strerror(-fd) : "succeeded");
+		ok = false;
+		if (fd >= 0)
+			close(fd);
+	}
+	pid = fork();
+	if (pid == 0) {
+		close(session_fd);
+		fd = start_on_pid(getppid(), a.p, a.len);
+		_exit(fd == -EBUSY ? 0 : 1);
+	}
+	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) ||
+	    WEXITSTATUS(status)) {
+		diag("%s: LWDT_START from another process was not refused",
+		     name);
+		ok = false;
+	}
+	/* The first session still has all its writes. */
+	if (lwdt_collect(a.p, a.len, a.ldt) || compare(name, &a, false, false))
+		ok = false;
+	if (lwdt_stop())
+		ok = false;
+	area_unmap(&a);
+	result(ok, name);
+}
+
+/* Closing the session stops tracking: a new session can start. */
+static void test_session_close(void)
+{
+	const char *name = "session_close_stops";
+	bool ok = true;
+	struct area a;
+	int fd;
+
+	if (area_setup(name, &a, ANON, area_len / 4))
+		return;
+	fd = lwdt_start_fd(pagemap_fd, a.p, a.len);
+	if (fd < 0) {
+		result(false, name);
+		area_unmap(&a);
+		return;
+	}
+	write_random(&a, 0.2);
+	close(fd);
+	fd = lwdt_start_fd(pagemap_fd, a.p, a.len);
+	if (fd < 0) {
+		diag("%s: LWDT_START after close: %s", name, strerror(-fd));
+		ok = false;
+	} else if (lwdt_stop_fd(fd)) {
+		ok = false;
+	}
+	area_unmap(&a);
+	result(ok, name);
+}
+
+/*
+ * A tracker that dies without stopping takes its session with it: the
+ * process can be tracked again at once.
+ */
+static void test_session_tracker_exit(void)
+{
+	const char *name = "session_tracker_exit";
+	bool ok = true;
+	struct area a;
+	int status, fd;
+	pid_t pid;
+
+	if (area_setup(name, &a, ANON, area_len / 4))
+		return;
+	pid = fork();
+	if (pid == 0)
+		_exit(start_on_pid(getppid(), a.p, a.len) < 0);
+	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) ||
+	    WEXITSTATUS(status)) {
+		diag("%s: the tracker child failed", name);
+		ok = false;
+	}
+	fd = lwdt_start_fd(pagemap_fd, a.p, a.len);
+	if (fd < 0) {
+		diag("%s: LWDT_START after the tracker died: %s", name,
+		     strerror(-fd));
+		ok = false;
+	} else if (lwdt_stop_fd(fd)) {
+		ok = false;
+	}
+	area_unmap(&a);
+	result(ok, name);
+}
+
+/*
+ * Another process that can open our pagemap file cannot take the
+ * session's pages (nor stop it): the session still reports every write.
+ */
+static void test_session_no_steal(void)
+{
+	const char *name = "session_no_steal";
+	bool ok = true;
+	struct area a;
+	int status;
+	pid_t pid;
+
+	if (area_setup(name, &a, ANON, area_len / 4))
+		return;
+	if (lwdt_start(a.p, a.len)) {
+		result(false, name);
+		area_unmap(&a);
+		return;
+	}
+	write_random(&a, 0.2);
+	pid = fork();
+	if (pid == 0) {
+		struct lwdt_harvest_arg ha = {
+			.size = sizeof(ha),
+			.start = (uintptr_t)a.p,
+			.end = (uintptr_t)a.p + a.len,
+			.vec = (uintptr_t)lwdt_vec,
+			.vec_len = VEC_MAX,
+		};
+		char path[64];
+		int fd;
+
+		close(session_fd);
+		snprintf(path, sizeof(path), "/proc/%d/pagemap", (int)getppid());
+		fd = open(path, O_RDONLY);
+		if (fd < 0)
+			_exit(2);
+		/* Both must fail; the exit status says which did not. */
+		_exit((ioctl(fd, LWDT_HARVEST, &ha) >= 0 ? 4 : 0) |
+		      (ioctl(fd, LWDT_STOP) == 0 ? 8 : 0));
+	}
+	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) ||
+	    WEXITSTATUS(status)) {
+		diag("%s: the other process's harvest or stop worked (status %d)",
+		     name, WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+		ok = false;
+	}
+	if (lwdt_collect(a.p, a.len, a.ldt) || compare(name, &a, false, false))
+		ok = false;
+	if (lwdt_stop())
+		ok = false;
+	area_unmap(&a);
+	result(ok, name);
+}
+
+/* ---- holes: what a harvest must report, and did not ------------------------ */
+
+/*
+ * A harvest whose vector turns out unwritable after its first batch (256
+ * regions) was copied out: the regions copied are returned with where to
+ * resume, and resuming reports the rest.  A harvest that failed with
+ * EFAULT after copying some out lost them.
+ */
+static void test_harvest_efault(void)
+{
+	const char *name = "harvest_efault_keeps_pages";
+	size_t vec_bytes = 256 * sizeof(struct lwdt_region);
+	struct lwdt_region *vec;
+	struct lwdt_harvest_arg ha;
+	bool ok = true;
+	struct area a;
+	long n, i;
+	uint64_t addr;
+
+	if (area_setup(name, &a, ANON, area_len))
+		return;
+	/* Room for 256 regions, then a page that cannot be written. */
+	vec = mmap(NULL, vec_bytes + page_size, PROT_READ | PROT_WRITE,
+		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (vec == MAP_FAILED ||
+	    mprotect((char *)vec + vec_bytes, page_size, PROT_READ) ||
+	    lwdt_start(a.p, a.len)) {
+		result(false, name);
+		area_unmap(&a);
+		return;
+	}
+	/* Every other page: one region each, more than two batches. */
+	for (i = 0; i < (long)a.npages; i += 2)
+		write_page(&a, i, 9);
+	memset(&ha, 0, sizeof(ha));
+	ha.size = sizeof(ha);
+	ha.start = (uintptr_t)a.p;
+	ha.end = (uintptr_t)a.p + a.len;
+	ha.vec = (uintptr_t)vec;
+	ha.vec_len = 2 * 256;
+	n = ioctl(session_fd, LWDT_HARVEST, &ha);
+	diag("%s: harvest into a half-writable vector: %ld (%s), walk_end +%#lx",
+	     name, n, n < 0 ? strerror(errno) : "ok",
+	     (unsigned long)(ha.walk_end - ha.start));
+	if (n < 0) {
+		/* The caller cannot know what it got: start again. */
+		ha.walk_end = ha.start;
+	}
+	for (i = 0; i < n; i++)
+		for (addr = vec[i].start; addr < vec[i].end; addr += page_size)
+			a.ldt[(addr - (uintptr_t)a.p) / page_size] = 1;
+	if (n == 0 || ha.walk_end < ha.start || ha.walk_end > ha.end ||
+	    lwdt_collect_fd(session_fd, (void *)(uintptr_t)ha.walk_end,
+			    ha.end - ha.walk_end,
+			    a.ldt + (ha.walk_end - ha.start) / page_size,
+			    VEC_MAX, 0, NULL))
+		ok = false;
+	if (compare(name, &a, false, false))
+		ok = false;
+	lwdt_stop();
+	munmap(vec, vec_bytes + page_size);
+	area_unmap(&a);
+	result(ok, name);
+}
+
+/* How zap_clean() takes pages away. */
+enum zap_how {
+	ZAP_DONTNEED, ZAP_FREE_RECLAIM, ZAP_REMOVE, ZAP_PUNCH, ZAP_TRUNCATE,
+	ZAP_SWAP_DONTNEED, ZAP_SWAP_FREE,
+};
+
+static const char *const zap_name[] = {
+	[ZAP_DONTNEED] = "dontneed", [ZAP_FREE_RECLAIM] = "madvfree_reclaim",
+	[ZAP_REMOVE] = "madv_remove", [ZAP_PUNCH] = "punch_hole",
+	[ZAP_TRUNCATE] = "truncate", [ZAP_SWAP_DONTNEED] = "swapped_dontneed",
+	[ZAP_SWAP_FREE] = "swapped_madvfree",
+};
+
+/*
+ * Pages written and harvested (clean for the tracker, which copied them)
+ * and then zapped or discarded read as zeros afterwards: a tracker that
+ * copies what each harvest reports must be told, or it keeps the old
+ * bytes.  Every page of the zapped range must be reported.
+ */
+static void test_zap_clean(enum zap_how how, enum area_kind kind)
+{
+	char name[80];
+	bool ok = true, swapped = how == ZAP_SWAP_DONTNEED || how == ZAP_SWAP_FREE;
+	size_t off, len, i, nonzero = 0;
+	struct area a;
+	int err = 0;
+
+	snprintf(name, sizeof(name), "zap_clean_%s_%s", zap_name[how],
+		 kind_name[kind]);
+	if ((swapped || how == ZAP_FREE_RECLAIM) && !swap_ok) {
+		skip(name, "no swap");
+		return;
+	}
+	if (area_setup(name, &a, kind, 4 * THP_SIZE))
+		return;
+	/* One THP-aligned quarter of the area, in its middle. */
+	off = a.len / 4;
+	len = a.len / 4;
+	write_all(&a, 7);
+	if (lwdt_start(a.p, a.len) || lwdt_collect(a.p, a.len, NULL)) {
+		result(false, name);
+		area_unmap(&a);
+		return;
+	}
+	if (swapped && madvise(a.p + off, len, MADV_PAGEOUT))
+		err = errno;
+	switch (how) {
+	case ZAP_DONTNEED:
+	case ZAP_SWAP_DONTNEED:
+		if (madvise(a.p + off, len, MADV_DONTNEED))
+			err = errno;
+		break;
+	case ZAP_FREE_RECLAIM:
+		if (madvise(a.p + off, len, MADV_FREE) ||
+		    madvise(a.p + off, len, MADV_PAGEOUT))
+			err = errno;
+		break;
+	case ZAP_SWAP_FREE:
+		if (madvise(a.p + off, len, MADV_FREE))
+			err = errno;
+		break;
+	case ZAP_REMOVE:
+		if (madvise(a.p + off, len, MADV_REMOVE))
+			err = errno;
+		break;
+	case ZAP_PUNCH:
+		if (fallocate(a.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+			      off, len))
+			err = errno;
+		break;
+	case ZAP_TRUNCATE:
+		/* Cut the file at off + len, then give it its size back. */
+		if (ftruncate(a.fd, off) || ftruncate(a.fd, a.len))
+			err = errno;
+		len = a.len - off;
+		break;
+	}
+	if (err) {
+		diag("%s: %s", name, strerror(err));
+		result(false, name);
+		lwdt_stop();
+		area_unmap(&a);
+		return;
+	}
+	for (i = off / page_size; i < (off + len) / page_size; i++)
+		a.written[i] = 1;
+	if (lwdt_collect(a.p, a.len, a.ldt) || compare(name, &a, false, false))
+		ok = false;
+	/* The pages really changed (else the test proves nothing). */
+	for (i = off / page_size; i < (off + len) / page_size; i++)
+		nonzero += LOAD(a.p + i * page_size) != 0;
+	diag("%s: %zu pages zapped, %zu reported, %zu still not zero", name,
+	     len / page_size, count(a.ldt, a.npages), nonzero);
+	lwdt_stop();
+	area_unmap(&a);
+	if (nonzero == len / page_size)
+		skip(name, "nothing was discarded");
+	else
+		result(ok, name);
+}
+
+/* Whether MAP_HUGETLB of 2 MiB can be had; reserves two pages once. */
+static bool hugetlb_ok(void)
+{
+	static int ok = -1;
+	void *p;
+
+	if (ok >= 0)
+		return ok;
+	if (read_long("/proc/sys/vm/nr_hugepages") < 2)
+		write_long("/proc/sys/vm/nr_hugepages", 2);
+	p = mmap(NULL, THP_SIZE, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
+	ok = p != MAP_FAILED;
+	if (ok)
+		munmap(p, THP_SIZE);
+	return ok;
+}
+
+/*
+ * Mappings that are not tracked (hugetlb here) are reported in full while
+ * they may have been written: also after mprotect(PROT_READ) took their
+ * VM_WRITE away.  (GUP refuses FOLL_FORCE writes to hugetlb.)
+ */
+static void test_hugetlb_readonly(void)
+{
+	const char *name = "hugetlb_readonly";
+	size_t npages = THP_SIZE / page_size;
+	unsigned char *p, *map;
+	bool ok = true;
+
+	if (!hugetlb_ok()) {
+		skip(name, "no hugetlb pages");
+		return;
+	}
+	p = mmap(NULL, THP_SIZE, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
+	map = calloc(npages, 1);
+	if (p == MAP_FAILED || !map || lwdt_start(p, THP_SIZE)) {
+		result(false, name);
+		goto out;
+	}
+	p[5 * page_size] = 1;
+	if (mprotect(p, THP_SIZE, PROT_READ) || lwdt_collect(p, THP_SIZE, map)) {
+		ok = false;
+	} else if (!map[5]) {
+		diag("%s: the written page was not reported", name);
+		ok = false;
+	}
+	diag("%s: %zu of %zu pages reported", name, count(map, npages),
+	     npages);
+	lwdt_stop();
+out:
+	free(map);
+	if (p != MAP_FAILED)
+		munmap(p, THP_SIZE);
+	result(ok, name);
+}
+
+/*
+ * FOLL_FORCE writes (/proc/PID/mem, as ptrace does) into a private mapping
+ * that was never writable: the page they copy is reported.
+ */
+static void test_foll_force(void)
+{
+	const char *name = "foll_force_readonly_anon";
+	bool ok = true;
+	struct area a;
+	int memfd, r;
+
+	if (area_setup(name, &a, ANON, area_len / 4))
+		return;
+	memfd = open("/proc/self/mem", O_RDWR);
+	if (memfd < 0 || mprotect(a.p, a.len, PROT_READ) ||
+	    lwdt_start(a.p, a.len)) {
+		result(false, name);
+		goto out;
+	}
+	for (r = 0; r < 2; r++) {
+		size_t k = a.npages / 8, j;
+
+		for (j = 0; j < k; j++) {
+			size_t i = rnd_below(a.npages);
+
+			if (pwrite(memfd, "x", 1, (uintptr_t)a.p + i * page_size +
+				   rnd_below(page_size)) != 1)
+				ok = false;
+			a.written[i] = 1;
+		}
+		if (lwdt_collect(a.p, a.len, a.ldt) ||
+		    compare(name, &a, false, false))
+			ok = false;
+		area_clear_maps(&a);
+	}
+	lwdt_stop();
+	result(ok, name);
+out:
+	if (memfd >= 0)
+		close(memfd);
+	area_unmap(&a);
+}
+
+/* Pages of [p, p + len) not in memory (mincore()), or 0. */
+static size_t swapped_range(const void *p, size_t len)
+{
+	size_t n = len / page_size, i, out = 0;
+	unsigned char *vec = calloc(n, 1);
+
+	if (vec && !mincore((void *)p, len, vec))
+		for (i = 0; i < n; i++)
+			out += !(vec[i] & 1);
+	free(vec);
+	return out;
+}
+
+/*
+ * mremap() moves pages whose dirtiness is in the log (swapped out while
+ * dirty for the tracker): the log must move with them, so they are
+ * reported at their new address.
+ */
+static void test_mremap_logged(void)
+{
+	const char *name = "mremap_logged_anon";
+	size_t len = area_len / 4, half = len / page_size, i, out = 0;
+	unsigned char *dst;
+	bool ok = true;
+	struct area a;
+
+	if (!swap_ok) {
+		skip(name, "no swap");
+		return;
+	}
+	if (area_setup(name, &a, ANON, 2 * len))
+		return;
+	dst = a.p + len;
+	if (munmap(dst, len) || lwdt_start(a.p, a.len)) {
+		result(false, name);
+		area_unmap(&a);
+		return;
+	}
+	write_random_range(&a, 0, half, 0.2);
+	/* Swapped out: the dirtiness is now in the log only. */
+	if (!madvise(a.p, len, MADV_PAGEOUT))
+		out = swapped_range(a.p, len);
+	if (!out ||
+	    mremap(a.p, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, dst) != dst) {
+		diag("%s: %s, %zu pages swapped out", name, strerror(errno),
+		     out);
+		result(false, name);
+		lwdt_stop();
+		area_unmap(&a);
+		return;
+	}
+	diag("%s: %zu of %zu pages swapped out before the move", name, out,
+	     half);
+	for (i = 0; i < half; i++) {
+		a.written[half + i] = a.written[i];
+		a.written[i] = 0;
+	}
+	if (lwdt_collect(a.p, a.len, a.ldt) || compare(name, &a, false, false))
+		ok = false;
+	lwdt_stop();
+	area_unmap(&a);
+	result(ok, name);
+}
+
 struct test {
 	const char *name;
 	void (*fn)(void);
@@ -1942,6 +2476,15 @@ static void t_collapse_shmem(void) { test_collapse(SHMEM); }
 static void t_gup_anon(void) { test_gup(ANON); }
 static void t_gup_shmem(void) { test_gup(SHMEM); }
 static void t_gup_thp(void) { test_gup(THP); }
+static void t_zc_dontneed_anon(void) { test_zap_clean(ZAP_DONTNEED, ANON); }
+static void t_zc_dontneed_thp(void) { test_zap_clean(ZAP_DONTNEED, THP); }
+static void t_zc_free_anon(void) { test_zap_clean(ZAP_FREE_RECLAIM, ANON); }
+static void t_zc_free_thp(void) { test_zap_clean(ZAP_FREE_RECLAIM, THP); }
+static void t_zc_remove_shmem(void) { test_zap_clean(ZAP_REMOVE, SHMEM); }
+static void t_zc_punch_shmem(void) { test_zap_clean(ZAP_PUNCH, SHMEM); }
+static void t_zc_truncate_shmem(void) { test_zap_clean(ZAP_TRUNCATE, SHMEM); }
+static void t_zc_swap_dontneed(void) { test_zap_clean(ZAP_SWAP_DONTNEED, ANON); }
+static void t_zc_swap_free(void) { test_zap_clean(ZAP_SWAP_FREE, ANON); }
 
 static const struct test tests[] = {
 	{ "api", test_api },
@@ -1984,6 +2527,23 @@ static const struct test tests[] = {
 	{ "gup_anon", t_gup_anon },
 	{ "gup_shmem", t_gup_shmem },
 	{ "gup_thp", t_gup_thp },
+	{ "session_busy", test_session_busy },
+	{ "session_close_stops", test_session_close },
+	{ "session_tracker_exit", test_session_tracker_exit },
+	{ "session_no_steal", test_session_no_steal },
+	{ "harvest_efault_keeps_pages", test_harvest_efault },
+	{ "zap_clean_dontneed_anon", t_zc_dontneed_anon },
+	{ "zap_clean_dontneed_thp", t_zc_dontneed_thp },
+	{ "zap_clean_madvfree_reclaim_anon", t_zc_free_anon },
+	{ "zap_clean_madvfree_reclaim_thp", t_zc_free_thp },
+	{ "zap_clean_madv_remove_shmem", t_zc_remove_shmem },
+	{ "zap_clean_punch_hole_shmem", t_zc_punch_shmem },
+	{ "zap_clean_truncate_shmem", t_zc_truncate_shmem },
+	{ "zap_clean_swapped_dontneed_anon", t_zc_swap_dontneed },
+	{ "zap_clean_swapped_madvfree_anon", t_zc_swap_free },
+	{ "hugetlb_readonly", test_hugetlb_readonly },
+	{ "foll_force_readonly_anon", test_foll_force },
+	{ "mremap_logged_anon", test_mremap_logged },
 };
 
 #ifndef ARRAY_SIZE
@@ -2056,6 +2616,8 @@ int main(int argc, char **argv)
 				skip(tests[i].name, "no LDT");
 		return 0;
 	}
+	if (first_revision)
+		diag("LWDT_START returned 0: no session descriptors (first revision)");
 	for (i = 0; i < NR_TESTS; i++)
 		if (selected(tests[i].name, argc, argv))
 			tests[i].fn();
