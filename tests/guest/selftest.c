@@ -1940,6 +1940,27 @@ static int start_on_pid(pid_t pid, const void *p, size_t len)
 	return ret;
 }
 
+/* Whether child @pid exited with status 0. */
+static bool child_ok(pid_t pid)
+{
+	int status;
+
+	return pid > 0 && waitpid(pid, &status, 0) == pid &&
+	       WIFEXITED(status) && !WEXITSTATUS(status);
+}
+
+/* Whether a new session of @a can start (and stop) now. */
+static bool can_start(const char *name, struct area *a, const char *after)
+{
+	int fd = lwdt_start_fd(pagemap_fd, a->p, a->len);
+
+	if (fd < 0) {
+		diag("%s: LWDT_START after %s: %s", name, after, strerror(-fd));
+		return false;
+	}
+	return !lwdt_stop_fd(fd);
+}
+
 /*
  * One session per address space: a second LWDT_START, from this process or
  * another, over the tracked range or a part of it, is refused with EBUSY
@@ -1950,8 +1971,8 @@ static void test_session_busy(void)
 	const char *name = "session_busy";
 	bool ok = true;
 	struct area a;
-	int fd, status;
 	pid_t pid;
+	int fd;
 
 	if (area_setup(name, &a, ANON, area_len / 4))
 		return;
@@ -1975,8 +1996,7 @@ static void test_session_busy(void)
 		fd = start_on_pid(getppid(), a.p, a.len);
 		_exit(fd == -EBUSY ? 0 : 1);
 	}
-	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) ||
-	    WEXITSTATUS(status)) {
+	if (!child_ok(pid)) {
 		diag("%s: LWDT_START from another process was not refused",
 		     name);
 		ok = false;
@@ -2008,13 +2028,7 @@ static void test_session_close(void)
 	}
 	write_random(&a, 0.2);
 	close(fd);
-	fd = lwdt_start_fd(pagemap_fd, a.p, a.len);
-	if (fd < 0) {
-		diag("%s: LWDT_START after close: %s", name, strerror(-fd));
-		ok = false;
-	} else if (lwdt_stop_fd(fd)) {
-		ok = false;
-	}
+	ok = can_start(name, &a, "close");
 	area_unmap(&a);
 	result(ok, name);
 }
@@ -2028,7 +2042,6 @@ static void test_session_tracker_exit(void)
 	const char *name = "session_tracker_exit";
 	bool ok = true;
 	struct area a;
-	int status, fd;
 	pid_t pid;
 
 	if (area_setup(name, &a, ANON, area_len / 4))
@@ -2036,19 +2049,12 @@ static void test_session_tracker_exit(void)
 	pid = fork();
 	if (pid == 0)
 		_exit(start_on_pid(getppid(), a.p, a.len) < 0);
-	if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) ||
-	    WEXITSTATUS(status)) {
+	if (!child_ok(pid)) {
 		diag("%s: the tracker child failed", name);
 		ok = false;
 	}
-	fd = lwdt_start_fd(pagemap_fd, a.p, a.len);
-	if (fd < 0) {
-		diag("%s: LWDT_START after the tracker died: %s", name,
-		     strerror(-fd));
+	if (!can_start(name, &a, "the tracker died"))
 		ok = false;
-	} else if (lwdt_stop_fd(fd)) {
-		ok = false;
-	}
 	area_unmap(&a);
 	result(ok, name);
 }
