@@ -1165,7 +1165,7 @@ struct copy_writer {
 	struct area *a;
 	bool stop;
 	uint64_t seed;
-	unsigned long writes;
+	unsigned long writes, zaps;
 };
 
 static void *copy_writer_fn(void *arg)
@@ -1195,18 +1195,43 @@ static void *copy_writer_fn(void *arg)
 	return NULL;
 }
 
-static void test_copy(enum area_kind kind)
+/*
+ * With it, a second thread keeps zapping THP-sized blocks (MADV_DONTNEED)
+ * while the harvests run: huge PMDs and PTEs torn down concurrently with
+ * the walk must reach the copy either as entries or through the log (a
+ * race the test exercises but cannot force).
+ */
+static void *copy_zapper_fn(void *arg)
+{
+	struct copy_writer *cw = arg;
+	uint64_t x = (cw->seed ^ 0x9e3779b97f4a7c15ULL) | 1;
+	size_t blocks = cw->a->len / THP_SIZE;
+
+	while (!LOAD(&cw->stop)) {
+		x ^= x >> 12;
+		x ^= x << 25;
+		x ^= x >> 27;
+		madvise(cw->a->p + (x >> 8) % blocks * THP_SIZE, THP_SIZE,
+			MADV_DONTNEED);
+		cw->zaps++;
+		usleep(300);
+	}
+	return NULL;
+}
+
+static void test_copy(enum area_kind kind, bool zap)
 {
 	char name[64];
 	struct copy_writer cw = { 0 };
 	unsigned char *dst;
-	pthread_t th;
+	pthread_t th, zth;
 	bool ok = true;
 	struct area a;
 	size_t i, copied = 0, diff = 0;
 	int r;
 
-	snprintf(name, sizeof(name), "precopy_%s", kind_name[kind]);
+	snprintf(name, sizeof(name), "precopy_%s%s", zap ? "zap_" : "",
+		 kind_name[kind]);
 	if (area_setup(name, &a, kind, area_len / 2))
 		return;
 	dst = malloc(a.len);
@@ -1220,6 +1245,12 @@ static void test_copy(enum area_kind kind)
 	cw.a = &a;
 	cw.seed = rnd();
 	if (pthread_create(&th, NULL, copy_writer_fn, &cw)) {
+		result(false, name);
+		goto out;
+	}
+	if (zap && pthread_create(&zth, NULL, copy_zapper_fn, &cw)) {
+		STORE(&cw.stop, true);
+		pthread_join(th, NULL);
 		result(false, name);
 		goto out;
 	}
@@ -1240,6 +1271,8 @@ static void test_copy(enum area_kind kind)
 	}
 	STORE(&cw.stop, true);
 	pthread_join(th, NULL);
+	if (zap)
+		pthread_join(zth, NULL);
 	/* Last round, with the writer stopped. */
 	memset(a.ldt, 0, a.npages);
 	if (lwdt_collect(a.p, a.len, a.ldt))
@@ -1259,8 +1292,8 @@ static void test_copy(enum area_kind kind)
 			diff++;
 		}
 	}
-	diag("%s: %lu writes, %zu pages copied in 21 rounds, %zu pages differ",
-	     name, cw.writes, copied, diff);
+	diag("%s: %lu writes, %lu zaps, %zu pages copied in 21 rounds, %zu pages differ",
+	     name, cw.writes, cw.zaps, copied, diff);
 	if (diff)
 		ok = false;
 	result(ok, name);
@@ -2469,9 +2502,11 @@ static void t_dontneed_thp(void) { test_zap(THP, false); }
 static void t_munmap_anon(void) { test_zap(ANON, true); }
 static void t_munmap_shmem(void) { test_zap(SHMEM, true); }
 static void t_munmap_thp(void) { test_zap(THP, true); }
-static void t_precopy_anon(void) { test_copy(ANON); }
-static void t_precopy_shmem(void) { test_copy(SHMEM); }
-static void t_precopy_thp(void) { test_copy(THP); }
+static void t_precopy_anon(void) { test_copy(ANON, false); }
+static void t_precopy_shmem(void) { test_copy(SHMEM, false); }
+static void t_precopy_thp(void) { test_copy(THP, false); }
+static void t_precopy_zap_anon(void) { test_copy(ANON, true); }
+static void t_precopy_zap_thp(void) { test_copy(THP, true); }
 static void t_swap_anon(void) { test_swap(ANON); }
 static void t_swap_shmem(void) { test_swap(SHMEM); }
 static void t_swap_thp(void) { test_swap(THP); }
@@ -2519,6 +2554,8 @@ static const struct test tests[] = {
 	{ "precopy_anon", t_precopy_anon },
 	{ "precopy_shmem", t_precopy_shmem },
 	{ "precopy_thp", t_precopy_thp },
+	{ "precopy_zap_anon", t_precopy_zap_anon },
+	{ "precopy_zap_thp", t_precopy_zap_thp },
 	{ "swap_anon", t_swap_anon },
 	{ "swap_shmem", t_swap_shmem },
 	{ "swap_thp", t_swap_thp },
