@@ -5,6 +5,8 @@
 #      init reached user space;
 #   2. ldt.run=exit%207           -> status 7: the %20 decoding and the
 #      exit status path (init -> port 0x501 -> run-qemu.sh) work;
+#      ldt.run="uname -a; exit 3" -> status 3 and uname's line: the kernel's
+#      own quoting of a value with spaces reaches init whole;
 #   3. ldt.run=/bin/ldt-selftest  -> status 0 (= no failed test) and
 #      "ldt-selftest: PASS": lightweight dirty tracking never missed a write;
 #      once on 1 CPU and once on 2 (TLB shootdowns between CPUs that QEMU
@@ -48,6 +50,8 @@ run_case syscheck 0 'ldt.run=/bin/ldt-syscheck' \
 	'ldt-init: user space reached' 'ldt-syscheck: PASS' 'ldt-init: exit status 0'
 run_case exit-status 7 'ldt.run=exit%207' \
 	'ldt-init: user space reached' 'ldt-init: running: exit 7' 'ldt-init: exit status 7'
+run_case quoted-run 3 'ldt.run="uname -a; exit 3"' \
+	'ldt-init: running: uname -a; exit 3' 'Linux (none) 6.12' 'ldt-init: exit status 3'
 run_case ldt-selftest 0 'ldt.run=/bin/ldt-selftest' \
 	'ldt-selftest: PASS' 'ldt-init: exit status 0'
 opts=(--smp 2)
