@@ -130,16 +130,27 @@ def by_bench(rows, bench):
     return [r for r in rows if r["bench"] == bench]
 
 
+def tracker_lines(ax, rows, x, y, fmt="o-", scale=1.0, skip=()):
+    """One line per tracker of rows: y against x (row keys), sorted by x."""
+    for t in ordered(r["tracker"] for r in rows if r["tracker"] not in skip):
+        rs = sorted((r for r in rows if r["tracker"] == t), key=lambda r: r[x])
+        ax.plot([r[x] for r in rs], [r[y] * scale for r in rs], fmt,
+                color=colour(t), label=t)
+
+
+def finish(fig, out, name, meta):
+    """Stamp, lay out and save a figure."""
+    stamp(fig, meta)
+    fig.tight_layout(rect=(0, 0.045, 1, 1))
+    save(fig, out, name)
+
+
 def fig_ldt_write(data, out):
     rows = by_bench(data["rows"], "write")
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for t in ordered(r["tracker"] for r in rows):
-        rs = sorted((r for r in rows if r["tracker"] == t),
-                    key=lambda r: r["ws_mib"])
-        ax.plot([r["ws_mib"] for r in rs], [r["write_ms_best"] for r in rs],
-                "o-", color=colour(t), label=t)
+    tracker_lines(ax, rows, "ws_mib", "write_ms_best")
     ax.set_xscale("log", base=2)
     sizes = sorted({r["ws_mib"] for r in rows})
     ax.set_xticks(sizes)
@@ -149,9 +160,7 @@ def fig_ldt_write(data, out):
     ax.set_ylabel("time to write every page once (ms, best pass, log)")
     ax.set_title(f"Experiment 1: write cost under each tracker\n({run_kind(data)})")
     ax.legend()
-    stamp(fig, data["meta"])
-    fig.tight_layout(rect=(0, 0.045, 1, 1))
-    save(fig, out, "ldt-write")
+    finish(fig, out, "ldt-write", data["meta"])
     return ("ldt-write", "Experiment 1 (ldt-bench write): in the guest, the "
             "best time of a pass writing 4096 bytes to every page of a working "
             "set, with the tracker reset (collected) before each pass; one line "
@@ -162,25 +171,22 @@ def fig_ldt_timeline(data, out):
     rows = by_bench(data["rows"], "timeline")
     if not rows:
         return None
+    # Time at the end of each interval, from the measured interval lengths.
+    rows = sorted(rows, key=lambda r: (r["tracker"], r["interval"]))
+    points = []
+    ends = {}
+    for r in rows:
+        ends[r["tracker"]] = ends.get(r["tracker"], 0.0) + r["interval_ms"] / 1e3
+        points.append(dict(r, t_s=ends[r["tracker"]]))
     fig, ax = plt.subplots(figsize=(6, 4))
-    for t in ordered(r["tracker"] for r in rows):
-        rs = sorted((r for r in rows if r["tracker"] == t),
-                    key=lambda r: r["interval"])
-        xs, now = [], 0.0
-        for r in rs:
-            now += r["interval_ms"] / 1e3
-            xs.append(now)
-        ax.plot(xs, [r["ops_per_s"] / 1e3 for r in rs], ".-", color=colour(t),
-                label=t)
+    tracker_lines(ax, points, "t_s", "ops_per_s", fmt=".-", scale=1e-3)
     ax.set_xlabel("time (s, end of each interval)")
     ax.set_ylabel("throughput (thousand 4 KiB ops/s)")
     ax.set_ylim(bottom=0)
     ax.set_title("Experiment 2: throughput, collecting after each interval\n"
                  f"({run_kind(data)})")
     ax.legend()
-    stamp(fig, data["meta"])
-    fig.tight_layout(rect=(0, 0.045, 1, 1))
-    save(fig, out, "ldt-timeline")
+    finish(fig, out, "ldt-timeline", data["meta"])
     return ("ldt-timeline", "Experiment 2 (ldt-bench timeline): 4 KiB operations "
             "on random pages (25% reads, 75% writes) per ~100 ms interval, the "
             "tracker collecting and resetting after each interval.")
@@ -198,13 +204,9 @@ def fig_ldt_periodic(data, out):
         if base:
             ax.axhline(base[0] / 1e3, color=colour("untracked"), ls="--",
                        label="untracked")
-        for t in ordered(r["tracker"] for r in rows if r["tracker"] != "untracked"):
-            rs = sorted((r for r in rows if r["tracker"] == t),
-                        key=lambda r: r["period_s"])
-            ax.plot([r["period_s"] for r in rs], [r["ops_per_s"] / 1e3 for r in rs],
-                    "o-", color=colour(t), label=t)
-        periods = sorted({r["period_s"] for r in rows if r["period_s"] > 0})
-        ax.set_xticks(periods)
+        tracker_lines(ax, rows, "period_s", "ops_per_s", scale=1e-3,
+                      skip=("untracked",))
+        ax.set_xticks(sorted({r["period_s"] for r in rows if r["period_s"] > 0}))
         ax.set_xlabel("collection period (s)")
         ax.set_ylabel("throughput (thousand ops/s)")
         ax.set_ylim(bottom=0)
@@ -213,9 +215,7 @@ def fig_ldt_periodic(data, out):
         ax.legend()
     fig.suptitle("Experiment 3: throughput while a tracker collects periodically "
                  f"({run_kind(data)})")
-    stamp(fig, data["meta"])
-    fig.tight_layout(rect=(0, 0.045, 1, 1))
-    save(fig, out, "ldt-periodic")
+    finish(fig, out, "ldt-periodic", data["meta"])
     return ("ldt-periodic", "Experiment 3 (ldt-bench kv, redis): a YCSB-like load "
             "(zipfian keys, 4 KiB values, 25% gets) on an in-process store and on "
             "Redis, while a tracker collects every period; dashed: untracked.")
@@ -226,19 +226,13 @@ def fig_ldt_collect(data, out):
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for t in ordered(r["tracker"] for r in rows):
-        rs = sorted((r for r in rows if r["tracker"] == t),
-                    key=lambda r: r["written_pct"])
-        ax.plot([r["written_pct"] for r in rs], [r["collect_ms"] for r in rs],
-                "o-", color=colour(t), label=t)
+    tracker_lines(ax, rows, "written_pct", "collect_ms")
     ax.set_xlabel(f"share of the {rows[0]['region_mib']} MiB region written (%)")
     ax.set_ylabel("time to collect the dirty pages (ms)")
     ax.set_ylim(bottom=0)
     ax.set_title(f"Experiment 4: collection time\n({run_kind(data)})")
     ax.legend()
-    stamp(fig, data["meta"])
-    fig.tight_layout(rect=(0, 0.045, 1, 1))
-    save(fig, out, "ldt-collect")
+    finish(fig, out, "ldt-collect", data["meta"])
     return ("ldt-collect", "Experiment 4 (ldt-bench collect): time to read the "
             "dirty information of a region after writing every (100/p)-th page.")
 
@@ -287,9 +281,7 @@ def fig_dirty(sets, out):
     fig.suptitle(f"ldt-vmm bench dirty: a ring-3 guest writes {cfg['write_pages']} "
                  f"of {cfg['working_set_pages']} pages, {cfg['bytes_per_page']} B "
                  f"each, per round")
-    stamp(fig, sets[0]["meta"])
-    fig.tight_layout(rect=(0, 0.045, 1, 1))
-    save(fig, out, "vm-dirty")
+    finish(fig, out, "vm-dirty", sets[0]["meta"])
     return ("vm-dirty", "ldt-vmm bench dirty: a ring-3 flat guest writes pages "
             "of its working set each round, untracked and under each dirty "
             "source in one run; left: each round's guest write time relative to "
@@ -345,9 +337,7 @@ def fig_migrate_timeline(data, out):
     ax.set_ylim(bottom=0)
     ax.set_title("Live migration of a Linux guest: guest throughput, "
                  "median run of each mode")
-    stamp(fig, data["meta"])
-    fig.tight_layout(rect=(0, 0.045, 1, 1))
-    save(fig, out, "migrate-timeline")
+    finish(fig, out, "migrate-timeline", data["meta"])
     return ("migrate-timeline", "Nested machine (scripts/bench-migrate-nested.sh): "
             "the image running ldt-memcheck is live-migrated with ldt-vmm and each "
             "dirty source and with QEMU; the guest's write rate over time in the "
@@ -383,9 +373,7 @@ def fig_migrate_bars(data, out):
         ax.set_title(label.split(" (")[0] + ": bar p50, whisker p95")
         ax.margins(y=0.15)
     fig.suptitle("Live migration of a Linux guest in the nested machine")
-    stamp(fig, data["meta"])
-    fig.tight_layout(rect=(0, 0.045, 1, 1))
-    save(fig, out, "migrate-times")
+    finish(fig, out, "migrate-times", data["meta"])
     return ("migrate-times", "The same migrations: total time (start to resumed "
             "on the destination) and downtime (guest paused) per mode over all "
             "runs; bar = median, whisker = 95th percentile.")
