@@ -34,7 +34,8 @@ suite cargo-test cargo test --release --workspace
 suite linux-debian-boot env VMM=target/release/ldt-vmm tests/linux-debian-boot.sh
 suite image-qemu tests/image-qemu.sh
 # The results report: example figures redrawn and checked, then the quick
-# report (bench dirty here, ldt-bench --short under QEMU TCG): ~1-3 min.
+# report (bench dirty here, ldt-bench --short under QEMU TCG): 45 s measured
+# with the image built, four agents on the 2 cores.
 suite report tests/report.sh
 suite image-ldt-vmm tests/image-ldt-vmm.sh
 suite image-nested tests/image-nested.sh

@@ -11,8 +11,8 @@
 #   3. quick: scripts/report.sh --quick (bench dirty here, ldt-bench --short
 #      under QEMU TCG): the page, its images, the raw JSON against what the
 #      plots read, and the figures of what this machine can run.
-# Cost: 1-2 s for cases 1-2; case 3 is the quick report, ~1-3 min with the
-# image built and the cores free (it builds the image if needed).
+# Cost: 1-2 s for cases 1-2; case 3 is the quick report, 45 s measured with the
+# image built and the cores shared (it builds the image if needed).
 # LDT_REPORT_QUICK=0 skips case 3.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
