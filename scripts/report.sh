@@ -139,7 +139,7 @@ if [ -z "$nested_kernel" ]; then
 	if [ "$mode" = full ]; then
 		fail dirty-nested "images/build-nested.sh failed (see raw/build.log)"
 	else
-		skip dirty-nested "the nested kernel is not built (--full builds it, ~5 min)"
+		skip dirty-nested "the nested kernel is not built (--full builds it: 5-20 min of both cores)"
 	fi
 elif "$ROOT/images/run-nested.sh" --bench-dirty --kernel "$nested_kernel" \
 	--timeout 1800 --log "$log" </dev/null >/dev/null 2>&1; then
