@@ -14,6 +14,8 @@
 #   4. ldt.run=/bin/ldt-bench --short, with the Redis initrd of
 #      images/build-redis.sh -> status 0 and a JSON line from each of the
 #      experiments for LDT, Redis included (the numbers are not checked).
+# Before booting: /bin/cmdline-param, run here with busybox's awk (the one
+# in the image), splits sample command lines as the kernel does.
 # Prints one line per case and "image-qemu: P passed, F failed"; exits
 # non-zero if any case failed.
 set -euo pipefail
@@ -24,11 +26,33 @@ TIMEOUT=${LDT_QEMU_TIMEOUT:-300}
 # shellcheck source=tests/lib.sh
 source "$ROOT/tests/lib.sh"
 
-"$ROOT/images/build.sh"
-redis=$("$ROOT/images/build-redis.sh" | tail -n1)
+# param_case NAME CMDLINE PARAM EXPECTED: cmdline-param's answer (or
+# "<absent>" for exit status 1).
+param_case() {
+	local got status=0
+	printf '%s\n' "$2" >"$logdir/cmdline"
+	got=$(PATH=$logdir/bb:$PATH "$ROOT/images/initramfs/cmdline-param" "$3" "$logdir/cmdline") || status=$?
+	[ "$status" -ne 1 ] || got='<absent>'
+	why=
+	[ "$got" = "$4" ] || why="got '$got', expected '$4'"
+	record "cmdline-param $1"
+}
 
 logdir=$(mktemp -d)
 trap 'rm -rf "$logdir"' EXIT
+mkdir -p "$logdir/bb"
+ln -s /bin/busybox "$logdir/bb/awk"
+param_case quoted 'console=ttyS0 ldt.run="uname -a; exit 3" reboot=k' ldt.run 'uname -a; exit 3'
+param_case percent 'ldt.run=exit%207 x' ldt.run 'exit 7'
+param_case literal-%20 'ldt.run=echo%20%2520' ldt.run 'echo %20'
+param_case quoted-is-literal 'ldt.run="a%20b c"' ldt.run 'a%20b c'
+param_case whole-word-quoted 'a "ldt.run=echo x y" b' ldt.run 'echo x y'
+param_case last-wins 'ldt.run=a ldt.run=b' ldt.run 'b'
+param_case empty 'ldt.run= x' ldt.run ''
+param_case absent 'ldt.runx=1 xldt.run=2' ldt.run '<absent>'
+
+"$ROOT/images/build.sh"
+redis=$("$ROOT/images/build-redis.sh" | tail -n1)
 
 # run_case NAME EXPECTED_STATUS APPEND [REQUIRED_OUTPUT...]
 # ($opts: extra run-qemu.sh options for the next case)
