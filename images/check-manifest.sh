@@ -3,8 +3,8 @@
 # current tree and images/guest.img is the image it names.
 #
 # Recomputes the input lines (Debian package versions, compiler, sha256 of
-# every input file; see images/lib.sh) and the cache key, compares them with
-# the manifest, then checks the image's sha256.  A stale image (inputs
+# every input file; see images/lib.sh) and the kernel and image cache keys,
+# compares them with the manifest, then checks the image's sha256.  A stale image (inputs
 # changed since it was built) or a stale manifest therefore cannot pass.
 # Usage: images/check-manifest.sh [--inputs-only]
 #   --inputs-only  skip the image hash (e.g. a fresh checkout, no image yet)
@@ -30,7 +30,8 @@ value() {
 
 want=$(
 	ldt_input_lines
-	echo "cache-key: $(ldt_cache_key)"
+	echo "kernel-key: $(ldt_kernel_key)"
+	echo "image-key: $(ldt_image_key)"
 )
 have=$(grep -v -e '^#' -e '^guest.img-sha256: ' "$manifest")
 if [ "$want" != "$have" ]; then
@@ -38,7 +39,7 @@ if [ "$want" != "$have" ]; then
 	diff <(echo "$have") <(echo "$want") | sed -n 's/^</  manifest:/p; s/^>/  tree:    /p' >&2
 	exit 1
 fi
-echo "check-manifest: inputs match (cache key $(value cache-key))"
+echo "check-manifest: inputs match (kernel key $(value kernel-key), image key $(value image-key))"
 
 if [ "$check_image" = 1 ]; then
 	[ -f "$image" ] || ldt_die "no $image (run images/build.sh)"

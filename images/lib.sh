@@ -4,7 +4,7 @@
 # and how to make sure Debian packages are present.
 #
 # The inputs section of guest.manifest is exactly the output of
-# ldt_input_lines; the cache key is the sha256 of that text.  So whatever
+# ldt_input_lines; the cache keys are hashes of those lines.  So whatever
 # changes the image must show up in ldt_input_lines, and check-manifest.sh
 # can recompute it from the tree and compare.
 
@@ -54,17 +54,46 @@ ldt_ensure_packages() {
 	DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends "${missing[@]}"
 }
 
-# Files whose content goes into the image, relative to LDT_ROOT, sorted.
-# guest-kernel-patch/: everything except documentation (*.md), so the series,
-# every patch (listed or not) and the config fragment; not hidden or editor
-# backup files.  tests/guest/*.c: the in-guest programs, each installed as
-# /bin/ldt-<name>.
-ldt_input_files() {
+# The image is built in two cached steps with separate keys (build.sh):
+#   kernel-<kernel key>/  the configured and built kernel tree: the kernel
+#                         source package, the compiler, build.sh, lib.sh and
+#                         guest-kernel-patch/ (everything but *.md);
+#   image-<image key>/    the initramfs staged from busybox, /init and
+#                         tests/guest/ (*.c, *.h), and the bzImage and
+#                         vmlinux relinked with it over that tree.
+# The image key covers the kernel key, so the manifest's input lines (kernel
+# lines, then image lines) name everything guest.img is made of, and a change
+# to an in-guest program or /init only relinks the initramfs.
+
+# ldt__hash_files FILE...: "sha256 FILE: HASH" lines (paths relative to
+# LDT_ROOT, in the order given).
+ldt__hash_files() {
+	local f
+	for f in "$@"; do
+		echo "sha256 $f: $(sha256sum "$LDT_ROOT/$f" | cut -d' ' -f1)"
+	done
+}
+
+# Files the kernel tree is built from, relative to LDT_ROOT, sorted:
+# build.sh and lib.sh (the recipe) and guest-kernel-patch/ except
+# documentation (*.md), hidden and editor backup files (so the series, every
+# patch, listed or not, and the config fragments).
+ldt_kernel_input_files() {
 	(
 		cd "$LDT_ROOT" || exit 1
-		printf '%s\n' images/build.sh images/lib.sh images/initramfs/init
+		printf '%s\n' images/build.sh images/lib.sh
 		find guest-kernel-patch -type f ! -name '*.md' ! -name '.*' ! -name '*~' -print
-		find tests/guest -maxdepth 1 -type f -name '*.c' -print
+	) | LC_ALL=C sort
+}
+
+# Files the initramfs is staged from: images/initramfs/ (/init and
+# /bin/cmdline-param) and the in-guest programs with the headers they share
+# (tests/guest/*.c, each /bin/ldt-<name>; *.h).
+ldt_initramfs_input_files() {
+	(
+		cd "$LDT_ROOT" || exit 1
+		printf '%s\n' images/initramfs/init images/initramfs/cmdline-param
+		find tests/guest -maxdepth 1 -type f \( -name '*.c' -o -name '*.h' \) -print
 	) | LC_ALL=C sort
 }
 
@@ -73,19 +102,59 @@ ldt_gcc_version() {
 	gcc --version | head -n1
 }
 
-# "key: value" lines describing every input of the image.
-ldt_input_lines() {
-	local f
+# "key: value" lines describing every input of the kernel tree.
+ldt_kernel_input_lines() {
+	local files
 	echo "linux-source-6.12: $(ldt_pkg_version linux-source-6.12)"
+	echo "gcc: $(ldt_gcc_version)"
+	mapfile -t files < <(ldt_kernel_input_files)
+	ldt__hash_files "${files[@]}"
+}
+
+# "key: value" lines describing what the initramfs adds to the kernel tree.
+ldt_initramfs_input_lines() {
+	local files
 	echo "busybox-static: $(ldt_pkg_version busybox-static)"
 	echo "busybox-sha256: $(sha256sum /bin/busybox 2>/dev/null | cut -d' ' -f1)"
 	echo "libc6-dev: $(ldt_pkg_version libc6-dev)"
-	echo "gcc: $(ldt_gcc_version)"
-	while read -r f; do
-		echo "sha256 $f: $(sha256sum "$LDT_ROOT/$f" | cut -d' ' -f1)"
-	done < <(ldt_input_files)
+	mapfile -t files < <(ldt_initramfs_input_files)
+	ldt__hash_files "${files[@]}"
 }
 
-ldt_cache_key() {
-	ldt_input_lines | sha256sum | cut -c1-16
+# Every input line of guest.img: the kernel's, then the initramfs'.
+ldt_input_lines() {
+	ldt_kernel_input_lines
+	ldt_initramfs_input_lines
+}
+
+ldt_kernel_key() {
+	ldt_kernel_input_lines | sha256sum | cut -c1-16
+}
+
+# The image key: the kernel key and the initramfs inputs.
+ldt_image_key() {
+	{
+		echo "kernel-key: $(ldt_kernel_key)"
+		ldt_initramfs_input_lines
+	} | sha256sum | cut -c1-16
+}
+
+# ldt_prune_cache PREFIX [KEEP]: remove all but the KEEP (default
+# $LDT_CACHE_KEEP, 3) most recently used finished builds
+# $LDT_CACHE/PREFIX-*/ (finished: a .done file; used: the mtime of .done,
+# which a cache hit touches).  0 keeps everything.  A dir whose lock
+# (PREFIX-KEY.lock) another build holds is skipped.
+ldt_prune_cache() {
+	local prefix=$1 keep=${2:-${LDT_CACHE_KEEP:-3}} d n=0
+	[ "$keep" -gt 0 ] 2>/dev/null || return 0
+	while read -r d; do
+		n=$((n + 1))
+		[ "$n" -gt "$keep" ] || continue
+		d=${d%/.done}
+		# flock -n on the dir's lock: held means a build is using it.
+		# (The empty lock file stays: a build may be waiting on it.)
+		if flock -n "$d.lock" rm -rf "$d" 2>/dev/null; then
+			echo "cache: removed $d (keeping the $keep most recently used $prefix builds)"
+		fi
+	done < <(ls -1t "$LDT_CACHE"/"$prefix"-*/.done 2>/dev/null)
 }

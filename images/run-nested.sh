@@ -9,12 +9,15 @@
 # and reports the level-2 exit status, which this script returns.
 #
 # Usage: images/run-nested.sh [--timeout S] [--run CMD] [--l2-opts OPTS]
-#                             [--migrate SRC] [--bench-migrate] [--smp N]
+#                             [--migrate SRC] [--bench-migrate] [--bench-dirty]
+#                             [--smp N]
 #                             [--kernel FILE]
 #                             [--vmm FILE] [--log FILE]
 #   --timeout S     kill QEMU after S seconds (default 1800)
-#   --run CMD       the level-2 guest's ldt.run= command, encoded as for
-#                   guest.img (%20 = space); default /bin/ldt-syscheck
+#   --run CMD       the level-2 guest's ldt.run= command, with spaces as
+#                   they are ('uname -a; exit 3', passed in the kernel's
+#                   quotes, so no double quote in it) or %20-encoded as for
+#                   guest.img; default /bin/ldt-syscheck
 #   --l2-opts OPTS  extra ldt-vmm options for the level-2 guest, e.g.
 #                   '--vcpus 2'
 #   --bench-migrate instead of one guest run: images/nested/bench-migrate-l2,
@@ -22,6 +25,9 @@
 #                   source and with QEMU (copied into the nested machine
 #                   with its libraries and firmware); the status is the
 #                   number of failed modes
+#   --bench-dirty   instead of a guest: `ldt-vmm bench dirty --json` (the flat
+#                   writer as a level-2 guest, each dirty source; --l2-opts
+#                   are its options); the status is the benchmark's
 #   --smp N         CPUs of the nested machine (default 2: MTTCG runs them
 #                   on two host threads)
 #   --migrate SRC   live-migrate the level-2 guest while CMD runs, between
@@ -79,11 +85,12 @@ while [ $# -gt 0 ]; do
 		shift 2
 		;;
 	--bench-migrate) bench=migrate; shift ;;
+	--bench-dirty) bench=dirty; shift ;;
 	-h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;
 	*) harness_fail "unknown argument $1 (try --help)" ;;
 	esac
 done
-[[ "$run" != *' '* ]] || harness_fail "--run: encode spaces as %20"
+[[ "$run" != *'"'* ]] || harness_fail "--run: no double quotes (the kernel's quoting cannot hold them)"
 
 ldt_ensure_packages qemu-system-x86 busybox-static cpio || harness_fail "cannot install packages"
 
@@ -111,9 +118,10 @@ trap 'rm -rf "$work"' EXIT
 root=$work/root
 mkdir -p "$root"/{bin,dev,proc,sys,tmp}
 install -m 0755 "$LDT_ROOT/images/nested/init" "$root/init"
+install -m 0755 "$LDT_ROOT/images/initramfs/cmdline-param" "$root/bin/cmdline-param"
 install -m 0755 "$LDT_ROOT/images/nested/migrate-l2" "$root/bin/migrate-l2"
 install -m 0755 "$LDT_ROOT/images/nested/bench-migrate-l2" "$root/bin/bench-migrate-l2"
-if [ -n "$bench" ]; then
+if [ "$bench" = migrate ]; then
 	# QEMU for the comparison: the binary, every library ldd names, the
 	# loader, and its firmware directory, at their Debian paths.
 	qemu_bin=/usr/bin/qemu-system-x86_64
@@ -131,7 +139,9 @@ install -m 0644 "$LDT_ROOT/images/guest.img" "$root/guest.img"
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$work/initramfs.cpio"
 
 # 4. Boot (images/nested/lib.sh).
-words="ldt.run=$run"
+# The kernel's quoting for values with spaces (images/initramfs/cmdline-param).
+words="ldt.run=\"$run\""
+[[ "$run" == *' '* ]] || words="ldt.run=$run"
 [ -z "$l2opts" ] || words="$words ldt.l2=${l2opts// /%20}"
 [ -z "$migrate" ] || words="$words ldt.migrate=$migrate"
 [ -z "$bench" ] || words="$words ldt.bench=$bench"

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# README's build-and-run command: installs dependencies, builds ldt-vmm in
-# release mode, then runs the main job: the dirty-tracking benchmark, which
-# boots a ring-3 flat guest once per dirty source and prints the table.
-# Extra arguments are passed to `ldt-vmm bench dirty`.
+# README's main command: installs dependencies (scripts/setup.sh), builds
+# ldt-vmm in release mode and the guest image, then runs the quick results
+# report (scripts/report.sh --quick: `ldt-vmm bench dirty` on this
+# machine's /dev/kvm and ldt-bench --short in the guest under QEMU TCG,
+# figures drawn from their JSON) and prints where its page is on the last
+# line.  Arguments go to scripts/report.sh (e.g. --out DIR, --full).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh >/dev/null
-cargo build --release --workspace
-exec target/release/ldt-vmm bench dirty "$@"
+exec scripts/report.sh --quick "$@"

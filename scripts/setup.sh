@@ -7,7 +7,8 @@ set -euo pipefail
 
 CACHE=${LDT_CACHE:-$HOME/.cache/ldt-vmm}
 PKGS=(binutils gcc make qemu-system-x86 linux-source-6.12 busybox-static
-      flex bison bc cpio xz-utils lz4 zstd kmod rsync libelf-dev libssl-dev python3)
+      flex bison bc cpio xz-utils lz4 zstd kmod rsync libelf-dev libssl-dev python3
+      python3-matplotlib)
 
 missing=()
 for p in "${PKGS[@]}"; do

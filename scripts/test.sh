@@ -5,7 +5,8 @@
 # test, the guest image tests (under QEMU TCG, under ldt-vmm on this
 # machine's KVM, and in the nested machine: QEMU TCG with SVM+NPT, where
 # the image also runs its LDT selftests and is live-migrated), the host
-# module's tests in the nested machine, and a short fuzz run of the
+# module's tests in the nested machine, the results report's page and
+# figures (tests/report.sh), and a short fuzz run of the
 # migration receiver. Ends with one "N passed, N failed" line over the
 # suites.
 set -uo pipefail
@@ -32,6 +33,10 @@ suite build cargo build --release --workspace
 suite cargo-test cargo test --release --workspace
 suite linux-debian-boot env VMM=target/release/ldt-vmm tests/linux-debian-boot.sh
 suite image-qemu tests/image-qemu.sh
+# The results report: example figures redrawn and checked, then the quick
+# report (bench dirty here, ldt-bench --short under QEMU TCG): 45 s measured
+# with the image built, four agents on the 2 cores.
+suite report tests/report.sh
 suite image-ldt-vmm tests/image-ldt-vmm.sh
 suite image-nested tests/image-nested.sh
 suite kmod-nested tests/kmod-nested.sh

@@ -4,7 +4,9 @@
  * lightweight dirty tracking (LWDT_HARVEST) with soft-dirty
  * (/proc/self/clear_refs + pagemap), PAGEMAP_SCAN over userfaultfd async
  * write-protection, and no tracking at all.  Every result is one JSON
- * object on one line, on stdout; lines starting with '#' are comments.
+ * object on one line, on stdout; lines starting with '#' are comments.  The
+ * first object ("bench":"meta") says where and how it ran (kernel, CPUs,
+ * mode, clock), for the host's report (scripts/report.sh).
  *
  *   write    time to write 4096 bytes to every page of a working set, for
  *            working sets from 1 MiB up, with the tracking reset before
@@ -53,6 +55,7 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <sys/utsname.h>
 #include <sys/wait.h>
 
 /* include/uapi/linux/lwdt.h, for C libraries whose headers predate it. */
@@ -996,6 +999,20 @@ static void bench_collect(void)
 	munmap(p, len);
 }
 
+/* One JSON object naming the run's conditions, before the results. */
+static void print_meta(void)
+{
+	struct utsname u;
+
+	if (uname(&u))
+		memset(&u, 0, sizeof(u));
+	printf("{\"bench\":\"meta\",\"mode\":\"%s\",\"max_mib\":%lu,"
+	       "\"kernel\":\"%s\",\"kernel_version\":\"%s\",\"machine\":\"%s\","
+	       "\"cpus\":%ld,\"tsc_khz\":%.0f}\n",
+	       short_mode ? "short" : "full", max_mib, u.release, u.version,
+	       u.machine, sysconf(_SC_NPROCESSORS_ONLN), tsc_per_ms);
+}
+
 static const struct {
 	const char *name;
 	void (*fn)(void);
@@ -1035,6 +1052,7 @@ int main(int argc, char **argv)
 	printf("# ldt-bench: %s mode, up to %lu MiB; one JSON object per line\n",
 	       short_mode ? "short" : "full", max_mib);
 	calibrate();
+	print_meta();
 	for (i = 1; i < argc; i++) {
 		for (b = 0; b < sizeof(benches) / sizeof(benches[0]); b++) {
 			if (!strcmp(argv[i], benches[b].name)) {

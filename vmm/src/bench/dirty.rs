@@ -34,6 +34,11 @@ pub struct DirtyBenchResult {
     pub write_ms_median: f64,
     pub write_ratio_vs_untracked: f64,
     pub harvest_ms_median: f64,
+    /// Guest write time of each round, in round order (the figures plot
+    /// their spread; the medians above summarise them).
+    pub write_ms_rounds: Vec<f64>,
+    /// Harvest time of each round (empty when untracked).
+    pub harvest_ms_rounds: Vec<f64>,
     pub pages_written: u64,
     pub pages_reported: u64,
     pub missed: u64,
@@ -76,6 +81,10 @@ pub fn working_set_page(i: u64) -> u64 {
 pub fn mem_mib_for(pages: u64) -> u64 {
     let end = working_set_page(pages) + (2 << 20);
     end.div_ceil(2 << 20) * 2
+}
+
+fn millis(v: &[Duration]) -> Vec<f64> {
+    v.iter().map(|d| d.as_secs_f64() * 1e3).collect()
 }
 
 fn median(v: &mut [Duration]) -> f64 {
@@ -159,6 +168,7 @@ fn run_mode(
         s.stop(&vm.machine.vm)?;
     }
     vm.stop()?;
+    let (write_ms_rounds, harvest_ms_rounds) = (millis(&writes), millis(&harvests));
     Ok(DirtyBenchResult {
         mode: kind
             .map(|k| k.name().to_string())
@@ -166,6 +176,8 @@ fn run_mode(
         write_ms_median: median(&mut writes),
         write_ratio_vs_untracked: 0.0,
         harvest_ms_median: median(&mut harvests),
+        write_ms_rounds,
+        harvest_ms_rounds,
         pages_written: written,
         pages_reported: reported,
         missed,
