@@ -89,8 +89,9 @@ pub fn handle(req: &Request, ctl: &VmControl) -> Response {
                 "dirty_source": d.source.as_ref().map(|s| s.kind()),
             }))
         }
-        Request::Pause => Response::ok(json!({ "state": ctl.pause() })),
-        Request::Resume => Response::ok(json!({ "state": ctl.resume() })),
+        Request::Pause => Response::ok(json!({ "state": ctl.operator_pause() })),
+        // Also the operator's answer to a migration whose outcome is unknown.
+        Request::Resume => Response::ok(json!({ "state": ctl.operator_resume() })),
         // The connection handler stops the VM once this answer is sent.
         Request::Shutdown => Response::ok(json!({ "state": "stopping" })),
         Request::DirtyStart { source } => match ctl.dirty_start(*source) {
@@ -108,7 +109,7 @@ pub fn handle(req: &Request, ctl: &VmControl) -> Response {
         Request::Migrate(_) => Response::err("migrate is served on its own connection"),
         Request::Snapshot(opts) => match snapshot::take(ctl, opts) {
             Ok(r) => Response::ok(serde_json::to_value(r).expect("report serializes")),
-            Err(e) => Response::err(format!("snapshot failed, the VM keeps running: {e}")),
+            Err(e) => Response::err(format!("snapshot failed, the VM is as it was: {e}")),
         },
         Request::MemoryDigest => {
             let was_running = ctl.state() == RunState::Running;
@@ -150,6 +151,12 @@ fn migrate(opts: &MigrateOptions, ctl: &VmControl, out: &mut UnixStream) -> Resp
     };
     match source::migrate(ctl, opts, &mut progress) {
         Ok(report) => Response::ok(serde_json::to_value(report).expect("report serializes")),
+        Err(e @ crate::migration::MigrationError::OutcomeUnknown(_)) => {
+            Response::err(format!("migration failed: {e}"))
+        }
+        Err(e) if ctl.held() => Response::err(format!(
+            "migration failed, the VM stays here, paused by the operator: {e}"
+        )),
         Err(e) => Response::err(format!("migration failed, the VM keeps running here: {e}")),
     }
 }

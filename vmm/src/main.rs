@@ -85,6 +85,10 @@ struct RunArgs {
     /// (memory size, vCPUs and CPU profile come from the stream).
     #[arg(long, value_name = "URL", conflicts_with = "flat")]
     incoming: Option<Endpoint>,
+    /// With --incoming: the longest a connected source may take for any one
+    /// frame (a silent or trickling source then ends the migration).
+    #[arg(long, value_name = "S", default_value_t = destination::DEFAULT_FRAME_TIMEOUT.as_secs(), requires = "incoming")]
+    incoming_timeout: u64,
     /// Restore from snapshot files: a full snapshot, then its diffs in order.
     #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with_all = ["flat", "incoming"])]
     restore: Vec<PathBuf>,
@@ -298,9 +302,13 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
     let ctl = if let Some(ep) = &args.incoming {
         let listener = Listener::bind(ep).with_context(|| format!("cannot listen on {ep}"))?;
         eprintln!("ldt-vmm: waiting for a migration on {ep}");
-        let (mut conn, hello, machine) =
-            destination::accept(&listener, ConsoleOut::Stdout, args.dirty.dirty_ring)?;
-        destination::receive(&mut conn, &hello, &machine).context("incoming migration failed")?;
+        let (hello, machine) = destination::incoming(
+            &listener,
+            ConsoleOut::Stdout,
+            args.dirty.dirty_ring,
+            std::time::Duration::from_secs(args.incoming_timeout),
+        )
+        .context("incoming migration failed")?;
         VmControl::new(machine, options, hello.cpu_profile, args.paused)?
     } else if !args.restore.is_empty() {
         let (hello, machine) =

@@ -456,3 +456,416 @@ fn a_destination_refuses_a_huge_frame() {
         "exceeds",
     );
 }
+
+/// What a fake destination (speaking the protocol) does after its HelloAck.
+#[derive(Clone, Copy, PartialEq)]
+enum FakeDestination {
+    /// Stops reading at once (and holds the connection open).
+    StopsReading,
+    /// Reads everything, never answers the State with Ready.
+    NeverReady,
+    /// Answers Ready, then drops the connection once Commit arrives.
+    DropsAfterCommit,
+    /// Answers Ready, then never answers Commit.
+    HangsAfterCommit,
+}
+
+/// Serves one source on `sock` as `how` says; returns the kinds of the
+/// frames it received after the HelloAck. Holds the connection until `release`.
+fn fake_destination(
+    sock: PathBuf,
+    how: FakeDestination,
+    release: std::sync::mpsc::Receiver<()>,
+) -> std::thread::JoinHandle<Vec<MessageKind>> {
+    let listener = UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        assert_eq!(read_frame(&mut c).unwrap().kind, MessageKind::Hello);
+        write_frame(&mut c, MessageKind::HelloAck, b"").unwrap();
+        let mut seen = Vec::new();
+        if how == FakeDestination::StopsReading {
+            let _ = release.recv();
+            return seen;
+        }
+        while let Ok(f) = read_frame(&mut c) {
+            seen.push(f.kind);
+            match (f.kind, how) {
+                (MessageKind::State, FakeDestination::NeverReady) => {}
+                (MessageKind::State, _) => {
+                    write_frame(&mut c, MessageKind::Ready, br#"{"digest":null}"#).unwrap()
+                }
+                (MessageKind::Commit, FakeDestination::DropsAfterCommit) => return seen,
+                (MessageKind::Commit, _) => {
+                    let _ = release.recv();
+                    return seen;
+                }
+                _ => {}
+            }
+        }
+        seen
+    })
+}
+
+/// Migrates to a fake destination; returns the migrate output, the frames
+/// the fake saw, and the source.
+fn migrate_to_fake(
+    name: &str,
+    how: FakeDestination,
+) -> (Output, Vec<MessageKind>, SourceVm, Scratch) {
+    let s = Scratch::new(name);
+    let sock = s.path("fake.sock");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let fake = fake_destination(sock.clone(), how, rx);
+    let src = start_source(&s, COUNTER_FAST_PAYLOAD, &[]);
+    let out = migrate(&src.api, &format!("unix:{}", sock.display()), &[]);
+    let _ = tx.send(());
+    let seen = fake.join().unwrap();
+    (out, seen, src, s)
+}
+
+/// The source is paused and prints nothing, and says why.
+fn assert_source_postmigrate(src: &mut SourceVm) {
+    assert!(src.child.try_wait().unwrap().is_none(), "source VMM exited");
+    assert_eq!(ctl(&src.api, &["status"])["result"]["state"], "postmigrate");
+    let before = std::fs::read(&src.out).unwrap().len();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        std::fs::read(&src.out).unwrap().len(),
+        before,
+        "a postmigrate guest does not run"
+    );
+}
+
+#[test]
+fn a_destination_that_drops_after_commit_leaves_the_source_paused() {
+    let (out, seen, mut src, _s) =
+        migrate_to_fake("commit-drop", FakeDestination::DropsAfterCommit);
+    assert_eq!(seen.last(), Some(&MessageKind::Commit));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("outcome unknown: the destination may be running"),
+        "{err}"
+    );
+    assert_source_postmigrate(&mut src);
+    // The operator decides the destination does not run it: resume here.
+    assert_eq!(ctl(&src.api, &["resume"])["result"]["state"], "running");
+    assert_source_alive(&mut src);
+    shutdown(&mut src);
+}
+
+#[test]
+fn a_destination_that_hangs_after_commit_leaves_the_source_paused() {
+    let (out, seen, mut src, _s) =
+        migrate_to_fake("commit-hang", FakeDestination::HangsAfterCommit);
+    assert_eq!(seen.last(), Some(&MessageKind::Commit));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("outcome unknown") && err.contains("timed out"),
+        "{err}"
+    );
+    assert_source_postmigrate(&mut src);
+    shutdown(&mut src);
+}
+
+#[test]
+fn a_destination_that_stops_reading_ends_the_migration_with_the_source_running() {
+    let (out, _, mut src, _s) = migrate_to_fake("stall", FakeDestination::StopsReading);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("peer stopped reading") && err.contains("keeps running here"),
+        "{err}"
+    );
+    assert_source_alive(&mut src);
+    shutdown(&mut src);
+}
+
+#[test]
+fn a_destination_that_never_answers_ready_ends_the_switch_over_with_the_source_running() {
+    let (out, seen, mut src, _s) = migrate_to_fake("no-ready", FakeDestination::NeverReady);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("timed out") && err.contains("keeps running here"),
+        "{err}"
+    );
+    assert!(seen.contains(&MessageKind::State), "{seen:?}");
+    assert_eq!(
+        seen.last(),
+        Some(&MessageKind::Abort),
+        "the source says it gives up"
+    );
+    assert_source_alive(&mut src);
+    shutdown(&mut src);
+}
+
+fn start_destination_with(s: &Scratch, url: &str, extra: &[&str]) -> Child {
+    let api = s.path("dst.api");
+    let mut args = vec!["run", "--incoming", url, "--api", api.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let child = spawn(&args, &s.path("dst.out"), &s.path("dst.err"));
+    wait_for(&s.path("mig.sock"));
+    child
+}
+
+const FAKE_HELLO: &[u8] =
+    br#"{"mem_mib":32,"vcpus":1,"cpu_profile":"host","dirty_source":"kvm-bitmap","verify":false}"#;
+
+#[test]
+fn a_silent_or_trickling_source_does_not_hold_the_destination() {
+    for trickle in [false, true] {
+        let s = Scratch::new(if trickle { "trickle" } else { "silent" });
+        let url = unix_url(&s);
+        let mut dst = start_destination_with(&s, &url, &["--incoming-timeout", "2"]);
+        let mut c = std::os::unix::net::UnixStream::connect(s.path("mig.sock")).unwrap();
+        write_frame(&mut c, MessageKind::Hello, FAKE_HELLO).unwrap();
+        assert_eq!(read_frame(&mut c).unwrap().kind, MessageKind::HelloAck);
+        if trickle {
+            // A valid memory frame, a byte every 100 ms: each read returns,
+            // but the frame would take minutes.
+            let mut frame = Vec::new();
+            write_frame(&mut frame, MessageKind::Memory, &memory_message()).unwrap();
+            for b in frame {
+                if c.write_all(&[b]).is_err() || dst.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let status = wait_exit(&mut dst, Duration::from_secs(60));
+        assert!(!status.success());
+        let err = std::fs::read_to_string(s.path("dst.err")).unwrap();
+        assert!(err.contains("timed out"), "{err}");
+    }
+}
+
+#[test]
+fn the_destination_answers_probes_and_second_sources_and_still_migrates() {
+    let s = Scratch::new("service");
+    let url = unix_url(&s);
+    let sock = s.path("mig.sock");
+    let mut src = start_source(&s, COUNTER_FAST_PAYLOAD, &[]);
+    let mut dst = start_destination_with(&s, &url, &["--incoming-timeout", "5"]);
+    let dst_api = s.path("dst.api");
+    // A port probe: connect and close.
+    drop(std::os::unix::net::UnixStream::connect(&sock).unwrap());
+    // Something that is not a migration gets an answer.
+    let mut junk = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    junk.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let answer = read_frame(&mut junk).unwrap();
+    assert_eq!(answer.kind, MessageKind::Abort);
+    assert!(String::from_utf8_lossy(&answer.payload).contains("not a migration"));
+    assert!(
+        dst.try_wait().unwrap().is_none(),
+        "the destination waits on"
+    );
+
+    // The real migration, slowed down so a second source meets it.
+    let api = src.api.clone();
+    let url2 = url.clone();
+    let m = std::thread::spawn(move || {
+        migrate(
+            &api,
+            &url2,
+            &[
+                "--bandwidth-limit",
+                "40",
+                "--max-rounds",
+                "1",
+                "--downtime-ms",
+                "0",
+                "--policy",
+                "force",
+                "--verify",
+            ],
+        )
+    });
+    // Wait until the destination has the migration (it has an API only after).
+    let t = std::time::Instant::now();
+    while !std::fs::read_to_string(s.path("src.err"))
+        .unwrap_or_default()
+        .is_empty()
+        && t.elapsed() < Duration::from_secs(1)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut second = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    write_frame(&mut second, MessageKind::Hello, FAKE_HELLO).unwrap();
+    let busy = read_frame(&mut second).unwrap();
+    assert_eq!(busy.kind, MessageKind::Abort);
+    assert!(
+        String::from_utf8_lossy(&busy.payload).contains("already receiving a migration"),
+        "{:?}",
+        String::from_utf8_lossy(&busy.payload)
+    );
+    let out = m.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["digest_source"], r["digest_destination"]);
+    assert!(wait_exit(&mut src.child, Duration::from_secs(10)).success());
+    wait_for(&dst_api);
+    ctl(&dst_api, &["shutdown"]);
+    assert!(wait_exit(&mut dst, Duration::from_secs(10)).success());
+}
+
+#[test]
+fn one_dirty_log_user_at_a_time() {
+    let s = Scratch::new("one-user");
+    let url = unix_url(&s);
+    let mut src = start_source(&s, COUNTER_SLOW_PAYLOAD, &[]);
+    // The API's tracking holds the log: a migration is refused.
+    assert_eq!(ctl(&src.api, &["dirty-start", "kvm-bitmap"])["ok"], true);
+    let out = migrate(&src.api, &url, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("in use by dirty tracking started through the API"),
+        "{err}"
+    );
+    let snap = bin()
+        .args(["snapshot", "--api", src.api.to_str().unwrap(), "--to"])
+        .arg(s.path("full.snap"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&snap.stderr).contains("one user at a time"),
+        "{}",
+        String::from_utf8_lossy(&snap.stderr)
+    );
+    assert_eq!(ctl(&src.api, &["dirty-stop"])["ok"], true);
+
+    // A snapshot chain holds it now: migration and dirty-start are refused,
+    // and the chain's next diff still has what changed.
+    let full = s.path("full.snap");
+    let ok = bin()
+        .args(["snapshot", "--api", src.api.to_str().unwrap(), "--to"])
+        .arg(&full)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let out = migrate(&src.api, &url, &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("diff-snapshot chain"));
+    let r = ctl(&src.api, &["dirty-start", "kvm-clear"]);
+    assert!(
+        r["error"].as_str().unwrap().contains("diff-snapshot chain"),
+        "{r}"
+    );
+    advances(
+        &src.out,
+        counters(&std::fs::read(&src.out).unwrap()).len() + 5,
+    );
+    let diff = bin()
+        .args(["snapshot", "--api", src.api.to_str().unwrap(), "--to"])
+        .arg(s.path("d1.snap"))
+        .arg("--base")
+        .arg(&full)
+        .output()
+        .unwrap();
+    assert!(diff.status.success());
+    let d: serde_json::Value = serde_json::from_slice(&diff.stdout).unwrap();
+    assert!(
+        d["pages"].as_u64().unwrap() > 0,
+        "the chain still tracks: {d}"
+    );
+    assert_source_alive(&mut src);
+    shutdown(&mut src);
+}
+
+#[test]
+fn two_migrations_at_once_are_refused_and_the_first_completes() {
+    let s = Scratch::new("two");
+    let url = unix_url(&s);
+    let mut src = start_source(&s, COUNTER_FAST_PAYLOAD, &[]);
+    let (mut dst, dst_api) = start_destination(&s, &url);
+    let api = src.api.clone();
+    let url2 = url.clone();
+    let first = std::thread::spawn(move || {
+        migrate(
+            &api,
+            &url2,
+            &[
+                "--bandwidth-limit",
+                "40",
+                "--max-rounds",
+                "1",
+                "--downtime-ms",
+                "0",
+                "--policy",
+                "force",
+                "--verify",
+            ],
+        )
+    });
+    // Until the first migration holds the log, a second would just win.
+    let t = std::time::Instant::now();
+    let second = loop {
+        let out = migrate(
+            &src.api,
+            &format!("unix:{}", s.path("other.sock").display()),
+            &[],
+        );
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        if err.contains("in use by a migration in progress")
+            || t.elapsed() > Duration::from_secs(20)
+        {
+            break err;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        second.contains("in use by a migration in progress"),
+        "{second}"
+    );
+    let out = first.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["digest_source"], r["digest_destination"]);
+    assert!(wait_exit(&mut src.child, Duration::from_secs(10)).success());
+    ctl(&dst_api, &["shutdown"]);
+    assert!(wait_exit(&mut dst, Duration::from_secs(10)).success());
+}
+
+#[test]
+fn an_operator_paused_vm_stays_paused_after_a_failed_migration_or_a_snapshot() {
+    let s = Scratch::new("held");
+    let sock = s.path("fake.sock");
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Fails at the switch-over, where the migration pauses and resumes.
+    let fake = fake_destination(sock.clone(), FakeDestination::NeverReady, rx);
+    let mut src = start_source(&s, COUNTER_SLOW_PAYLOAD, &[]);
+    assert_eq!(ctl(&src.api, &["pause"])["result"]["state"], "paused");
+    let out = migrate(&src.api, &format!("unix:{}", sock.display()), &[]);
+    let _ = tx.send(());
+    fake.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("paused by the operator"),
+        "{err}"
+    );
+    assert_eq!(ctl(&src.api, &["status"])["result"]["state"], "paused");
+    let snap = bin()
+        .args(["snapshot", "--api", src.api.to_str().unwrap(), "--to"])
+        .arg(s.path("p.snap"))
+        .output()
+        .unwrap();
+    assert!(
+        snap.status.success(),
+        "{}",
+        String::from_utf8_lossy(&snap.stderr)
+    );
+    assert_eq!(ctl(&src.api, &["status"])["result"]["state"], "paused");
+    assert_eq!(ctl(&src.api, &["resume"])["result"]["state"], "running");
+    assert_source_alive(&mut src);
+    shutdown(&mut src);
+}

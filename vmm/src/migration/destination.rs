@@ -1,7 +1,10 @@
 //! The receiving side: builds an empty VM from the source's Hello, fills its
 //! memory, restores its state, and hands it to the runner on Commit.
 
-use ldt_migration::{decode_memory, MessageKind};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use ldt_migration::{decode_memory, MessageKind, ProtocolError};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::digest::memory_digest;
@@ -11,18 +14,46 @@ use crate::arch::layout::PAGE_SIZE;
 use crate::builder::{self, Machine};
 use crate::devices::console::ConsoleOut;
 
+/// How long the destination waits for any one frame (or for its peer to
+/// take one) once a source connected, unless `run --incoming-timeout` says
+/// otherwise: a source that goes silent or trickles cannot hold it longer.
+pub const DEFAULT_FRAME_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a refused connection gets to send its first frame and read the
+/// answer.
+const REFUSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Tells a peer why it is refused (bounded: a peer that does not read
+/// cannot hold the destination).
+fn refuse(conn: &mut Connection, why: &str) {
+    eprintln!("ldt-vmm: refused a connection: {why}; still waiting");
+    conn.send_abort(why, REFUSE_TIMEOUT);
+}
+
 /// Waits on `listener` for a source, reads its Hello and builds the VM.
+/// A connection that closes before its Hello (a port probe) or sends
+/// something else is answered (if it is still there) and dropped; the
+/// destination keeps waiting. `frame_timeout` bounds every later receive.
 pub fn accept(
     listener: &Listener,
     console: ConsoleOut,
     dirty_ring_entries: Option<u32>,
+    frame_timeout: Duration,
 ) -> Result<(Connection, Hello, Machine), MigrationError> {
-    let mut conn = listener.accept()?;
-    let frame = conn.recv()?;
-    if frame.kind != MessageKind::Hello {
-        return Err(MigrationError::Unexpected(frame.kind));
-    }
-    let hello: Hello = parse("Hello", &frame.payload)?;
+    let (mut conn, hello) = loop {
+        let mut conn = listener.accept()?;
+        conn.set_timeout(Some(frame_timeout))?;
+        match conn.recv() {
+            Ok(f) if f.kind == MessageKind::Hello => match parse::<Hello>("Hello", &f.payload) {
+                Ok(h) => break (conn, h),
+                Err(e) => refuse(&mut conn, &e.to_string()),
+            },
+            Ok(f) => refuse(&mut conn, &format!("expected Hello, got {:?}", f.kind)),
+            Err(ProtocolError::Closed) => {
+                eprintln!("ldt-vmm: a connection closed before its Hello; still waiting")
+            }
+            Err(e) => refuse(&mut conn, &format!("not a migration: {e}")),
+        }
+    };
     let res = hello.resources(console, dirty_ring_entries);
     match builder::build(&res) {
         Ok(machine) => {
@@ -31,12 +62,55 @@ pub fn accept(
             Ok((conn, hello, machine))
         }
         Err(e) => {
-            let _ = conn.send(
-                MessageKind::Abort,
-                format!("destination cannot build the VM: {e}").as_bytes(),
+            conn.send_abort(
+                &format!("destination cannot build the VM: {e}"),
+                REFUSE_TIMEOUT,
             );
-            let _ = conn.flush();
             Err(MigrationError::Build(e.to_string()))
+        }
+    }
+}
+
+/// The whole incoming side: waits for a source, builds the VM and receives
+/// it. While one migration runs, every other connection gets an Abort
+/// frame saying so (and never ends this one).
+pub fn incoming(
+    listener: &Listener,
+    console: ConsoleOut,
+    dirty_ring_entries: Option<u32>,
+    frame_timeout: Duration,
+) -> Result<(Hello, Machine), MigrationError> {
+    let (mut conn, hello, machine) = accept(listener, console, dirty_ring_entries, frame_timeout)?;
+    let done = AtomicBool::new(false);
+    let received = std::thread::scope(|s| {
+        s.spawn(|| refuse_while_busy(listener, &done));
+        let r = receive(&mut conn, &hello, &machine);
+        done.store(true, Ordering::Relaxed);
+        r
+    });
+    received.map(|_| (hello, machine))
+}
+
+/// Answers every connection with "busy" until `done`.
+fn refuse_while_busy(listener: &Listener, done: &AtomicBool) {
+    const POLL: Duration = Duration::from_millis(20);
+    while !done.load(Ordering::Relaxed) {
+        match listener.try_accept() {
+            Ok(Some(mut conn)) => {
+                // Read what the peer sent first (its Hello) so that closing
+                // does not reset the connection before it reads the answer.
+                let _ = conn.set_timeout(Some(REFUSE_TIMEOUT));
+                let _ = conn.recv();
+                refuse(
+                    &mut conn,
+                    "busy: this destination is already receiving a migration",
+                );
+            }
+            Ok(None) => std::thread::sleep(POLL),
+            Err(e) => {
+                eprintln!("ldt-vmm: accepting a second connection: {e}");
+                std::thread::sleep(POLL);
+            }
         }
     }
 }

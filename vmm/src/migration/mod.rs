@@ -13,7 +13,14 @@
 //! ```
 //!
 //! Any failure before Commit leaves the source VM running with its memory
-//! untouched (the source only reads guest memory).
+//! untouched (the source only reads guest memory), unless the operator had
+//! paused it. Once Commit is sent the source never resumes by itself: if
+//! Resumed does not arrive, the VM stays paused ("postmigrate") and the
+//! operator decides (`ldt-vmm ctl resume` if the destination does not run
+//! the guest, `shutdown` if it does). Every send and receive has a deadline
+//! (`source::switchover_budget`, `destination::DEFAULT_FRAME_TIMEOUT`).
+//! One dirty-log user at a time: a migration is refused while the API's
+//! dirty tracking, a snapshot chain or another migration holds the log.
 
 pub mod destination;
 pub mod digest;
@@ -93,6 +100,9 @@ pub enum MigrationError {
         source_digest: String,
         destination: String,
     },
+    /// Commit was sent but the destination's Resumed never came.
+    #[error("outcome unknown: the destination may be running ({0}); the VM stays paused here (postmigrate): resume it through the API only if the destination does not run it")]
+    OutcomeUnknown(String),
     #[error("the VM stopped during migration")]
     VmStopped,
     #[error(transparent)]

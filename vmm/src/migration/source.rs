@@ -13,13 +13,54 @@ use super::transport::{self, Connection, Endpoint, FrameSink};
 use super::{is_zero, parse, Hello, MachineState, MigrationError, Ready};
 use crate::arch::layout::PAGE_SIZE;
 use crate::dirty::{self, DirtyBitmap, DirtySource, DirtySourceKind};
-use crate::runner::{RunState, VmControl};
+use crate::runner::{RunState, TrackingUser, VmControl};
 use crate::vm::state::{msr_index_list, VcpuState, VmState};
 
 /// Pages per memory message (4 MiB).
 const CHUNK_PAGES: u64 = 1024;
-/// How long the source waits for an answer before calling the peer dead.
-const PEER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Deadlines. While the guest runs (pre-copy), every send, flush and
+/// receive must complete within `PRECOPY_STALL` (longer when a bandwidth
+/// limit makes one 4 MiB message slower: 4 × its time at the limit). From the
+/// pause on, everything up to the destination's Resumed shares one budget:
+///
+/// ```text
+/// switch-over budget = SWITCHOVER_SLACK + 4 × max(downtime target, expected downtime)
+///                      (+ 2 × memory / VERIFY_RATE with --verify)
+/// ```
+///
+/// (the expected downtime exceeds the target only under `--policy force`).
+/// A destination that stops reading or does not answer in time before
+/// Commit ends the migration with the guest running here again; after
+/// Commit, the outcome is unknown (see `MigrationError::OutcomeUnknown`).
+pub const PRECOPY_STALL: Duration = Duration::from_secs(10);
+pub const SWITCHOVER_SLACK: Duration = Duration::from_secs(2);
+/// Slowest digest rate allowed for when verifying (bytes/s).
+pub const VERIFY_RATE: f64 = 100e6;
+/// Time the source gives a best-effort Abort to leave.
+const ABORT_WITHIN: Duration = Duration::from_millis(200);
+
+/// The per-operation bound while the guest runs.
+pub fn precopy_timeout(opts: &MigrateOptions) -> Duration {
+    let chunk = (CHUNK_PAGES * PAGE_SIZE) as f64;
+    match opts.bandwidth_limit_mbps {
+        Some(m) => PRECOPY_STALL.max(Duration::from_secs_f64(
+            4.0 * chunk / (m.max(1) as f64 * 1e6),
+        )),
+        None => PRECOPY_STALL,
+    }
+}
+
+/// The switch-over budget (formula above).
+pub fn switchover_budget(opts: &MigrateOptions, expected_ms: f64, mem_bytes: u64) -> Duration {
+    let worst_ms = (opts.downtime_ms as f64).max(expected_ms);
+    let verify = if opts.verify {
+        Duration::from_secs_f64(2.0 * mem_bytes as f64 / VERIFY_RATE)
+    } else {
+        Duration::ZERO
+    };
+    SWITCHOVER_SLACK + Duration::from_secs_f64(4.0 * worst_ms / 1e3) + verify
+}
 
 /// What to do when the rounds or the time run out before convergence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -200,15 +241,20 @@ pub fn migrate(
     opts: &MigrateOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, MigrationError> {
+    ctl.claim_tracking(TrackingUser::Migration)?;
+    let result = migrate_claimed(ctl, opts, progress);
+    ctl.release_tracking(TrackingUser::Migration);
+    result
+}
+
+fn migrate_claimed(
+    ctl: &VmControl,
+    opts: &MigrateOptions,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, MigrationError> {
     let started = Instant::now();
-    // The API's own tracking session would compete for the same KVM log.
-    if ctl.dirty.lock().unwrap().source.is_some() {
-        return Err(MigrationError::Build(
-            "dirty tracking is running through the API; stop it first".into(),
-        ));
-    }
     let mut conn = transport::connect(&opts.to)?;
-    conn.set_timeout(Some(PEER_TIMEOUT))?;
+    conn.set_timeout(Some(precopy_timeout(opts)))?;
     let hello = Hello {
         mem_mib: ctl.vm.mem_size() >> 20,
         vcpus: ctl.vcpu_count as u8,
@@ -235,10 +281,16 @@ pub fn migrate(
             report.memcpy_mb_s = memcpy_rate_mb_s();
             Ok(report)
         }
+        Err(e @ MigrationError::OutcomeUnknown(_)) => {
+            // Commit went out: the destination may run the guest. Running
+            // it here too could make two; the operator decides.
+            ctl.hold_postmigrate();
+            Err(e)
+        }
         Err(e) => {
-            // Best effort: tell the destination, then let the guest go on here.
-            let _ = conn.send(MessageKind::Abort, e.to_string().as_bytes());
-            let _ = conn.flush();
+            // Tell the destination (bounded), then let the guest go on here
+            // (unless the operator had paused it).
+            conn.send_abort(&e.to_string(), ABORT_WITHIN);
             ctl.resume();
             Err(e)
         }
@@ -325,6 +377,9 @@ fn run_rounds(
     // Switch-over: nothing the guest writes from here on is lost because
     // the last harvest happens with every vCPU stopped.
     let paused_at = Instant::now();
+    conn.set_deadline(Some(
+        paused_at + switchover_budget(opts, expected_ms, ctl.vm.mem_size()),
+    ));
     if ctl.pause() != RunState::Paused {
         return Err(MigrationError::VmStopped);
     }
@@ -355,7 +410,15 @@ fn run_rounds(
         });
     }
     conn.send(MessageKind::Commit, &[])?;
-    expect(conn.recv()?, MessageKind::Resumed)?;
+    // From here on the destination may run the guest: any failure leaves the
+    // outcome unknown, never a reason to resume here.
+    let committed = conn
+        .flush()
+        .map_err(MigrationError::from)
+        .and_then(|()| expect(conn.recv()?, MessageKind::Resumed));
+    if let Err(e) = committed {
+        return Err(MigrationError::OutcomeUnknown(e.to_string()));
+    }
     let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
 
     Ok(MigrationReport {
