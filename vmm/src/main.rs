@@ -15,6 +15,7 @@ use ldt_vmm::devices::console::ConsoleOut;
 use ldt_vmm::dirty::{DirtyOptions, DirtySourceKind};
 use ldt_vmm::loader::LinuxBoot;
 use ldt_vmm::migration::destination;
+use ldt_vmm::migration::report::DowntimeBreakdown;
 use ldt_vmm::migration::snapshot::{self, SnapshotOptions};
 use ldt_vmm::migration::source::{ConvergencePolicy, MigrateOptions};
 use ldt_vmm::migration::transport::{Endpoint, Listener};
@@ -385,6 +386,14 @@ fn migrate(a: MigrateArgs) -> anyhow::Result<i32> {
     let resp = api::call_with_progress(&a.api, &Request::Migrate(opts), &mut show)?;
     if !resp.ok {
         anyhow::bail!("{}", resp.error.unwrap_or_default());
+    }
+    if let Some(b) = resp
+        .result
+        .as_ref()
+        .and_then(|r| r.get("downtime_breakdown"))
+        .and_then(|b| serde_json::from_value::<DowntimeBreakdown>(b.clone()).ok())
+    {
+        eprintln!("{}", b.line());
     }
     let report = serde_json::to_string_pretty(&resp.result)?;
     println!("{report}");

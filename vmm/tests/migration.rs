@@ -140,6 +140,31 @@ fn migrate_and_check(
     assert!(report["digest_source"].as_str().unwrap().len() == 64);
     assert!(report["rounds"].as_array().unwrap().len() >= 2);
     assert!(report["downtime_ms"].as_f64().unwrap() > 0.0);
+    // The breakdown's parts fit inside the downtime they explain.
+    let b = report["downtime_breakdown"].as_object().unwrap();
+    let parts: f64 = [
+        "pause_ms",
+        "final_harvest_ms",
+        "final_memory_ms",
+        "state_save_ms",
+        "state_transfer_ms",
+        "verify_ms",
+        "ready_wait_ms",
+        "commit_ms",
+    ]
+    .iter()
+    .map(|k| b[*k].as_f64().unwrap())
+    .sum();
+    let downtime = report["downtime_ms"].as_f64().unwrap();
+    assert!(
+        parts > 0.0 && parts <= downtime + 0.01,
+        "{b:?} vs {downtime}"
+    );
+    assert!(b["destination_restore_ms"].as_f64().unwrap() > 0.0);
+    assert!(
+        err.contains("downtime: pause"),
+        "breakdown line on stderr: {err}"
+    );
 
     let status = wait_exit(&mut src.child, Duration::from_secs(10));
     assert!(

@@ -137,11 +137,13 @@ pub fn receive(
                 } else {
                     None
                 };
+                let t = std::time::Instant::now();
                 restore_state(machine, &frame.payload)?;
+                let restore_ms = Some(t.elapsed().as_secs_f64() * 1e3);
                 restored = true;
                 conn.send(
                     MessageKind::Ready,
-                    &serde_json::to_vec(&Ready { digest }).expect("ready serializes"),
+                    &serde_json::to_vec(&Ready { digest, restore_ms }).expect("ready serializes"),
                 )?;
                 conn.flush()?;
             }

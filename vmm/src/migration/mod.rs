@@ -75,9 +75,12 @@ pub struct MachineState {
 }
 
 /// The destination's answer to the state: its memory digest, if asked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ready {
     pub digest: Option<String>,
+    /// How long the destination took to restore the state (ms).
+    #[serde(default)]
+    pub restore_ms: Option<f64>,
 }
 
 /// Why a migration failed.

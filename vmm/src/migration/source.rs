@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::digest::memory_digest;
-use super::report::{memcpy_rate_mb_s, MigrationReport, Progress, RoundStats};
+use super::report::{memcpy_rate_mb_s, DowntimeBreakdown, MigrationReport, Progress, RoundStats};
 use super::throttle::Throttle;
 use super::transport::{self, Connection, Endpoint, FrameSink};
 use super::{is_zero, parse, Hello, MachineState, MigrationError, Ready};
@@ -206,6 +206,18 @@ impl<'a> Sender<'a> {
     }
 }
 
+/// Time since the last lap.
+struct Lap(Instant);
+
+impl Lap {
+    fn ms(&mut self) -> f64 {
+        let now = Instant::now();
+        let ms = (now - self.0).as_secs_f64() * 1e3;
+        self.0 = now;
+        ms
+    }
+}
+
 /// Saves VM, vCPU and device state; the VM must be paused.
 pub(crate) fn save_machine_state(ctl: &VmControl) -> Result<MachineState, MigrationError> {
     let msr_indices = msr_index_list(&ctl.vm.kvm)?;
@@ -380,29 +392,37 @@ fn run_rounds(
     conn.set_deadline(Some(
         paused_at + switchover_budget(opts, expected_ms, ctl.vm.mem_size()),
     ));
+    let mut b = DowntimeBreakdown::default();
+    let mut lap = Lap(Instant::now());
     if ctl.pause() != RunState::Paused {
         return Err(MigrationError::VmStopped);
     }
+    b.pause_ms = lap.ms();
     let mut last = final_dirty;
     last.or(&dirty::harvest(source, &ctl.vm)?);
+    b.final_harvest_ms = lap.ms();
     let mut stats = sender.send_round(conn, round, &last)?;
     stats.dirty_rate_pages_s = dirty_rate;
     rounds.push(stats);
+    b.final_memory_ms = lap.ms();
     let state = save_machine_state(ctl)?;
+    b.state_save_ms = lap.ms();
     let copy_mb_s = sender.memory_bytes as f64 / sender.copy_time.as_secs_f64().max(1e-9) / 1e6;
     conn.send(
         MessageKind::State,
         &serde_json::to_vec(&state).expect("state serializes"),
     )?;
     conn.flush()?;
-    let t = Instant::now();
+    b.state_transfer_ms = lap.ms();
     let digest_source = if opts.verify {
         Some(memory_digest(&ctl.vm)?)
     } else {
         None
     };
-    let verify_ms = t.elapsed().as_secs_f64() * 1e3;
+    b.verify_ms = lap.ms();
     let ready: Ready = parse("Ready", &expect(conn.recv()?, MessageKind::Ready)?)?;
+    b.ready_wait_ms = lap.ms();
+    b.destination_restore_ms = ready.restore_ms.unwrap_or(0.0);
     if opts.verify && ready.digest != digest_source {
         return Err(MigrationError::DigestMismatch {
             source_digest: digest_source.unwrap_or_default(),
@@ -419,6 +439,8 @@ fn run_rounds(
     if let Err(e) = committed {
         return Err(MigrationError::OutcomeUnknown(e.to_string()));
     }
+    b.commit_ms = lap.ms();
+    let verify_ms = b.verify_ms;
     let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
 
     Ok(MigrationReport {
@@ -427,6 +449,7 @@ fn run_rounds(
         total_ms: started.elapsed().as_secs_f64() * 1e3,
         setup_ms,
         downtime_ms,
+        downtime_breakdown: b,
         expected_downtime_ms: expected_ms,
         downtime_target_ms: opts.downtime_ms,
         converged,
