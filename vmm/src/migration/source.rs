@@ -520,7 +520,7 @@ mod tests {
     fn the_estimate_counts_state_and_fixed_costs() {
         // Nothing left still costs the state and the fixed part.
         let empty = switchover_estimate_ms(0, 2, 1e9);
-        assert!(empty >= FIXED_SWITCHOVER_MS && empty < FIXED_SWITCHOVER_MS + 1.0);
+        assert!((FIXED_SWITCHOVER_MS..FIXED_SWITCHOVER_MS + 1.0).contains(&empty));
         // 100 MB at 1 GB/s: 100 ms on top.
         let full = switchover_estimate_ms(100_000_000, 2, 1e9);
         assert!((full - empty - 100.0).abs() < 1e-6, "{full} {empty}");
