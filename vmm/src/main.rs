@@ -186,6 +186,10 @@ struct MigrateArgs {
     /// Also write the JSON report to this file.
     #[arg(long, value_name = "FILE")]
     stats: Option<PathBuf>,
+    /// Start the migration and return at once (follow it with
+    /// `ctl migrate-status`, stop it with `ctl migrate-cancel`).
+    #[arg(long, conflicts_with = "stats")]
+    detach: bool,
 }
 
 #[derive(Args)]
@@ -236,6 +240,10 @@ enum CtlRequest {
     DirtyStats,
     /// SHA-256 of all guest memory (vCPUs paused meanwhile).
     MemoryDigest,
+    /// State, progress and outcome of the migration started last.
+    MigrateStatus,
+    /// Stop the running migration (before its commit); the VM keeps running here.
+    MigrateCancel,
 }
 
 #[derive(Subcommand)]
@@ -376,14 +384,13 @@ fn migrate(a: MigrateArgs) -> anyhow::Result<i32> {
         verify: a.verify,
         auto_converge: a.auto_converge,
     };
-    let mut show = |p: &serde_json::Value| match serde_json::from_value::<
-        ldt_vmm::migration::report::Progress,
-    >(p.clone())
-    {
-        Ok(p) => eprintln!("{}", p.line()),
-        Err(_) => eprintln!("{p}"),
-    };
-    let resp = api::call_with_progress(&a.api, &Request::Migrate(opts), &mut show)?;
+    if a.detach {
+        let resp = api::call(&a.api, &Request::Migrate(opts))?;
+        println!("{}", serde_json::to_string(&resp)?);
+        return Ok(if resp.ok { 0 } else { 1 });
+    }
+    let mut show = |p: &ldt_vmm::migration::report::Progress| eprintln!("{}", p.line());
+    let resp = api::migrate_and_wait(&a.api, &opts, &mut show)?;
     if !resp.ok {
         anyhow::bail!("{}", resp.error.unwrap_or_default());
     }
@@ -414,6 +421,8 @@ fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
         CtlRequest::DirtyStop => Request::DirtyStop,
         CtlRequest::DirtyStats => Request::DirtyStats,
         CtlRequest::MemoryDigest => Request::MemoryDigest,
+        CtlRequest::MigrateStatus => Request::MigrateStatus,
+        CtlRequest::MigrateCancel => Request::MigrateCancel,
     };
     let resp = api::call(&args.api, &req)?;
     println!("{}", serde_json::to_string(&resp)?);

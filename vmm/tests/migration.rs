@@ -809,52 +809,54 @@ fn two_migrations_at_once_are_refused_and_the_first_completes() {
     let url = unix_url(&s);
     let mut src = start_source(&s, COUNTER_FAST_PAYLOAD, &[]);
     let (mut dst, dst_api) = start_destination(&s, &url);
-    let api = src.api.clone();
-    let url2 = url.clone();
-    let first = std::thread::spawn(move || {
-        migrate(
-            &api,
-            &url2,
-            &[
-                "--bandwidth-limit",
-                "40",
-                "--max-rounds",
-                "1",
-                "--downtime-ms",
-                "0",
-                "--policy",
-                "force",
-                "--verify",
-            ],
-        )
-    });
-    // Until the first migration holds the log, a second would just win.
-    let t = std::time::Instant::now();
-    let second = loop {
-        let out = migrate(
-            &src.api,
-            &format!("unix:{}", s.path("other.sock").display()),
-            &[],
-        );
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        if err.contains("in use by a migration in progress")
-            || t.elapsed() > Duration::from_secs(20)
-        {
-            break err;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let first = migrate(
+        &src.api,
+        &url,
+        &[
+            "--detach",
+            "--bandwidth-limit",
+            "40",
+            "--max-rounds",
+            "1",
+            "--downtime-ms",
+            "0",
+            "--policy",
+            "force",
+            "--verify",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&first.stdout).contains("running"));
+    let out = migrate(
+        &src.api,
+        &format!("unix:{}", s.path("other.sock").display()),
+        &[],
+    );
+    let second = String::from_utf8_lossy(&out.stderr);
     assert!(
-        second.contains("in use by a migration in progress"),
+        second.contains("a migration is already in progress"),
         "{second}"
     );
-    let out = first.join().unwrap();
+    // Nor may a snapshot chain start on the log the migration uses.
+    let snap = bin()
+        .args(["snapshot", "--api", src.api.to_str().unwrap(), "--to"])
+        .arg(s.path("during.snap"))
+        .output()
+        .unwrap();
+    let snap_err = String::from_utf8_lossy(&snap.stderr);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        !snap.status.success() && snap_err.contains("in use by a migration in progress"),
+        "{snap_err}"
     );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let t = std::time::Instant::now();
+    let st = loop {
+        let st = ctl(&src.api, &["migrate-status"]);
+        if st["result"]["state"] != "running" || t.elapsed() > Duration::from_secs(60) {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(st["result"]["state"], "completed", "{st}");
+    let r = &st["result"]["report"];
     assert_eq!(r["digest_source"], r["digest_destination"]);
     assert!(wait_exit(&mut src.child, Duration::from_secs(10)).success());
     ctl(&dst_api, &["shutdown"]);
@@ -892,5 +894,56 @@ fn an_operator_paused_vm_stays_paused_after_a_failed_migration_or_a_snapshot() {
     assert_eq!(ctl(&src.api, &["status"])["result"]["state"], "paused");
     assert_eq!(ctl(&src.api, &["resume"])["result"]["state"], "running");
     assert_source_alive(&mut src);
+    shutdown(&mut src);
+}
+
+#[test]
+fn an_api_migration_runs_in_the_background_and_cancels_mid_round_with_the_source_unharmed() {
+    let s = Scratch::new("async");
+    let url = unix_url(&s);
+    let mut src = start_source(&s, COUNTER_FAST_PAYLOAD, &[]);
+    let (mut dst, _) = start_destination(&s, &url);
+    // 64 MiB of live pages at 20 MB/s: round 0 alone takes seconds.
+    let out = migrate(&src.api, &url, &["--detach", "--bandwidth-limit", "20"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let started: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(started["result"]["state"], "running", "{started}");
+    // The API still answers while it runs, and the guest still runs.
+    let st = ctl(&src.api, &["migrate-status"]);
+    assert_eq!(st["result"]["state"], "running", "{st}");
+    assert_eq!(ctl(&src.api, &["status"])["result"]["state"], "running");
+    let again = migrate(&src.api, &url, &["--detach"]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already in progress"));
+    assert_eq!(ctl(&src.api, &["migrate-cancel"])["ok"], true);
+    let t = std::time::Instant::now();
+    let st = loop {
+        let st = ctl(&src.api, &["migrate-status"]);
+        if st["result"]["state"] != "running" || t.elapsed() > Duration::from_secs(30) {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(st["result"]["state"], "cancelled", "{st}");
+    assert!(
+        st["result"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("keeps running here"),
+        "{st}"
+    );
+    assert!(
+        st["result"]["progress"].is_null(),
+        "cancelled inside round 0: {st}"
+    );
+    assert_eq!(ctl(&src.api, &["migrate-cancel"])["ok"], false);
+    let status = wait_exit(&mut dst, Duration::from_secs(10));
+    assert!(!status.success(), "the destination is told and gives up");
+    assert_source_alive(&mut src);
+    // The log is free again: the API's tracking can start.
+    assert_eq!(ctl(&src.api, &["dirty-start", "kvm-bitmap"])["ok"], true);
     shutdown(&mut src);
 }

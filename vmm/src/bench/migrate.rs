@@ -153,7 +153,7 @@ fn run_one(
         auto_converge: cfg.auto_converge,
     };
     let (c0, _) = last_counter(&src.out)?;
-    let resp = api::call_with_progress(&src_api, &Request::Migrate(opts), &mut |_| {})?;
+    let resp = api::migrate_and_wait(&src_api, &opts, &mut |_| {})?;
     anyhow::ensure!(resp.ok, "{kind}: {}", resp.error.unwrap_or_default());
     let r = resp.result.unwrap_or_default();
     std::thread::sleep(Duration::from_millis(200));

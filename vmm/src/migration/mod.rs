@@ -106,6 +106,8 @@ pub enum MigrationError {
     /// Commit was sent but the destination's Resumed never came.
     #[error("outcome unknown: the destination may be running ({0}); the VM stays paused here (postmigrate): resume it through the API only if the destination does not run it")]
     OutcomeUnknown(String),
+    #[error("cancelled (migrate-cancel)")]
+    Cancelled,
     #[error("the VM stopped during migration")]
     VmStopped,
     #[error(transparent)]

@@ -1,5 +1,6 @@
 //! The sending side: pre-copy rounds from a dirty source, then the switch-over.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ldt_migration::{encode_memory_header, MemoryRange, MessageKind, RANGE_ZERO};
@@ -120,6 +121,8 @@ pub struct MigrateOptions {
 /// Sends the pages of `dirty`, in 4 MiB messages; all-zero pages go as flags.
 pub(crate) struct Sender<'a> {
     pub ctl: &'a VmControl,
+    /// Set by `migrate-cancel`: checked before every message.
+    pub cancel: Option<&'a AtomicBool>,
     pub limit_bytes_s: Option<f64>,
     started: Instant,
     sent_total: u64,
@@ -131,6 +134,7 @@ impl<'a> Sender<'a> {
     pub fn new(ctl: &'a VmControl, limit_mbps: Option<u64>, sent_total: u64) -> Self {
         Sender {
             ctl,
+            cancel: None,
             limit_bytes_s: limit_mbps.map(|m| m as f64 * 1e6),
             started: Instant::now(),
             sent_total,
@@ -199,6 +203,7 @@ impl<'a> Sender<'a> {
         data: &[u8],
         stats: &mut RoundStats,
     ) -> Result<(), MigrationError> {
+        check_cancel(self.cancel)?;
         // Each range with the index in `data` of its first page.
         let mut ranges: Vec<MemoryRange> = Vec::new();
         let mut firsts: Vec<usize> = Vec::new();
@@ -252,6 +257,14 @@ impl<'a> Sender<'a> {
     }
 }
 
+/// Fails with `Cancelled` once `cancel` is set.
+fn check_cancel(cancel: Option<&AtomicBool>) -> Result<(), MigrationError> {
+    match cancel {
+        Some(c) if c.load(Ordering::Relaxed) => Err(MigrationError::Cancelled),
+        _ => Ok(()),
+    }
+}
+
 /// Time since the last lap.
 struct Lap(Instant);
 
@@ -299,8 +312,20 @@ pub fn migrate(
     opts: &MigrateOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, MigrationError> {
+    migrate_cancellable(ctl, opts, progress, &AtomicBool::new(false))
+}
+
+/// `migrate`, ended with `Cancelled` (the VM running here as before) once
+/// `cancel` is set, at the next message, round or step of the switch-over
+/// before Commit.
+pub fn migrate_cancellable(
+    ctl: &VmControl,
+    opts: &MigrateOptions,
+    progress: &mut dyn FnMut(&Progress),
+    cancel: &AtomicBool,
+) -> Result<MigrationReport, MigrationError> {
     ctl.claim_tracking(TrackingUser::Migration)?;
-    let result = migrate_claimed(ctl, opts, progress);
+    let result = migrate_claimed(ctl, opts, progress, cancel);
     ctl.release_tracking(TrackingUser::Migration);
     result
 }
@@ -309,6 +334,7 @@ fn migrate_claimed(
     ctl: &VmControl,
     opts: &MigrateOptions,
     progress: &mut dyn FnMut(&Progress),
+    cancel: &AtomicBool,
 ) -> Result<MigrationReport, MigrationError> {
     let started = Instant::now();
     let mut conn = transport::connect(&opts.to)?;
@@ -330,7 +356,15 @@ fn migrate_claimed(
     let mut source = dirty::create(opts.dirty_source, ctl.dirty_options, ctl.ring.clone())?;
     dirty::reset_vmm_writes(&ctl.vm);
     source.start(&ctl.vm)?;
-    let result = run_rounds(ctl, opts, &mut conn, source.as_mut(), started, progress);
+    let result = run_rounds(
+        ctl,
+        opts,
+        &mut conn,
+        source.as_mut(),
+        started,
+        progress,
+        cancel,
+    );
     let stopped = source.stop(&ctl.vm);
     match result {
         Ok(mut report) => {
@@ -362,9 +396,11 @@ fn run_rounds(
     source: &mut dyn DirtySource,
     started: Instant,
     progress: &mut dyn FnMut(&Progress),
+    cancel: &AtomicBool,
 ) -> Result<MigrationReport, MigrationError> {
     let setup_ms = started.elapsed().as_secs_f64() * 1e3;
     let mut sender = Sender::new(ctl, opts.bandwidth_limit_mbps, conn.bytes_sent);
+    sender.cancel = Some(cancel);
     // Round 0 sends all memory, so what the source reports up to here (all
     // of it with INITIALLY_SET) is covered: drop it, or round 1 resends it.
     dirty::harvest(source, &ctl.vm)?;
@@ -380,6 +416,7 @@ fn run_rounds(
             s.spawn(|| throttle.run(ctl));
         }
         let result = (|| loop {
+            check_cancel(Some(cancel))?;
             let dirty = dirty::harvest(source, &ctl.vm)?;
             let last = rounds.last().unwrap();
             let remaining = dirty.count() * PAGE_SIZE;
@@ -477,6 +514,8 @@ fn run_rounds(
             destination: ready.digest.unwrap_or_else(|| "none".into()),
         });
     }
+    // The last moment a cancel can still leave the guest here.
+    check_cancel(Some(cancel))?;
     conn.send(MessageKind::Commit, &[])?;
     // From here on the destination may run the guest: any failure leaves the
     // outcome unknown, never a reason to resume here.
