@@ -407,6 +407,17 @@ fn migrate(a: MigrateArgs) -> anyhow::Result<i32> {
     if let Some(f) = &a.stats {
         std::fs::write(f, &report).with_context(|| format!("cannot write {}", f.display()))?;
     }
+    let missed = resp
+        .result
+        .as_ref()
+        .and_then(|r| r["verify_mismatch_pages"].as_u64())
+        .unwrap_or(0);
+    if missed > 0 {
+        eprintln!(
+            "ldt-vmm: verify FAILED: {missed} pages differ from what was sent (the dirty source missed writes); the guest runs on the destination"
+        );
+        return Ok(3);
+    }
     Ok(0)
 }
 

@@ -493,6 +493,8 @@ enum FakeDestination {
     DropsAfterCommit,
     /// Answers Ready, then never answers Commit.
     HangsAfterCommit,
+    /// Answers Ready with a digest that cannot match what was sent.
+    WrongDigest,
 }
 
 /// Serves one source on `sock` as `how` says; returns the kinds of the
@@ -516,6 +518,10 @@ fn fake_destination(
             seen.push(f.kind);
             match (f.kind, how) {
                 (MessageKind::State, FakeDestination::NeverReady) => {}
+                (MessageKind::State, FakeDestination::WrongDigest) => {
+                    let ready = format!(r#"{{"digest":"{}"}}"#, "0".repeat(64));
+                    write_frame(&mut c, MessageKind::Ready, ready.as_bytes()).unwrap()
+                }
                 (MessageKind::State, _) => {
                     write_frame(&mut c, MessageKind::Ready, br#"{"digest":null}"#).unwrap()
                 }
@@ -542,7 +548,12 @@ fn migrate_to_fake(
     let (tx, rx) = std::sync::mpsc::channel();
     let fake = fake_destination(sock.clone(), how, rx);
     let src = start_source(&s, COUNTER_FAST_PAYLOAD, &[]);
-    let out = migrate(&src.api, &format!("unix:{}", sock.display()), &[]);
+    let verify: &[&str] = if how == FakeDestination::WrongDigest {
+        &["--verify"]
+    } else {
+        &[]
+    };
+    let out = migrate(&src.api, &format!("unix:{}", sock.display()), verify);
     let _ = tx.send(());
     let seen = fake.join().unwrap();
     (out, seen, src, s)
@@ -945,5 +956,18 @@ fn an_api_migration_runs_in_the_background_and_cancels_mid_round_with_the_source
     assert_source_alive(&mut src);
     // The log is free again: the API's tracking can start.
     assert_eq!(ctl(&src.api, &["dirty-start", "kvm-bitmap"])["ok"], true);
+    shutdown(&mut src);
+}
+
+#[test]
+fn a_digest_mismatch_before_commit_aborts_with_the_source_running() {
+    let (out, seen, mut src, _s) = migrate_to_fake("digest", FakeDestination::WrongDigest);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("memory digest mismatch") && err.contains("keeps running here"),
+        "{err}"
+    );
+    assert!(!seen.contains(&MessageKind::Commit), "{seen:?}");
+    assert_source_alive(&mut src);
     shutdown(&mut src);
 }

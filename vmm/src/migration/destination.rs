@@ -7,7 +7,7 @@ use std::time::Duration;
 use ldt_migration::{decode_memory, MessageKind, ProtocolError};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::digest::memory_digest;
+use super::digest::PageHashes;
 use super::transport::{Connection, Listener};
 use super::{is_zero, parse, Hello, MachineState, MigrationError, Ready};
 use crate::arch::layout::PAGE_SIZE;
@@ -124,19 +124,18 @@ pub fn receive(
 ) -> Result<u32, MigrationError> {
     let mut rounds = 0;
     let mut restored = false;
+    let mut received = hello.verify.then(|| PageHashes::zeroed(&machine.vm.slots));
     loop {
         let frame = conn.recv()?;
         match frame.kind {
-            MessageKind::Memory if !restored => apply_memory(machine, &frame.payload)?,
+            MessageKind::Memory if !restored => {
+                apply_memory_hashed(machine, &frame.payload, received.as_mut())?
+            }
             MessageKind::RoundEnd if !restored => rounds += 1,
             MessageKind::State if !restored => {
-                // Digest first: restoring MSR_KVM_WALL_CLOCK_NEW makes KVM
-                // write the wall clock into guest memory at once.
-                let digest = if hello.verify {
-                    Some(memory_digest(&machine.vm)?)
-                } else {
-                    None
-                };
+                // Of what arrived (restoring MSR_KVM_WALL_CLOCK_NEW makes
+                // KVM write the wall clock into guest memory at once).
+                let digest = received.as_ref().map(PageHashes::digest);
                 let t = std::time::Instant::now();
                 restore_state(machine, &frame.payload)?;
                 let restore_ms = Some(t.elapsed().as_secs_f64() * 1e3);
@@ -164,6 +163,15 @@ pub fn receive(
 
 /// Writes the pages of one memory message into guest memory.
 pub fn apply_memory(machine: &Machine, payload: &[u8]) -> Result<(), MigrationError> {
+    apply_memory_hashed(machine, payload, None)
+}
+
+/// `apply_memory`, recording each page in `hashes` (--verify).
+pub fn apply_memory_hashed(
+    machine: &Machine,
+    payload: &[u8],
+    mut hashes: Option<&mut PageHashes>,
+) -> Result<(), MigrationError> {
     let zero = [0u8; PAGE_SIZE as usize];
     let (ranges, data) = decode_memory(payload)?;
     let mut off = 0usize;
@@ -187,16 +195,22 @@ pub fn apply_memory(machine: &Machine, payload: &[u8]) -> Result<(), MigrationEr
             let mut page = [0u8; PAGE_SIZE as usize];
             for p in 0..r.pages as u64 {
                 let at = GuestAddress(r.gpa + p * PAGE_SIZE);
+                if let Some(h) = hashes.as_mut() {
+                    h.set_zero(at.0);
+                }
                 machine.vm.memory.read_slice(&mut page, at)?;
                 if !is_zero(&page) {
                     machine.vm.memory.write_slice(&zero, at)?;
                 }
             }
         } else {
-            machine
-                .vm
-                .memory
-                .write_slice(&data[off..off + len as usize], GuestAddress(r.gpa))?;
+            let bytes = &data[off..off + len as usize];
+            machine.vm.memory.write_slice(bytes, GuestAddress(r.gpa))?;
+            if let Some(h) = hashes.as_mut() {
+                for (p, page) in bytes.chunks_exact(PAGE_SIZE as usize).enumerate() {
+                    h.set(r.gpa + p as u64 * PAGE_SIZE, page);
+                }
+            }
             off += len as usize;
         }
     }

@@ -59,7 +59,7 @@ pub struct DowntimeBreakdown {
     pub state_save_ms: f64,
     /// Encoding and sending the state.
     pub state_transfer_ms: f64,
-    /// The source's memory digest (with --verify, when inside the downtime).
+    /// The source's digest of what it sent (with --verify).
     pub verify_ms: f64,
     /// From the state sent to the destination's Ready (its restore, its
     /// digest with --verify, and the wire).
@@ -95,12 +95,11 @@ pub struct MigrationReport {
     pub destination: String,
     pub total_ms: f64,
     pub setup_ms: f64,
-    /// Source pause to the destination's "resumed" (includes `verify_ms`
-    /// and the destination's digest when verifying).
+    /// Source pause to the destination's "resumed".
     pub downtime_ms: f64,
     /// What the downtime was spent on.
     pub downtime_breakdown: DowntimeBreakdown,
-    /// Time the source spent on its memory digest (with --verify).
+    /// Time the source spent hashing its memory after the commit (--verify).
     pub verify_ms: f64,
     pub expected_downtime_ms: f64,
     pub downtime_target_ms: u64,
@@ -113,8 +112,14 @@ pub struct MigrationReport {
     pub memcpy_mb_s: f64,
     /// Auto-converge throttle reached (percent of time vCPUs were parked).
     pub throttle_pct: u32,
+    /// With --verify: digest of the source's memory (hashed after the
+    /// commit, outside the downtime) and of what the destination received.
     pub digest_source: Option<String>,
     pub digest_destination: Option<String>,
+    /// Pages whose contents at the switch-over differ from what was sent
+    /// (writes the dirty source missed); must be 0.
+    #[serde(default)]
+    pub verify_mismatch_pages: u64,
 }
 
 /// Measures memcpy over 64 MiB (median of 3).

@@ -7,7 +7,7 @@ use ldt_migration::{encode_memory_header, MemoryRange, MessageKind, RANGE_ZERO};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::digest::memory_digest;
+use super::digest::PageHashes;
 use super::report::{memcpy_rate_mb_s, DowntimeBreakdown, MigrationReport, Progress, RoundStats};
 use super::throttle::Throttle;
 use super::transport::{self, Connection, Endpoint, FrameSink};
@@ -27,7 +27,6 @@ const CHUNK_PAGES: u64 = 1024;
 ///
 /// ```text
 /// switch-over budget = SWITCHOVER_SLACK + 4 × max(downtime target, expected downtime)
-///                      (+ 2 × memory / VERIFY_RATE with --verify)
 /// ```
 ///
 /// (the expected downtime exceeds the target only under `--policy force`).
@@ -36,8 +35,8 @@ const CHUNK_PAGES: u64 = 1024;
 /// Commit, the outcome is unknown (see `MigrationError::OutcomeUnknown`).
 pub const PRECOPY_STALL: Duration = Duration::from_secs(10);
 pub const SWITCHOVER_SLACK: Duration = Duration::from_secs(2);
-/// Slowest digest rate allowed for when verifying (bytes/s).
-pub const VERIFY_RATE: f64 = 100e6;
+/// Threads hashing the source's memory after the commit (--verify).
+const VERIFY_THREADS: usize = 2;
 /// Time the source gives a best-effort Abort to leave.
 const ABORT_WITHIN: Duration = Duration::from_millis(200);
 
@@ -81,14 +80,9 @@ pub fn precopy_timeout(opts: &MigrateOptions) -> Duration {
 }
 
 /// The switch-over budget (formula above).
-pub fn switchover_budget(opts: &MigrateOptions, expected_ms: f64, mem_bytes: u64) -> Duration {
+pub fn switchover_budget(opts: &MigrateOptions, expected_ms: f64) -> Duration {
     let worst_ms = (opts.downtime_ms as f64).max(expected_ms);
-    let verify = if opts.verify {
-        Duration::from_secs_f64(2.0 * mem_bytes as f64 / VERIFY_RATE)
-    } else {
-        Duration::ZERO
-    };
-    SWITCHOVER_SLACK + Duration::from_secs_f64(4.0 * worst_ms / 1e3) + verify
+    SWITCHOVER_SLACK + Duration::from_secs_f64(4.0 * worst_ms / 1e3)
 }
 
 /// What to do when the rounds or the time run out before convergence.
@@ -123,6 +117,8 @@ pub(crate) struct Sender<'a> {
     pub ctl: &'a VmControl,
     /// Set by `migrate-cancel`: checked before every message.
     pub cancel: Option<&'a AtomicBool>,
+    /// With --verify: a CRC-32 of every page as last sent.
+    pub sent_hashes: Option<PageHashes>,
     pub limit_bytes_s: Option<f64>,
     started: Instant,
     sent_total: u64,
@@ -135,6 +131,7 @@ impl<'a> Sender<'a> {
         Sender {
             ctl,
             cancel: None,
+            sent_hashes: None,
             limit_bytes_s: limit_mbps.map(|m| m as f64 * 1e6),
             started: Instant::now(),
             sent_total,
@@ -208,7 +205,15 @@ impl<'a> Sender<'a> {
         let mut ranges: Vec<MemoryRange> = Vec::new();
         let mut firsts: Vec<usize> = Vec::new();
         for (i, (page, &page_gpa)) in data.chunks_exact(PAGE_SIZE as usize).zip(gpas).enumerate() {
-            let flags = if is_zero(page) { RANGE_ZERO } else { 0 };
+            let zero = is_zero(page);
+            let flags = if zero { RANGE_ZERO } else { 0 };
+            if let Some(h) = self.sent_hashes.as_mut() {
+                if zero {
+                    h.set_zero(page_gpa)
+                } else {
+                    h.set(page_gpa, page)
+                }
+            }
             match ranges.last_mut() {
                 Some(r) if r.flags == flags && r.gpa + r.pages as u64 * PAGE_SIZE == page_gpa => {
                     r.pages += 1
@@ -401,6 +406,9 @@ fn run_rounds(
     let setup_ms = started.elapsed().as_secs_f64() * 1e3;
     let mut sender = Sender::new(ctl, opts.bandwidth_limit_mbps, conn.bytes_sent);
     sender.cancel = Some(cancel);
+    if opts.verify {
+        sender.sent_hashes = Some(PageHashes::zeroed(&ctl.vm.slots));
+    }
     // Round 0 sends all memory, so what the source reports up to here (all
     // of it with INITIALLY_SET) is covered: drop it, or round 1 resends it.
     dirty::harvest(source, &ctl.vm)?;
@@ -474,9 +482,7 @@ fn run_rounds(
     // Switch-over: nothing the guest writes from here on is lost because
     // the last harvest happens with every vCPU stopped.
     let paused_at = Instant::now();
-    conn.set_deadline(Some(
-        paused_at + switchover_budget(opts, expected_ms, ctl.vm.mem_size()),
-    ));
+    conn.set_deadline(Some(paused_at + switchover_budget(opts, expected_ms)));
     let mut b = DowntimeBreakdown::default();
     let mut lap = Lap(Instant::now());
     if ctl.pause() != RunState::Paused {
@@ -499,18 +505,15 @@ fn run_rounds(
     )?;
     conn.flush()?;
     b.state_transfer_ms = lap.ms();
-    let digest_source = if opts.verify {
-        Some(memory_digest(&ctl.vm)?)
-    } else {
-        None
-    };
+    // What was sent, against what arrived: a stream or apply error aborts.
+    let digest_sent = sender.sent_hashes.as_ref().map(PageHashes::digest);
     b.verify_ms = lap.ms();
     let ready: Ready = parse("Ready", &expect(conn.recv()?, MessageKind::Ready)?)?;
     b.ready_wait_ms = lap.ms();
     b.destination_restore_ms = ready.restore_ms.unwrap_or(0.0);
-    if opts.verify && ready.digest != digest_source {
+    if opts.verify && ready.digest != digest_sent {
         return Err(MigrationError::DigestMismatch {
-            source_digest: digest_source.unwrap_or_default(),
+            source_digest: digest_sent.unwrap_or_default(),
             destination: ready.digest.unwrap_or_else(|| "none".into()),
         });
     }
@@ -527,8 +530,19 @@ fn run_rounds(
         return Err(MigrationError::OutcomeUnknown(e.to_string()));
     }
     b.commit_ms = lap.ms();
-    let verify_ms = b.verify_ms;
     let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
+
+    // Outside the downtime: the frozen source's memory, against what it
+    // sent. A difference is a write the dirty source missed.
+    let t = Instant::now();
+    let (digest_source, verify_mismatch_pages) = match &sender.sent_hashes {
+        Some(sent) => {
+            let actual = PageHashes::of_memory(&ctl.vm, VERIFY_THREADS)?;
+            (Some(actual.digest()), actual.differing(sent))
+        }
+        None => (None, 0),
+    };
+    let verify_ms = t.elapsed().as_secs_f64() * 1e3;
 
     Ok(MigrationReport {
         dirty_source: opts.dirty_source.name().into(),
@@ -548,6 +562,7 @@ fn run_rounds(
         verify_ms,
         digest_source,
         digest_destination: ready.digest,
+        verify_mismatch_pages,
     })
 }
 
@@ -589,14 +604,14 @@ mod tests {
             auto_converge: false,
         };
         assert_eq!(
-            switchover_budget(&o, 10.0, 1 << 30),
+            switchover_budget(&o, 10.0),
             SWITCHOVER_SLACK + Duration::from_millis(1200)
         );
         assert_eq!(
-            switchover_budget(&o, 1000.0, 1 << 30),
+            switchover_budget(&o, 1000.0),
             SWITCHOVER_SLACK + Duration::from_millis(4000)
         );
-        o.verify = true;
-        assert!(switchover_budget(&o, 10.0, 1 << 30) > SWITCHOVER_SLACK + Duration::from_secs(20));
+        o.downtime_ms = 0;
+        assert_eq!(switchover_budget(&o, 0.0), SWITCHOVER_SLACK);
     }
 }
