@@ -643,6 +643,32 @@ fn start_destination_with(s: &Scratch, url: &str, extra: &[&str]) -> Child {
     child
 }
 
+/// A migration that takes seconds (64 MiB at 40 MB/s, forced after one
+/// round), so that something can meet it while it runs.
+const SLOW_FORCED: &[&str] = &[
+    "--bandwidth-limit",
+    "40",
+    "--max-rounds",
+    "1",
+    "--downtime-ms",
+    "0",
+    "--policy",
+    "force",
+    "--verify",
+];
+const DETACH: &[&str] = &["--detach"];
+
+/// `ldt-vmm snapshot --api API --to TO`, its output.
+fn snapshot(api: &Path, to: &Path, base: Option<&Path>) -> Output {
+    let mut c = bin();
+    c.args(["snapshot", "--api", api.to_str().unwrap(), "--to"])
+        .arg(to);
+    if let Some(b) = base {
+        c.arg("--base").arg(b);
+    }
+    c.output().unwrap()
+}
+
 const FAKE_HELLO: &[u8] =
     br#"{"mem_mib":32,"vcpus":1,"cpu_profile":"host","dirty_source":"kvm-bitmap","verify":false}"#;
 
@@ -698,23 +724,7 @@ fn the_destination_answers_probes_and_second_sources_and_still_migrates() {
     // The real migration, slowed down so a second source meets it.
     let api = src.api.clone();
     let url2 = url.clone();
-    let m = std::thread::spawn(move || {
-        migrate(
-            &api,
-            &url2,
-            &[
-                "--bandwidth-limit",
-                "40",
-                "--max-rounds",
-                "1",
-                "--downtime-ms",
-                "0",
-                "--policy",
-                "force",
-                "--verify",
-            ],
-        )
-    });
+    let m = std::thread::spawn(move || migrate(&api, &url2, SLOW_FORCED));
     // Wait until the destination has the migration (it has an API only after).
     let t = std::time::Instant::now();
     while !std::fs::read_to_string(s.path("src.err"))
@@ -761,11 +771,7 @@ fn one_dirty_log_user_at_a_time() {
         !out.status.success() && err.contains("in use by dirty tracking started through the API"),
         "{err}"
     );
-    let snap = bin()
-        .args(["snapshot", "--api", src.api.to_str().unwrap(), "--to"])
-        .arg(s.path("full.snap"))
-        .output()
-        .unwrap();
+    let snap = snapshot(&src.api, &s.path("full.snap"), None);
     assert!(
         String::from_utf8_lossy(&snap.stderr).contains("one user at a time"),
         "{}",
@@ -776,11 +782,7 @@ fn one_dirty_log_user_at_a_time() {
     // A snapshot chain holds it now: migration and dirty-start are refused,
     // and the chain's next diff still has what changed.
     let full = s.path("full.snap");
-    let ok = bin()
-        .args(["snapshot", "--api", src.api.to_str().unwrap(), "--to"])
-        .arg(&full)
-        .output()
-        .unwrap();
+    let ok = snapshot(&src.api, &full, None);
     assert!(
         ok.status.success(),
         "{}",
@@ -797,13 +799,7 @@ fn one_dirty_log_user_at_a_time() {
         &src.out,
         counters(&std::fs::read(&src.out).unwrap()).len() + 5,
     );
-    let diff = bin()
-        .args(["snapshot", "--api", src.api.to_str().unwrap(), "--to"])
-        .arg(s.path("d1.snap"))
-        .arg("--base")
-        .arg(&full)
-        .output()
-        .unwrap();
+    let diff = snapshot(&src.api, &s.path("d1.snap"), Some(&full));
     assert!(diff.status.success());
     let d: serde_json::Value = serde_json::from_slice(&diff.stdout).unwrap();
     assert!(
@@ -820,22 +816,7 @@ fn two_migrations_at_once_are_refused_and_the_first_completes() {
     let url = unix_url(&s);
     let mut src = start_source(&s, COUNTER_FAST_PAYLOAD, &[]);
     let (mut dst, dst_api) = start_destination(&s, &url);
-    let first = migrate(
-        &src.api,
-        &url,
-        &[
-            "--detach",
-            "--bandwidth-limit",
-            "40",
-            "--max-rounds",
-            "1",
-            "--downtime-ms",
-            "0",
-            "--policy",
-            "force",
-            "--verify",
-        ],
-    );
+    let first = migrate(&src.api, &url, &[DETACH, SLOW_FORCED].concat());
     assert!(String::from_utf8_lossy(&first.stdout).contains("running"));
     let out = migrate(
         &src.api,
@@ -848,11 +829,7 @@ fn two_migrations_at_once_are_refused_and_the_first_completes() {
         "{second}"
     );
     // Nor may a snapshot chain start on the log the migration uses.
-    let snap = bin()
-        .args(["snapshot", "--api", src.api.to_str().unwrap(), "--to"])
-        .arg(s.path("during.snap"))
-        .output()
-        .unwrap();
+    let snap = snapshot(&src.api, &s.path("during.snap"), None);
     let snap_err = String::from_utf8_lossy(&snap.stderr);
     assert!(
         !snap.status.success() && snap_err.contains("in use by a migration in progress"),
@@ -892,11 +869,7 @@ fn an_operator_paused_vm_stays_paused_after_a_failed_migration_or_a_snapshot() {
         "{err}"
     );
     assert_eq!(ctl(&src.api, &["status"])["result"]["state"], "paused");
-    let snap = bin()
-        .args(["snapshot", "--api", src.api.to_str().unwrap(), "--to"])
-        .arg(s.path("p.snap"))
-        .output()
-        .unwrap();
+    let snap = snapshot(&src.api, &s.path("p.snap"), None);
     assert!(
         snap.status.success(),
         "{}",
