@@ -944,3 +944,47 @@ fn a_digest_mismatch_before_commit_aborts_with_the_source_running() {
     assert_source_alive(&mut src);
     shutdown(&mut src);
 }
+
+#[test]
+fn the_destination_memory_is_the_source_memory_exactly() {
+    // A paused source and a destination that stays paused: the memory the
+    // destination ends with must hash like the source's.
+    let s = Scratch::new("exact");
+    let url = unix_url(&s);
+    let mut src = start_source(&s, COUNTER_FAST_PAYLOAD, &[]);
+    let dst_api = s.path("dst.api");
+    let mut dst = spawn(
+        &[
+            "run",
+            "--incoming",
+            &url,
+            "--api",
+            dst_api.to_str().unwrap(),
+            "--paused",
+        ],
+        &s.path("dst.out"),
+        &s.path("dst.err"),
+    );
+    wait_for(&s.path("mig.sock"));
+    advances(&src.out, 20);
+    assert_eq!(ctl(&src.api, &["pause"])["result"]["state"], "paused");
+    let before = ctl(&src.api, &["memory-digest"])["result"]["digest"].clone();
+    assert!(before.is_string());
+    let out = migrate(&src.api, &url, &["--verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["verify_mismatch_pages"], 0);
+    assert!(wait_exit(&mut src.child, Duration::from_secs(10)).success());
+    wait_for(&dst_api);
+    assert_eq!(ctl(&dst_api, &["status"])["result"]["state"], "paused");
+    assert_eq!(
+        ctl(&dst_api, &["memory-digest"])["result"]["digest"],
+        before
+    );
+    ctl(&dst_api, &["shutdown"]);
+    assert!(wait_exit(&mut dst, Duration::from_secs(10)).success());
+}

@@ -7,12 +7,13 @@ use std::time::Duration;
 use ldt_migration::{decode_memory, MessageKind, ProtocolError};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::digest::PageHashes;
+use super::digest::{PageHashes, PageIndex};
 use super::transport::{Connection, Listener};
 use super::{is_zero, parse, Hello, MachineState, MigrationError, Ready};
 use crate::arch::layout::PAGE_SIZE;
 use crate::builder::{self, Machine};
 use crate::devices::console::ConsoleOut;
+use crate::vm::MemorySlot;
 
 /// How long the destination waits for any one frame (or for its peer to
 /// take one) once a source connected, unless `run --incoming-timeout` says
@@ -125,12 +126,16 @@ pub fn receive(
     let mut rounds = 0;
     let mut restored = false;
     let mut received = hello.verify.then(|| PageHashes::zeroed(&machine.vm.slots));
+    let mut written = WrittenPages::new(&machine.vm.slots);
     loop {
         let frame = conn.recv()?;
         match frame.kind {
-            MessageKind::Memory if !restored => {
-                apply_memory_hashed(machine, &frame.payload, received.as_mut())?
-            }
+            MessageKind::Memory if !restored => apply_memory_into(
+                machine,
+                &frame.payload,
+                received.as_mut(),
+                Some(&mut written),
+            )?,
             MessageKind::RoundEnd if !restored => rounds += 1,
             MessageKind::State if !restored => {
                 // Of what arrived (restoring MSR_KVM_WALL_CLOCK_NEW makes
@@ -161,16 +166,46 @@ pub fn receive(
     }
 }
 
-/// Writes the pages of one memory message into guest memory.
-pub fn apply_memory(machine: &Machine, payload: &[u8]) -> Result<(), MigrationError> {
-    apply_memory_hashed(machine, payload, None)
+/// The pages of a fresh VM the stream has written data to. Every other
+/// page is still zero, so a zero range there needs no look at memory (in
+/// round 0, most of RAM: each look maps a page, slow in a nested machine).
+pub struct WrittenPages {
+    index: PageIndex,
+    written: Vec<bool>,
 }
 
-/// `apply_memory`, recording each page in `hashes` (--verify).
-pub fn apply_memory_hashed(
+impl WrittenPages {
+    pub fn new(slots: &[MemorySlot]) -> Self {
+        let index = PageIndex::new(slots);
+        WrittenPages {
+            written: vec![false; index.pages()],
+            index,
+        }
+    }
+
+    fn mark(&mut self, gpa: u64) {
+        if let Some(i) = self.index.of(gpa) {
+            self.written[i] = true;
+        }
+    }
+
+    fn may_be_nonzero(&self, gpa: u64) -> bool {
+        self.index.of(gpa).is_none_or(|i| self.written[i])
+    }
+}
+
+/// Writes the pages of one memory message into guest memory.
+pub fn apply_memory(machine: &Machine, payload: &[u8]) -> Result<(), MigrationError> {
+    apply_memory_into(machine, payload, None, None)
+}
+
+/// `apply_memory`, recording each page in `hashes` (--verify), and
+/// skipping zero pages that `written` knows are zero already.
+pub fn apply_memory_into(
     machine: &Machine,
     payload: &[u8],
     mut hashes: Option<&mut PageHashes>,
+    mut written: Option<&mut WrittenPages>,
 ) -> Result<(), MigrationError> {
     let zero = [0u8; PAGE_SIZE as usize];
     let (ranges, data) = decode_memory(payload)?;
@@ -198,6 +233,9 @@ pub fn apply_memory_hashed(
                 if let Some(h) = hashes.as_mut() {
                     h.set_zero(at.0);
                 }
+                if written.as_ref().is_some_and(|w| !w.may_be_nonzero(at.0)) {
+                    continue;
+                }
                 machine.vm.memory.read_slice(&mut page, at)?;
                 if !is_zero(&page) {
                     machine.vm.memory.write_slice(&zero, at)?;
@@ -209,6 +247,11 @@ pub fn apply_memory_hashed(
             if let Some(h) = hashes.as_mut() {
                 for (p, page) in bytes.chunks_exact(PAGE_SIZE as usize).enumerate() {
                     h.set(r.gpa + p as u64 * PAGE_SIZE, page);
+                }
+            }
+            if let Some(w) = written.as_mut() {
+                for p in 0..r.pages as u64 {
+                    w.mark(r.gpa + p * PAGE_SIZE);
                 }
             }
             off += len as usize;

@@ -14,10 +14,51 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::arch::layout::PAGE_SIZE;
 use crate::vm::{MemorySlot, Vm};
 
+/// Page numbers of guest-physical addresses, in memslot order.
+pub struct PageIndex {
+    /// (first gpa, size) of each slot and the number of its first page.
+    slots: Vec<(u64, u64, usize)>,
+    pages: usize,
+}
+
+impl PageIndex {
+    pub fn new(slots: &[MemorySlot]) -> Self {
+        let mut table = Vec::new();
+        let mut n = 0;
+        for s in slots {
+            table.push((s.guest_addr, s.size, n));
+            n += (s.size / PAGE_SIZE) as usize;
+        }
+        PageIndex {
+            slots: table,
+            pages: n,
+        }
+    }
+
+    /// Number of pages of all slots.
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    /// The page number of `gpa`, if it is guest RAM.
+    pub fn of(&self, gpa: u64) -> Option<usize> {
+        self.slots
+            .iter()
+            .find(|(at, size, _)| gpa >= *at && gpa < at + size)
+            .map(|(at, _, first)| first + ((gpa - at) / PAGE_SIZE) as usize)
+    }
+
+    /// Every page's address, in order.
+    fn gpas(&self) -> impl Iterator<Item = u64> + '_ {
+        self.slots
+            .iter()
+            .flat_map(|(at, size, _)| (0..size / PAGE_SIZE).map(move |p| at + p * PAGE_SIZE))
+    }
+}
+
 /// A CRC-32 of every guest page, in memslot order.
 pub struct PageHashes {
-    /// (first gpa, size) of each slot and where its pages start in `crc`.
-    slots: Vec<(u64, u64, usize)>,
+    index: PageIndex,
     crc: Vec<u32>,
 }
 
@@ -25,23 +66,15 @@ impl PageHashes {
     /// Every page zero (a fresh VM's memory).
     pub fn zeroed(slots: &[MemorySlot]) -> Self {
         let zero = crc32fast::hash(&[0u8; PAGE_SIZE as usize]);
-        let mut table = Vec::new();
-        let mut n = 0;
-        for s in slots {
-            table.push((s.guest_addr, s.size, n));
-            n += (s.size / PAGE_SIZE) as usize;
-        }
+        let index = PageIndex::new(slots);
         PageHashes {
-            slots: table,
-            crc: vec![zero; n],
+            crc: vec![zero; index.pages()],
+            index,
         }
     }
 
     fn index(&self, gpa: u64) -> Option<usize> {
-        self.slots
-            .iter()
-            .find(|(at, size, _)| gpa >= *at && gpa < at + size)
-            .map(|(at, _, first)| first + ((gpa - at) / PAGE_SIZE) as usize)
+        self.index.of(gpa)
     }
 
     /// Records the contents of the page at `gpa`.
@@ -79,11 +112,7 @@ impl PageHashes {
     /// The table of `vm`'s memory as it is, hashed on `threads` threads.
     pub fn of_memory(vm: &Vm, threads: usize) -> Result<Self, vm_memory::GuestMemoryError> {
         let mut t = PageHashes::zeroed(&vm.slots);
-        let pages: Vec<u64> = t
-            .slots
-            .iter()
-            .flat_map(|(at, size, _)| (0..size / PAGE_SIZE).map(move |p| at + p * PAGE_SIZE))
-            .collect();
+        let pages: Vec<u64> = t.index.gpas().collect();
         let per = pages.len().div_ceil(threads.max(1)).max(1);
         std::thread::scope(|s| {
             let jobs: Vec<_> = t
