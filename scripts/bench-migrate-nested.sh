@@ -10,9 +10,12 @@
 # own KVM, where QEMU cannot boot the kernel (see README).
 #
 # Usage: scripts/bench-migrate-nested.sh [--runs N] [--json FILE] [--log FILE]
-#   --runs N     migrations per mode (default 5)
-#   --json FILE  write every migration as JSON (schema below)
-#   --log FILE   keep the nested machine's console output
+#                                         [--from-log FILE]
+#   --runs N          migrations per mode (default 5)
+#   --json FILE       write every migration as JSON (schema below)
+#   --log FILE        keep the nested machine's console output
+#   --from-log FILE   do not run: tabulate a console output kept with --log
+#                     (meta then describes the present checkout and host)
 #
 # JSON schema (--json):
 #   {"meta": {"date": str (UTC, ISO 8601), "machine": str (host, CPUs,
@@ -41,14 +44,16 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 runs=5
 json=
 keep_log=
+from_log=
 while [ $# -gt 0 ]; do
 	case "$1" in
-	--runs | --json | --log)
+	--runs | --json | --log | --from-log)
 		[ $# -ge 2 ] || { echo "$1 needs a value" >&2; exit 2; }
 		case "$1" in
 		--runs) runs=$2 ;;
 		--json) json=$2 ;;
 		--log) keep_log=$2 ;;
+		--from-log) from_log=$2 ;;
 		esac
 		shift 2
 		;;
@@ -63,7 +68,11 @@ started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 machine="$(hostname), $(nproc) CPUs ($(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -n1)), load $(cut -d' ' -f1-3 /proc/loadavg) at start"
 gitrev="$(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD || echo +dirty)"
 status=0
-LDT_BENCH_RUNS=$runs "$ROOT/images/run-nested.sh" --bench-migrate --timeout 7200 --log "$log" >&2 || status=$?
+if [ -n "$from_log" ]; then
+	cp "$from_log" "$log"
+else
+	LDT_BENCH_RUNS=$runs "$ROOT/images/run-nested.sh" --bench-migrate --timeout 7200 --log "$log" >&2 || status=$?
+fi
 [ -z "$keep_log" ] || cp "$log" "$keep_log"
 image="guest.img sha256 $(sha256sum "$ROOT/images/guest.img" | cut -c1-16)"
 kernel="host $(uname -r); guest and nested kernels: linux-source-6.12 + guest-kernel-patch"
@@ -73,7 +82,7 @@ sed -n 's/^bench-migrate-l2: \({.*}\)\r*$/\1/p' "$log" |
 import json, os, statistics, sys
 
 def pct(xs, p):
-    xs = sorted(xs)
+    xs = sorted(x for x in xs if x == x)
     if not xs:
         return float("nan")
     k = (len(xs) - 1) * p / 100
