@@ -70,6 +70,14 @@ struct SourceVm {
     _payload: TempPath,
 }
 
+impl Drop for SourceVm {
+    /// A failed test must not leave its VMM running (a no-op once exited).
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn start_source(s: &Scratch, payload: &[u8], extra: &[&str]) -> SourceVm {
     let p = TempPath::create(payload, "counter").unwrap();
     let api = s.path("src.api");
