@@ -145,6 +145,8 @@ words="ldt.run=\"$run\""
 [ -z "$l2opts" ] || words="$words ldt.l2=${l2opts// /%20}"
 [ -z "$migrate" ] || words="$words ldt.migrate=$migrate"
 [ -z "$bench" ] || words="$words ldt.bench=$bench"
+# Migrations per mode for --bench-migrate (images/nested/bench-migrate-l2).
+[ -z "${LDT_BENCH_RUNS:-}" ] || words="$words ldt.bench_runs=$LDT_BENCH_RUNS"
 out=$work/console.log
 nested_boot run-nested "$kernel" "$work/initramfs.cpio" "$words" "$smp" "$timeout_s" "$out"
 rc=$NESTED_RC

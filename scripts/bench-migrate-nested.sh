@@ -1,34 +1,167 @@
 #!/usr/bin/env bash
 # scripts/bench-migrate-nested.sh: the Linux-guest migration benchmark, in
 # the nested machine (images/run-nested.sh --bench-migrate): the project's
-# image running ldt-memcheck is live-migrated with ldt-vmm and each dirty
-# source, and with QEMU (microvm, KVM, HMP migrate), one after the other on
-# the same (nested, TCG-emulated) machine; prints a markdown table.
+# image running ldt-memcheck (32 MiB rewritten at 4000 pages/s, printing
+# its own throughput every 100 ms) is live-migrated with ldt-vmm and each
+# dirty source, and with QEMU (microvm, KVM, HMP migrate), modes
+# interleaved, RUNS times each, on the same (nested, TCG-emulated) machine;
+# prints a markdown table with p50/p95 per mode.
 # `ldt-vmm bench migrate` is the flat-guest counterpart on this machine's
 # own KVM, where QEMU cannot boot the kernel (see README).
 #
-# Usage: scripts/bench-migrate-nested.sh [--log FILE]
+# Usage: scripts/bench-migrate-nested.sh [--runs N] [--json FILE] [--log FILE]
+#                                         [--from-log FILE]
+#   --runs N          migrations per mode (default 5)
+#   --json FILE       write every migration as JSON (schema below)
+#   --log FILE        keep the nested machine's console output
+#   --from-log FILE   do not run: tabulate a console output kept with --log
+#                     (meta then describes the present checkout and host)
+#
+# JSON schema (--json):
+#   {"meta": {"date": str (UTC, ISO 8601), "machine": str (host, CPUs,
+#             load at the start), "git": str (commit, "+dirty" if
+#             changed), "kernel": str (host kernel; nested kernel and
+#             guest image inputs), "image": str (guest.img SHA-256)},
+#    "runs": [{"mode": "kvm-bitmap"|"kvm-clear"|"kvm-ring"|"host-ldt"|"qemu",
+#              "run": int (1..N), "total_ms": num, "downtime_ms": num,
+#              "rounds": int (ldt-vmm: rounds incl. round 0 and the last;
+#                         QEMU: its dirty sync count),
+#              "sent_mb": num (10^6 bytes), "memcheck_pass": bool,
+#              "throughput": {"idle_pages_s": num (mean before the start),
+#                             "t_s": [num...], "pages_s": [num...]},
+#              "events": [{"t_s": num, "what": "migration-start"|"round"|
+#                          "switch-over"|"resumed"}],
+#              "breakdown_ms": {name: num} (ldt-vmm's downtime breakdown;
+#                              QEMU: {"setup": ...})}]}
+#   t_s is relative to the migration start: memcheck's progress lines carry
+#   the guest's uptime (continuous across the migration), aligned on the
+#   uptime of its last line before `migrate` was issued (so within 100 ms).
+#   A pages_s sample is the page rewrites of memcheck's interval ending at
+#   t_s over its length; ldt-vmm round events are at setup + the rounds'
+#   cumulative durations. Failed migrations are listed with "error" only.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+runs=5
+json=
+keep_log=
+from_log=
+while [ $# -gt 0 ]; do
+	case "$1" in
+	--runs | --json | --log | --from-log)
+		[ $# -ge 2 ] || { echo "$1 needs a value" >&2; exit 2; }
+		case "$1" in
+		--runs) runs=$2 ;;
+		--json) json=$2 ;;
+		--log) keep_log=$2 ;;
+		--from-log) from_log=$2 ;;
+		esac
+		shift 2
+		;;
+	-h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;
+	*) echo "unknown argument $1 (try --help)" >&2; exit 2 ;;
+	esac
+done
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-[ "${1:-}" != --log ] || { [ $# -eq 2 ] || { echo "--log needs a file" >&2; exit 2; }; }
 
+started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+machine="$(hostname), $(nproc) CPUs ($(sed -n 's/^model name[^:]*: //p' /proc/cpuinfo | head -n1)), load $(cut -d' ' -f1-3 /proc/loadavg) at start"
+gitrev="$(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD || echo +dirty)"
 status=0
-"$ROOT/images/run-nested.sh" --bench-migrate --timeout 3600 --log "$log" >&2 || status=$?
-[ "${1:-}" != --log ] || cp "$log" "$2"
+if [ -n "$from_log" ]; then
+	cp "$from_log" "$log"
+else
+	LDT_BENCH_RUNS=$runs "$ROOT/images/run-nested.sh" --bench-migrate --timeout 7200 --log "$log" >&2 || status=$?
+fi
+[ -z "$keep_log" ] || cp "$log" "$keep_log"
+image="guest.img sha256 $(sha256sum "$ROOT/images/guest.img" | cut -c1-16)"
+kernel="host $(uname -r); guest and nested kernels: linux-source-6.12 + guest-kernel-patch"
 
-echo "| mode | total ms | downtime ms | rounds | sent MB | guest memcheck on the destination |"
-echo "|---|---|---|---|---|---|"
-sed -n 's/^bench-migrate-l2: \({.*}\)\r*$/\1/p' "$log" | python3 -c '
-import json, sys
+sed -n 's/^bench-migrate-l2: \({.*}\)\r*$/\1/p' "$log" |
+	DATE=$started MACHINE=$machine GIT=$gitrev KERNEL=$kernel IMAGE=$image JSON=$json python3 -c '
+import json, os, statistics, sys
+
+def pct(xs, p):
+    xs = sorted(x for x in xs if x == x)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+def throughput(r):
+    t0 = r.get("t0_uptime") or 0
+    pts = [p for p in r.get("progress", []) if p]
+    idle = [p[1] / p[2] for p in pts if p[0] <= t0 and p[2] > 0]
+    return {"idle_pages_s": statistics.mean(idle) if idle else 0.0,
+            "t_s": [round(p[0] - t0, 3) for p in pts],
+            "pages_s": [round(p[1] / p[2], 1) if p[2] > 0 else 0.0 for p in pts]}
+
+runs = []
 for line in sys.stdin:
     r = json.loads(line)
     if "error" in r:
-        print("| %s | failed: %s | | | | |" % (r["mode"], r["error"]))
+        runs.append({"mode": r["mode"], "run": r.get("run", 0), "error": r["error"]})
         continue
-    print("| %s | %.0f | %.0f | %d | %.1f | %s |" % (
-        r["mode"], r["total_ms"], r["downtime_ms"], r["rounds"], r["sent_mb"],
-        "PASS" if r["memcheck_pass"] else "FAIL"))
+    out = {"mode": r["mode"], "run": r["run"], "memcheck_pass": r["memcheck_pass"],
+           "throughput": throughput(r)}
+    if "report" in r:
+        rep = r["report"]
+        t = rep["setup_ms"]
+        events = [{"t_s": 0.0, "what": "migration-start"}]
+        for rs in rep["rounds"][:-1]:
+            t += rs["duration_ms"]
+            events.append({"t_s": round(t / 1e3, 4), "what": "round"})
+        sw = (rep["total_ms"] - rep["downtime_ms"]) / 1e3
+        events += [{"t_s": round(sw, 4), "what": "switch-over"},
+                   {"t_s": round(rep["total_ms"] / 1e3, 4), "what": "resumed"}]
+        out.update(total_ms=rep["total_ms"], downtime_ms=rep["downtime_ms"],
+                   rounds=len(rep["rounds"]), sent_mb=rep["transferred_bytes"] / 1e6,
+                   events=events,
+                   breakdown_ms={k[:-3] if k.endswith("_ms") else k: v
+                                 for k, v in rep.get("downtime_breakdown", {}).items()})
+    else:
+        q = r["qemu"]
+        sw = (q["total_ms"] - q["downtime_ms"]) / 1e3
+        out.update(total_ms=q["total_ms"], downtime_ms=q["downtime_ms"],
+                   rounds=q["dirty_syncs"], sent_mb=q["transferred_kib"] * 1.024 / 1e3,
+                   events=[{"t_s": 0.0, "what": "migration-start"},
+                           {"t_s": round(sw, 4), "what": "switch-over"},
+                           {"t_s": round(q["total_ms"] / 1e3, 4), "what": "resumed"}],
+                   breakdown_ms={"setup": q["setup_ms"]})
+    runs.append(out)
+
+meta = {k.lower(): os.environ[k] for k in ("DATE", "MACHINE", "GIT", "KERNEL", "IMAGE")}
+if os.environ["JSON"]:
+    with open(os.environ["JSON"], "w") as f:
+        json.dump({"meta": meta, "runs": runs}, f, indent=1)
+
+def ratio(r, lo, hi):
+    th = r["throughput"]
+    xs = [p for t, p in zip(th["t_s"], th["pages_s"]) if lo <= t <= hi]
+    return statistics.mean(xs) / th["idle_pages_s"] if xs and th["idle_pages_s"] else float("nan")
+
+print("Nested Linux-guest migration, %s, %s, git %s" % (meta["date"], meta["machine"], meta["git"]))
+print()
+print("| mode | ok/runs | total ms p50 | p95 | downtime ms p50 | p95 | rounds p50 | sent MB p50 | guest during/idle p50 | after/idle p50 |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+modes = []
+for r in runs:
+    if r["mode"] not in modes:
+        modes.append(r["mode"])
+for m in modes:
+    rs = [r for r in runs if r["mode"] == m]
+    ok = [r for r in rs if "error" not in r and r["memcheck_pass"]]
+    if not ok:
+        print("| %s | 0/%d | | | | | | | | |" % (m, len(rs)))
+        continue
+    tot = [r["total_ms"] for r in ok]
+    down = [r["downtime_ms"] for r in ok]
+    during = [ratio(r, 0, r["total_ms"] / 1e3) for r in ok]
+    after = [ratio(r, r["total_ms"] / 1e3, r["total_ms"] / 1e3 + 3) for r in ok]
+    print("| %s | %d/%d | %.0f | %.0f | %.1f | %.1f | %.0f | %.1f | %.2f | %.2f |" % (
+        m, len(ok), len(rs), pct(tot, 50), pct(tot, 95), pct(down, 50), pct(down, 95),
+        pct([r["rounds"] for r in ok], 50), pct([r["sent_mb"] for r in ok], 50),
+        pct(during, 50), pct(after, 50)))
 '
 exit "$status"

@@ -9,10 +9,15 @@
  * It also checks every page it rewrites still held its previous contents.
  *
  * Usage: ldt-memcheck [--mib N] [--rate PAGES_PER_S] [--until-uptime S]
+ *                     [--progress-ms MS]
  *   --mib N           region size (default 32)
- *   --rate P          page rewrites per second (default 4000)
+ *   --rate P          page rewrites per second (default 4000; 0: as fast
+ *                     as it can, the max-rate mode)
  *   --until-uptime S  write until the system uptime reaches S seconds
  *                     (default: 10 s from the start)
+ *   --progress-ms MS  every MS ms, print its own throughput:
+ *                     "ldt-memcheck: progress UPTIME_S PAGES INTERVAL_S"
+ *                     (page rewrites in the interval that ended at UPTIME_S)
  * Prints the checksum before the writes and after, and
  * "ldt-memcheck: PASS" or "ldt-memcheck: FAIL ..."; exit status 0 or 1.
  */
@@ -97,7 +102,8 @@ static double uptime_s(void)
 int main(int argc, char **argv)
 {
 	size_t mib = 32, pages, i, writes = 0, bad = 0;
-	double rate = 4000, until = 0, t0, next;
+	double rate = 4000, until = 0, t0, next, progress = 0, last_report;
+	size_t last_writes = 0;
 	uint64_t rng = 0x2545f4914f6cdd1dULL, before, mem, rec;
 	uint32_t *ver;
 	uint64_t *p;
@@ -111,11 +117,13 @@ int main(int argc, char **argv)
 			rate = strtod(argv[a + 1], NULL);
 		else if (!strcmp(argv[a], "--until-uptime"))
 			until = strtod(argv[a + 1], NULL);
+		else if (!strcmp(argv[a], "--progress-ms"))
+			progress = strtod(argv[a + 1], NULL) / 1e3;
 		else
 			break;
 	}
-	if (a != argc || !mib || rate <= 0) {
-		fprintf(stderr, "usage: %s [--mib N] [--rate PAGES_PER_S] [--until-uptime S]\n",
+	if (a != argc || !mib || rate < 0 || progress < 0) {
+		fprintf(stderr, "usage: %s [--mib N] [--rate PAGES_PER_S] [--until-uptime S] [--progress-ms MS]\n",
 			argv[0]);
 		return 2;
 	}
@@ -136,9 +144,11 @@ int main(int argc, char **argv)
 	printf("ldt-memcheck: %zu MiB, checksum before 0x%016llx, writing %.0f pages/s until uptime %.0f s\n",
 	       mib, (unsigned long long)before, rate, until);
 
-	/* Bursts of up to 64 pages, paced to the rate. */
+	/* Bursts of up to 64 pages, paced to the rate (rate 0: not paced). */
 	next = t0;
+	last_report = t0;
 	while (uptime_s() < until) {
+		double now;
 		int b;
 
 		for (b = 0; b < 64; b++) {
@@ -153,6 +163,15 @@ int main(int argc, char **argv)
 			fill(p + i * WORDS, i, ++ver[i]);
 			writes++;
 		}
+		now = uptime_s();
+		if (progress && now - last_report >= progress) {
+			printf("ldt-memcheck: progress %.3f %zu %.3f\n", now,
+			       writes - last_writes, now - last_report);
+			last_report = now;
+			last_writes = writes;
+		}
+		if (!rate)
+			continue;
 		next += 64 / rate;
 		while (uptime_s() < next)
 			usleep(1000);

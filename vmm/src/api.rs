@@ -2,22 +2,34 @@
 //!
 //! Request: `{"command": "status"}` (or `pause`, `resume`, `shutdown`,
 //! `dirty-start` with `"source": "kvm-bitmap"`, `dirty-harvest`,
-//! `dirty-stop`, `dirty-stats`, `migrate`, `snapshot`, `memory-digest`). Response: `{"ok": true, "result": ...}` or
-//! `{"ok": false, "error": "..."}`. One request per line; a connection may
-//! send several.
+//! `dirty-stop`, `dirty-stats`, `migrate`, `migrate-status`,
+//! `migrate-cancel`, `snapshot`, `memory-digest`). Response: `{"ok": true,
+//! "result": ...}` or `{"ok": false, "error": "..."}`. One request per
+//! line; a connection may send several.
+//!
+//! `migrate` starts the migration on its own thread and answers at once;
+//! `migrate-status` shows its state (`running`, `completed`, `failed`,
+//! `cancelled`), the last progress, and the report or the error;
+//! `migrate-cancel` stops it before the commit with the VM running here.
+//! After a completed migration the VMM exits once the status was read
+//! (or after `COMPLETED_LINGER`). `ldt-vmm migrate` is this, polled.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::dirty::DirtySourceKind;
 use crate::migration::digest::memory_digest;
+use crate::migration::report::Progress;
 use crate::migration::snapshot::{self, SnapshotOptions};
 use crate::migration::source::{self, MigrateOptions};
+use crate::migration::MigrationError;
 use crate::runner::RunState;
 use crate::runner::VmControl;
 
@@ -35,9 +47,13 @@ pub enum Request {
     DirtyHarvest,
     DirtyStop,
     DirtyStats,
-    /// Live-migrate the VM; progress lines precede the response, and on
+    /// Start a live migration in the background (see `MigrateStatus`); on
     /// success the source VMM exits.
     Migrate(MigrateOptions),
+    /// State, progress and outcome of the migration started last.
+    MigrateStatus,
+    /// Stop the running migration; the VM keeps running here.
+    MigrateCancel,
     /// Write a full snapshot, or a diff against `base`.
     Snapshot(SnapshotOptions),
     /// SHA-256 of all guest memory, taken with the vCPUs paused.
@@ -89,8 +105,9 @@ pub fn handle(req: &Request, ctl: &VmControl) -> Response {
                 "dirty_source": d.source.as_ref().map(|s| s.kind()),
             }))
         }
-        Request::Pause => Response::ok(json!({ "state": ctl.pause() })),
-        Request::Resume => Response::ok(json!({ "state": ctl.resume() })),
+        Request::Pause => Response::ok(json!({ "state": ctl.operator_pause() })),
+        // Also the operator's answer to a migration whose outcome is unknown.
+        Request::Resume => Response::ok(json!({ "state": ctl.operator_resume() })),
         // The connection handler stops the VM once this answer is sent.
         Request::Shutdown => Response::ok(json!({ "state": "stopping" })),
         Request::DirtyStart { source } => match ctl.dirty_start(*source) {
@@ -105,10 +122,12 @@ pub fn handle(req: &Request, ctl: &VmControl) -> Response {
             Ok(()) => Response::ok(json!({})),
             Err(e) => Response::err(e),
         },
-        Request::Migrate(_) => Response::err("migrate is served on its own connection"),
+        Request::Migrate(_) | Request::MigrateStatus | Request::MigrateCancel => {
+            Response::err("migrations are served by the API server")
+        }
         Request::Snapshot(opts) => match snapshot::take(ctl, opts) {
             Ok(r) => Response::ok(serde_json::to_value(r).expect("report serializes")),
-            Err(e) => Response::err(format!("snapshot failed, the VM keeps running: {e}")),
+            Err(e) => Response::err(format!("snapshot failed, the VM is as it was: {e}")),
         },
         Request::MemoryDigest => {
             let was_running = ctl.state() == RunState::Running;
@@ -143,18 +162,152 @@ fn send_line<T: Serialize>(out: &mut UnixStream, value: &T) -> std::io::Result<(
     out.write_all(text.as_bytes())
 }
 
-/// Runs a migration, streaming `{"progress": ...}` lines to the client.
-fn migrate(opts: &MigrateOptions, ctl: &VmControl, out: &mut UnixStream) -> Response {
-    let mut progress = |p: &crate::migration::report::Progress| {
-        let _ = send_line(out, &json!({ "progress": p }));
-    };
-    match source::migrate(ctl, opts, &mut progress) {
-        Ok(report) => Response::ok(serde_json::to_value(report).expect("report serializes")),
-        Err(e) => Response::err(format!("migration failed, the VM keeps running here: {e}")),
+/// How long a completed migration's source waits for its status to be read
+/// before the VMM exits.
+pub const COMPLETED_LINGER: Duration = Duration::from_secs(10);
+
+/// Where a migration started through the API is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationState {
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+/// What `migrate-status` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    pub state: MigrationState,
+    pub elapsed_ms: f64,
+    pub progress: Option<Progress>,
+    /// The report, once completed.
+    pub report: Option<Value>,
+    /// Why it failed or was cancelled.
+    pub error: Option<String>,
+}
+
+/// A migration running on its own thread.
+struct MigrationJob {
+    status: Mutex<(MigrationStatus, bool)>,
+    /// Signalled when the final status has been read.
+    read: Condvar,
+    cancel: AtomicBool,
+    started: std::time::Instant,
+}
+
+/// The API server's migrations: the last one started.
+#[derive(Default)]
+struct Jobs {
+    current: Mutex<Option<Arc<MigrationJob>>>,
+}
+
+/// The line a failed migration reports.
+fn migration_error(e: &MigrationError, ctl: &VmControl) -> String {
+    match e {
+        MigrationError::OutcomeUnknown(_) => format!("migration failed: {e}"),
+        MigrationError::Cancelled => format!("migration {e}, the VM keeps running here"),
+        _ if ctl.held() => {
+            format!("migration failed, the VM stays here, paused by the operator: {e}")
+        }
+        _ => format!("migration failed, the VM keeps running here: {e}"),
     }
 }
 
-fn serve_connection(stream: UnixStream, ctl: &VmControl) {
+impl Jobs {
+    /// Starts a migration thread, unless one is running.
+    fn start(&self, opts: MigrateOptions, ctl: Arc<VmControl>) -> Response {
+        let mut current = self.current.lock().unwrap();
+        if let Some(j) = current.as_ref() {
+            if j.status.lock().unwrap().0.state == MigrationState::Running {
+                return Response::err("a migration is already in progress");
+            }
+        }
+        let job = Arc::new(MigrationJob {
+            status: Mutex::new((
+                MigrationStatus {
+                    state: MigrationState::Running,
+                    elapsed_ms: 0.0,
+                    progress: None,
+                    report: None,
+                    error: None,
+                },
+                false,
+            )),
+            read: Condvar::new(),
+            cancel: AtomicBool::new(false),
+            started: std::time::Instant::now(),
+        });
+        let j = job.clone();
+        let spawned = std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || run_job(&j, &opts, &ctl));
+        match spawned {
+            Ok(_) => {
+                *current = Some(job);
+                Response::ok(json!({ "state": MigrationState::Running }))
+            }
+            Err(e) => Response::err(format!("cannot start the migration thread: {e}")),
+        }
+    }
+
+    fn status(&self) -> Response {
+        let current = self.current.lock().unwrap();
+        let Some(job) = current.as_ref() else {
+            return Response::err("no migration was started");
+        };
+        let mut st = job.status.lock().unwrap();
+        st.0.elapsed_ms = job.started.elapsed().as_secs_f64() * 1e3;
+        if st.0.state != MigrationState::Running {
+            st.1 = true;
+            job.read.notify_all();
+        }
+        Response::ok(serde_json::to_value(&st.0).expect("status serializes"))
+    }
+
+    fn cancel(&self) -> Response {
+        let current = self.current.lock().unwrap();
+        match current.as_ref() {
+            Some(job) if job.status.lock().unwrap().0.state == MigrationState::Running => {
+                job.cancel.store(true, Ordering::Relaxed);
+                Response::ok(json!({ "state": "cancelling" }))
+            }
+            _ => Response::err("no migration in progress"),
+        }
+    }
+}
+
+fn run_job(job: &MigrationJob, opts: &MigrateOptions, ctl: &VmControl) {
+    let mut progress = |p: &Progress| job.status.lock().unwrap().0.progress = Some(p.clone());
+    let result = source::migrate_cancellable(ctl, opts, &mut progress, &job.cancel);
+    let mut st = job.status.lock().unwrap();
+    match &result {
+        Ok(report) => {
+            st.0.state = MigrationState::Completed;
+            st.0.report = Some(serde_json::to_value(report).expect("report serializes"));
+        }
+        Err(e) => {
+            st.0.state = match e {
+                MigrationError::Cancelled => MigrationState::Cancelled,
+                _ => MigrationState::Failed,
+            };
+            st.0.error = Some(migration_error(e, ctl));
+        }
+    }
+    if result.is_ok() {
+        // The VM now runs on the destination: end here once the operator
+        // (or `ldt-vmm migrate`) has read the outcome.
+        let (st, _) = job
+            .read
+            .wait_timeout_while(st, COMPLETED_LINGER, |s| !s.1)
+            .unwrap();
+        drop(st);
+        ctl.stop(0);
+    }
+}
+
+fn serve_connection(stream: UnixStream, ctl: &Arc<VmControl>, jobs: &Jobs) {
     let mut out = match stream.try_clone() {
         Ok(s) => s,
         Err(_) => return,
@@ -165,16 +318,9 @@ fn serve_connection(stream: UnixStream, ctl: &VmControl) {
             continue;
         }
         let resp = match parse_request(&line) {
-            Ok(Request::Migrate(opts)) => {
-                let resp = migrate(&opts, ctl, &mut out);
-                let ok = resp.ok;
-                let _ = send_line(&mut out, &resp);
-                if ok {
-                    // The VM now runs on the destination.
-                    ctl.stop(0);
-                }
-                continue;
-            }
+            Ok(Request::Migrate(opts)) => jobs.start(opts, ctl.clone()),
+            Ok(Request::MigrateStatus) => jobs.status(),
+            Ok(Request::MigrateCancel) => jobs.cancel(),
             Ok(Request::Shutdown) => {
                 // Answer first: the process exits soon after the stop.
                 let _ = send_line(&mut out, &handle(&Request::Shutdown, ctl));
@@ -211,11 +357,13 @@ pub fn serve(path: &Path, ctl: Arc<VmControl>) -> std::io::Result<ApiServer> {
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            let jobs = Arc::new(Jobs::default());
             for conn in listener.incoming().flatten() {
                 let c = ctl.clone();
+                let j = jobs.clone();
                 let _ = std::thread::Builder::new()
                     .name("api-conn".into())
-                    .spawn(move || serve_connection(conn, &c));
+                    .spawn(move || serve_connection(conn, &c, &j));
             }
         })?;
     Ok(ApiServer {
@@ -244,6 +392,43 @@ pub fn call_with_progress(
         match v.get("progress") {
             Some(p) => on_progress(p),
             None => return Ok(serde_json::from_value(v)?),
+        }
+    }
+}
+
+/// `migrate`, synchronously: starts it, polls `migrate-status` every
+/// `POLL`, hands each new progress to `on_progress`, and returns the
+/// outcome as one response (the report on success).
+pub fn migrate_and_wait(
+    path: &Path,
+    opts: &MigrateOptions,
+    on_progress: &mut dyn FnMut(&Progress),
+) -> anyhow::Result<Response> {
+    const POLL: Duration = Duration::from_millis(50);
+    let started = call(path, &Request::Migrate(opts.clone()))?;
+    if !started.ok {
+        return Ok(started);
+    }
+    let mut last_round = None;
+    loop {
+        std::thread::sleep(POLL);
+        let resp = call(path, &Request::MigrateStatus)?;
+        let status: MigrationStatus = match (resp.ok, resp.result) {
+            (true, Some(v)) => serde_json::from_value(v)?,
+            _ => anyhow::bail!("migrate-status: {}", resp.error.unwrap_or_default()),
+        };
+        if let Some(p) = &status.progress {
+            if last_round != Some(p.round) {
+                last_round = Some(p.round);
+                on_progress(p);
+            }
+        }
+        match status.state {
+            MigrationState::Running => {}
+            MigrationState::Completed => {
+                return Ok(Response::ok(status.report.unwrap_or_default()))
+            }
+            _ => return Ok(Response::err(status.error.unwrap_or_default())),
         }
     }
 }

@@ -15,6 +15,7 @@ use ldt_vmm::devices::console::ConsoleOut;
 use ldt_vmm::dirty::{DirtyOptions, DirtySourceKind};
 use ldt_vmm::loader::LinuxBoot;
 use ldt_vmm::migration::destination;
+use ldt_vmm::migration::report::DowntimeBreakdown;
 use ldt_vmm::migration::snapshot::{self, SnapshotOptions};
 use ldt_vmm::migration::source::{ConvergencePolicy, MigrateOptions};
 use ldt_vmm::migration::transport::{Endpoint, Listener};
@@ -85,6 +86,10 @@ struct RunArgs {
     /// (memory size, vCPUs and CPU profile come from the stream).
     #[arg(long, value_name = "URL", conflicts_with = "flat")]
     incoming: Option<Endpoint>,
+    /// With --incoming: the longest a connected source may take for any one
+    /// frame (a silent or trickling source then ends the migration).
+    #[arg(long, value_name = "S", default_value_t = destination::DEFAULT_FRAME_TIMEOUT.as_secs(), requires = "incoming")]
+    incoming_timeout: u64,
     /// Restore from snapshot files: a full snapshot, then its diffs in order.
     #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with_all = ["flat", "incoming"])]
     restore: Vec<PathBuf>,
@@ -181,6 +186,10 @@ struct MigrateArgs {
     /// Also write the JSON report to this file.
     #[arg(long, value_name = "FILE")]
     stats: Option<PathBuf>,
+    /// Start the migration and return at once (follow it with
+    /// `ctl migrate-status`, stop it with `ctl migrate-cancel`).
+    #[arg(long, conflicts_with = "stats")]
+    detach: bool,
 }
 
 #[derive(Args)]
@@ -231,6 +240,10 @@ enum CtlRequest {
     DirtyStats,
     /// SHA-256 of all guest memory (vCPUs paused meanwhile).
     MemoryDigest,
+    /// State, progress and outcome of the migration started last.
+    MigrateStatus,
+    /// Stop the running migration (before its commit); the VM keeps running here.
+    MigrateCancel,
 }
 
 #[derive(Subcommand)]
@@ -298,9 +311,13 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
     let ctl = if let Some(ep) = &args.incoming {
         let listener = Listener::bind(ep).with_context(|| format!("cannot listen on {ep}"))?;
         eprintln!("ldt-vmm: waiting for a migration on {ep}");
-        let (mut conn, hello, machine) =
-            destination::accept(&listener, ConsoleOut::Stdout, args.dirty.dirty_ring)?;
-        destination::receive(&mut conn, &hello, &machine).context("incoming migration failed")?;
+        let (hello, machine) = destination::incoming(
+            &listener,
+            ConsoleOut::Stdout,
+            args.dirty.dirty_ring,
+            std::time::Duration::from_secs(args.incoming_timeout),
+        )
+        .context("incoming migration failed")?;
         VmControl::new(machine, options, hello.cpu_profile, args.paused)?
     } else if !args.restore.is_empty() {
         let (hello, machine) =
@@ -367,21 +384,39 @@ fn migrate(a: MigrateArgs) -> anyhow::Result<i32> {
         verify: a.verify,
         auto_converge: a.auto_converge,
     };
-    let mut show = |p: &serde_json::Value| match serde_json::from_value::<
-        ldt_vmm::migration::report::Progress,
-    >(p.clone())
-    {
-        Ok(p) => eprintln!("{}", p.line()),
-        Err(_) => eprintln!("{p}"),
-    };
-    let resp = api::call_with_progress(&a.api, &Request::Migrate(opts), &mut show)?;
+    if a.detach {
+        let resp = api::call(&a.api, &Request::Migrate(opts))?;
+        println!("{}", serde_json::to_string(&resp)?);
+        return Ok(if resp.ok { 0 } else { 1 });
+    }
+    let mut show = |p: &ldt_vmm::migration::report::Progress| eprintln!("{}", p.line());
+    let resp = api::migrate_and_wait(&a.api, &opts, &mut show)?;
     if !resp.ok {
         anyhow::bail!("{}", resp.error.unwrap_or_default());
+    }
+    if let Some(b) = resp
+        .result
+        .as_ref()
+        .and_then(|r| r.get("downtime_breakdown"))
+        .and_then(|b| serde_json::from_value::<DowntimeBreakdown>(b.clone()).ok())
+    {
+        eprintln!("{}", b.line());
     }
     let report = serde_json::to_string_pretty(&resp.result)?;
     println!("{report}");
     if let Some(f) = &a.stats {
         std::fs::write(f, &report).with_context(|| format!("cannot write {}", f.display()))?;
+    }
+    let missed = resp
+        .result
+        .as_ref()
+        .and_then(|r| r["verify_mismatch_pages"].as_u64())
+        .unwrap_or(0);
+    if missed > 0 {
+        eprintln!(
+            "ldt-vmm: verify FAILED: {missed} pages differ from what was sent (the dirty source missed writes); the guest runs on the destination"
+        );
+        return Ok(3);
     }
     Ok(0)
 }
@@ -397,6 +432,8 @@ fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
         CtlRequest::DirtyStop => Request::DirtyStop,
         CtlRequest::DirtyStats => Request::DirtyStats,
         CtlRequest::MemoryDigest => Request::MemoryDigest,
+        CtlRequest::MigrateStatus => Request::MigrateStatus,
+        CtlRequest::MigrateCancel => Request::MigrateCancel,
     };
     let resp = api::call(&args.api, &req)?;
     println!("{}", serde_json::to_string(&resp)?);

@@ -25,6 +25,9 @@ use crate::vm::Vm;
 pub enum RunState {
     Running,
     Paused,
+    /// Paused after a migration whose outcome is unknown (the destination
+    /// may be running the guest): only the operator's `resume` runs it here.
+    Postmigrate,
     Stopping,
 }
 
@@ -33,6 +36,34 @@ struct Shared {
     /// vCPU threads currently parked because of a pause.
     parked: usize,
     exit_status: Option<i32>,
+    /// The operator paused the VM (API `pause`, `--paused`, or a migration
+    /// that ended with its outcome unknown): internal pauses (migration,
+    /// snapshot, throttle) then leave it paused when they are done.
+    held: bool,
+    /// The hold comes from a migration whose outcome is unknown.
+    postmigrate: bool,
+}
+
+/// Who drives the VM's single KVM dirty log. KVM keeps one log per memslot,
+/// so two users would steal each other's dirty bits (and one's `stop`
+/// would switch off the other's logging): one at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackingUser {
+    Api,
+    Migration,
+    SnapshotChain,
+}
+
+impl std::fmt::Display for TrackingUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TrackingUser::Api => "dirty tracking started through the API (stop it with dirty-stop)",
+            TrackingUser::Migration => "a migration in progress",
+            TrackingUser::SnapshotChain => {
+                "a diff-snapshot chain (its tracking runs until the VM ends)"
+            }
+        })
+    }
 }
 
 /// Dirty tracking started through the API.
@@ -63,6 +94,8 @@ pub struct VmControl {
     pub dirty_options: DirtyOptions,
     pub dirty: Mutex<DirtyTracking>,
     pub snapshots: Mutex<Option<SnapshotChain>>,
+    /// The one user of the dirty log, if any (see `TrackingUser`).
+    tracking_user: Mutex<Option<TrackingUser>>,
     pub started: Instant,
     pub vcpu_count: usize,
     shared: Mutex<Shared>,
@@ -95,6 +128,7 @@ impl VmControl {
             dirty_options,
             dirty: Mutex::new(DirtyTracking::default()),
             snapshots: Mutex::new(None),
+            tracking_user: Mutex::new(None),
             started: Instant::now(),
             shared: Mutex::new(Shared {
                 state: if start_paused {
@@ -104,6 +138,8 @@ impl VmControl {
                 },
                 parked: 0,
                 exit_status: None,
+                held: start_paused,
+                postmigrate: false,
             }),
             changed: Condvar::new(),
             threads: Mutex::new(Vec::new()),
@@ -112,7 +148,62 @@ impl VmControl {
     }
 
     pub fn state(&self) -> RunState {
-        self.shared.lock().unwrap().state
+        let s = self.shared.lock().unwrap();
+        match s.state {
+            RunState::Paused if s.postmigrate => RunState::Postmigrate,
+            st => st,
+        }
+    }
+
+    /// Whether the operator holds the VM paused (internal resumes keep it so).
+    pub fn held(&self) -> bool {
+        self.shared.lock().unwrap().held
+    }
+
+    /// The operator's pause: it lasts until the operator's `resume`.
+    pub fn operator_pause(&self) -> RunState {
+        self.shared.lock().unwrap().held = true;
+        self.pause()
+    }
+
+    /// The operator's resume: ends an operator hold or a postmigrate state.
+    pub fn operator_resume(&self) -> RunState {
+        let mut s = self.shared.lock().unwrap();
+        s.held = false;
+        s.postmigrate = false;
+        drop(s);
+        self.resume()
+    }
+
+    /// Keeps the VM paused after a migration whose outcome is unknown.
+    pub fn hold_postmigrate(&self) {
+        let mut s = self.shared.lock().unwrap();
+        s.held = true;
+        s.postmigrate = true;
+    }
+
+    /// Makes `user` the dirty log's only user, or says who already is.
+    pub fn claim_tracking(&self, user: TrackingUser) -> Result<(), DirtyError> {
+        let mut u = self.tracking_user.lock().unwrap();
+        match *u {
+            // A new full snapshot restarts the chain it already owns.
+            Some(TrackingUser::SnapshotChain) if user == TrackingUser::SnapshotChain => Ok(()),
+            Some(other) => Err(DirtyError::Config(format!(
+                "dirty tracking is in use by {other}: one user at a time"
+            ))),
+            None => {
+                *u = Some(user);
+                Ok(())
+            }
+        }
+    }
+
+    /// Gives the dirty log back (only `user`'s own claim).
+    pub fn release_tracking(&self, user: TrackingUser) {
+        let mut u = self.tracking_user.lock().unwrap();
+        if *u == Some(user) {
+            *u = None;
+        }
     }
 
     /// Stops every vCPU at its next exit and waits until all are parked.
@@ -131,10 +222,10 @@ impl VmControl {
         s.state
     }
 
-    /// Lets paused vCPUs run again.
+    /// Lets paused vCPUs run again, unless the operator holds them paused.
     pub fn resume(&self) -> RunState {
         let mut s = self.shared.lock().unwrap();
-        if s.state == RunState::Paused {
+        if s.state == RunState::Paused && !s.held {
             s.state = RunState::Running;
             self.changed.notify_all();
         }
@@ -169,9 +260,19 @@ impl VmControl {
                 s.kind()
             )));
         }
-        let mut source = dirty::create(kind, self.dirty_options, self.ring.clone())?;
-        dirty::reset_vmm_writes(&self.vm);
-        source.start(&self.vm)?;
+        self.claim_tracking(TrackingUser::Api)?;
+        let started =
+            dirty::create(kind, self.dirty_options, self.ring.clone()).and_then(|mut s| {
+                dirty::reset_vmm_writes(&self.vm);
+                s.start(&self.vm).map(|()| s)
+            });
+        let source = match started {
+            Ok(s) => s,
+            Err(e) => {
+                self.release_tracking(TrackingUser::Api);
+                return Err(e);
+            }
+        };
         *d = DirtyTracking {
             source: Some(source),
             ..Default::default()
@@ -198,7 +299,11 @@ impl VmControl {
     pub fn dirty_stop(&self) -> Result<(), DirtyError> {
         let mut d = self.dirty.lock().unwrap();
         match d.source.take() {
-            Some(mut s) => s.stop(&self.vm),
+            Some(mut s) => {
+                let stopped = s.stop(&self.vm);
+                self.release_tracking(TrackingUser::Api);
+                stopped
+            }
             None => Err(DirtyError::Config("dirty tracking is not running".into())),
         }
     }

@@ -70,6 +70,14 @@ struct SourceVm {
     _payload: TempPath,
 }
 
+impl Drop for SourceVm {
+    /// A failed test must not leave its VMM running (a no-op once exited).
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn start_source(s: &Scratch, payload: &[u8], extra: &[&str]) -> SourceVm {
     let p = TempPath::create(payload, "counter").unwrap();
     let api = s.path("src.api");
@@ -140,6 +148,31 @@ fn migrate_and_check(
     assert!(report["digest_source"].as_str().unwrap().len() == 64);
     assert!(report["rounds"].as_array().unwrap().len() >= 2);
     assert!(report["downtime_ms"].as_f64().unwrap() > 0.0);
+    // The breakdown's parts fit inside the downtime they explain.
+    let b = report["downtime_breakdown"].as_object().unwrap();
+    let parts: f64 = [
+        "pause_ms",
+        "final_harvest_ms",
+        "final_memory_ms",
+        "state_save_ms",
+        "state_transfer_ms",
+        "verify_ms",
+        "ready_wait_ms",
+        "commit_ms",
+    ]
+    .iter()
+    .map(|k| b[*k].as_f64().unwrap())
+    .sum();
+    let downtime = report["downtime_ms"].as_f64().unwrap();
+    assert!(
+        parts > 0.0 && parts <= downtime + 0.01,
+        "{b:?} vs {downtime}"
+    );
+    assert!(b["destination_restore_ms"].as_f64().unwrap() > 0.0);
+    assert!(
+        err.contains("downtime: pause"),
+        "breakdown line on stderr: {err}"
+    );
 
     let status = wait_exit(&mut src.child, Duration::from_secs(10));
     assert!(
@@ -455,4 +488,511 @@ fn a_destination_refuses_a_huge_frame() {
         },
         "exceeds",
     );
+}
+
+/// What a fake destination (speaking the protocol) does after its HelloAck.
+#[derive(Clone, Copy, PartialEq)]
+enum FakeDestination {
+    /// Stops reading at once (and holds the connection open).
+    StopsReading,
+    /// Reads everything, never answers the State with Ready.
+    NeverReady,
+    /// Answers Ready, then drops the connection once Commit arrives.
+    DropsAfterCommit,
+    /// Answers Ready, then never answers Commit.
+    HangsAfterCommit,
+    /// Answers Ready with a digest that cannot match what was sent.
+    WrongDigest,
+}
+
+/// Serves one source on `sock` as `how` says; returns the kinds of the
+/// frames it received after the HelloAck. Holds the connection until `release`.
+fn fake_destination(
+    sock: PathBuf,
+    how: FakeDestination,
+    release: std::sync::mpsc::Receiver<()>,
+) -> std::thread::JoinHandle<Vec<MessageKind>> {
+    let listener = UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        assert_eq!(read_frame(&mut c).unwrap().kind, MessageKind::Hello);
+        write_frame(&mut c, MessageKind::HelloAck, b"").unwrap();
+        let mut seen = Vec::new();
+        if how == FakeDestination::StopsReading {
+            let _ = release.recv();
+            return seen;
+        }
+        while let Ok(f) = read_frame(&mut c) {
+            seen.push(f.kind);
+            match (f.kind, how) {
+                (MessageKind::State, FakeDestination::NeverReady) => {}
+                (MessageKind::State, FakeDestination::WrongDigest) => {
+                    let ready = format!(r#"{{"digest":"{}"}}"#, "0".repeat(64));
+                    write_frame(&mut c, MessageKind::Ready, ready.as_bytes()).unwrap()
+                }
+                (MessageKind::State, _) => {
+                    write_frame(&mut c, MessageKind::Ready, br#"{"digest":null}"#).unwrap()
+                }
+                (MessageKind::Commit, FakeDestination::DropsAfterCommit) => return seen,
+                (MessageKind::Commit, _) => {
+                    let _ = release.recv();
+                    return seen;
+                }
+                _ => {}
+            }
+        }
+        seen
+    })
+}
+
+/// Migrates to a fake destination; returns the migrate output, the frames
+/// the fake saw, and the source.
+fn migrate_to_fake(
+    name: &str,
+    how: FakeDestination,
+) -> (Output, Vec<MessageKind>, SourceVm, Scratch) {
+    let s = Scratch::new(name);
+    let sock = s.path("fake.sock");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let fake = fake_destination(sock.clone(), how, rx);
+    let src = start_source(&s, COUNTER_FAST_PAYLOAD, &[]);
+    let verify: &[&str] = if how == FakeDestination::WrongDigest {
+        &["--verify"]
+    } else {
+        &[]
+    };
+    let out = migrate(&src.api, &format!("unix:{}", sock.display()), verify);
+    let _ = tx.send(());
+    let seen = fake.join().unwrap();
+    (out, seen, src, s)
+}
+
+/// The source is paused and prints nothing, and says why.
+fn assert_source_postmigrate(src: &mut SourceVm) {
+    assert!(src.child.try_wait().unwrap().is_none(), "source VMM exited");
+    assert_eq!(ctl(&src.api, &["status"])["result"]["state"], "postmigrate");
+    let before = std::fs::read(&src.out).unwrap().len();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        std::fs::read(&src.out).unwrap().len(),
+        before,
+        "a postmigrate guest does not run"
+    );
+}
+
+#[test]
+fn a_destination_that_drops_after_commit_leaves_the_source_paused() {
+    let (out, seen, mut src, _s) =
+        migrate_to_fake("commit-drop", FakeDestination::DropsAfterCommit);
+    assert_eq!(seen.last(), Some(&MessageKind::Commit));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("outcome unknown: the destination may be running"),
+        "{err}"
+    );
+    assert_source_postmigrate(&mut src);
+    // The operator decides the destination does not run it: resume here.
+    assert_eq!(ctl(&src.api, &["resume"])["result"]["state"], "running");
+    assert_source_alive(&mut src);
+    shutdown(&mut src);
+}
+
+#[test]
+fn a_destination_that_hangs_after_commit_leaves_the_source_paused() {
+    let (out, seen, mut src, _s) =
+        migrate_to_fake("commit-hang", FakeDestination::HangsAfterCommit);
+    assert_eq!(seen.last(), Some(&MessageKind::Commit));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("outcome unknown") && err.contains("timed out"),
+        "{err}"
+    );
+    assert_source_postmigrate(&mut src);
+    shutdown(&mut src);
+}
+
+#[test]
+fn a_destination_that_stops_reading_ends_the_migration_with_the_source_running() {
+    let (out, _, mut src, _s) = migrate_to_fake("stall", FakeDestination::StopsReading);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("peer stopped reading") && err.contains("keeps running here"),
+        "{err}"
+    );
+    assert_source_alive(&mut src);
+    shutdown(&mut src);
+}
+
+#[test]
+fn a_destination_that_never_answers_ready_ends_the_switch_over_with_the_source_running() {
+    let (out, seen, mut src, _s) = migrate_to_fake("no-ready", FakeDestination::NeverReady);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("timed out") && err.contains("keeps running here"),
+        "{err}"
+    );
+    assert!(seen.contains(&MessageKind::State), "{seen:?}");
+    assert_eq!(
+        seen.last(),
+        Some(&MessageKind::Abort),
+        "the source says it gives up"
+    );
+    assert_source_alive(&mut src);
+    shutdown(&mut src);
+}
+
+fn start_destination_with(s: &Scratch, url: &str, extra: &[&str]) -> Child {
+    let api = s.path("dst.api");
+    let mut args = vec!["run", "--incoming", url, "--api", api.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let child = spawn(&args, &s.path("dst.out"), &s.path("dst.err"));
+    wait_for(&s.path("mig.sock"));
+    child
+}
+
+/// A migration that takes seconds (64 MiB at 40 MB/s, forced after one
+/// round), so that something can meet it while it runs.
+const SLOW_FORCED: &[&str] = &[
+    "--bandwidth-limit",
+    "40",
+    "--max-rounds",
+    "1",
+    "--downtime-ms",
+    "0",
+    "--policy",
+    "force",
+    "--verify",
+];
+const DETACH: &[&str] = &["--detach"];
+
+/// `ldt-vmm snapshot --api API --to TO`, its output.
+fn snapshot(api: &Path, to: &Path, base: Option<&Path>) -> Output {
+    let mut c = bin();
+    c.args(["snapshot", "--api", api.to_str().unwrap(), "--to"])
+        .arg(to);
+    if let Some(b) = base {
+        c.arg("--base").arg(b);
+    }
+    c.output().unwrap()
+}
+
+const FAKE_HELLO: &[u8] =
+    br#"{"mem_mib":32,"vcpus":1,"cpu_profile":"host","dirty_source":"kvm-bitmap","verify":false}"#;
+
+#[test]
+fn a_silent_or_trickling_source_does_not_hold_the_destination() {
+    for trickle in [false, true] {
+        let s = Scratch::new(if trickle { "trickle" } else { "silent" });
+        let url = unix_url(&s);
+        let mut dst = start_destination_with(&s, &url, &["--incoming-timeout", "2"]);
+        let mut c = std::os::unix::net::UnixStream::connect(s.path("mig.sock")).unwrap();
+        write_frame(&mut c, MessageKind::Hello, FAKE_HELLO).unwrap();
+        assert_eq!(read_frame(&mut c).unwrap().kind, MessageKind::HelloAck);
+        if trickle {
+            // A valid memory frame, a byte every 100 ms: each read returns,
+            // but the frame would take minutes.
+            let mut frame = Vec::new();
+            write_frame(&mut frame, MessageKind::Memory, &memory_message()).unwrap();
+            for b in frame {
+                if c.write_all(&[b]).is_err() || dst.try_wait().unwrap().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let status = wait_exit(&mut dst, Duration::from_secs(60));
+        assert!(!status.success());
+        let err = std::fs::read_to_string(s.path("dst.err")).unwrap();
+        assert!(err.contains("timed out"), "{err}");
+    }
+}
+
+#[test]
+fn the_destination_answers_probes_and_second_sources_and_still_migrates() {
+    let s = Scratch::new("service");
+    let url = unix_url(&s);
+    let sock = s.path("mig.sock");
+    let mut src = start_source(&s, COUNTER_FAST_PAYLOAD, &[]);
+    let mut dst = start_destination_with(&s, &url, &["--incoming-timeout", "5"]);
+    let dst_api = s.path("dst.api");
+    // A port probe: connect and close.
+    drop(std::os::unix::net::UnixStream::connect(&sock).unwrap());
+    // Something that is not a migration gets an answer.
+    let mut junk = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    junk.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let answer = read_frame(&mut junk).unwrap();
+    assert_eq!(answer.kind, MessageKind::Abort);
+    assert!(String::from_utf8_lossy(&answer.payload).contains("not a migration"));
+    assert!(
+        dst.try_wait().unwrap().is_none(),
+        "the destination waits on"
+    );
+
+    // The real migration, slowed down so a second source meets it.
+    let api = src.api.clone();
+    let url2 = url.clone();
+    let m = std::thread::spawn(move || migrate(&api, &url2, SLOW_FORCED));
+    // Wait until the destination has the migration (it has an API only after).
+    let t = std::time::Instant::now();
+    while !std::fs::read_to_string(s.path("src.err"))
+        .unwrap_or_default()
+        .is_empty()
+        && t.elapsed() < Duration::from_secs(1)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut second = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    write_frame(&mut second, MessageKind::Hello, FAKE_HELLO).unwrap();
+    let busy = read_frame(&mut second).unwrap();
+    assert_eq!(busy.kind, MessageKind::Abort);
+    assert!(
+        String::from_utf8_lossy(&busy.payload).contains("already receiving a migration"),
+        "{:?}",
+        String::from_utf8_lossy(&busy.payload)
+    );
+    let out = m.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["digest_source"], r["digest_destination"]);
+    assert!(wait_exit(&mut src.child, Duration::from_secs(10)).success());
+    wait_for(&dst_api);
+    ctl(&dst_api, &["shutdown"]);
+    assert!(wait_exit(&mut dst, Duration::from_secs(10)).success());
+}
+
+#[test]
+fn one_dirty_log_user_at_a_time() {
+    let s = Scratch::new("one-user");
+    let url = unix_url(&s);
+    let mut src = start_source(&s, COUNTER_SLOW_PAYLOAD, &[]);
+    // The API's tracking holds the log: a migration is refused.
+    assert_eq!(ctl(&src.api, &["dirty-start", "kvm-bitmap"])["ok"], true);
+    let out = migrate(&src.api, &url, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("in use by dirty tracking started through the API"),
+        "{err}"
+    );
+    let snap = snapshot(&src.api, &s.path("full.snap"), None);
+    assert!(
+        String::from_utf8_lossy(&snap.stderr).contains("one user at a time"),
+        "{}",
+        String::from_utf8_lossy(&snap.stderr)
+    );
+    assert_eq!(ctl(&src.api, &["dirty-stop"])["ok"], true);
+
+    // A snapshot chain holds it now: migration and dirty-start are refused,
+    // and the chain's next diff still has what changed.
+    let full = s.path("full.snap");
+    let ok = snapshot(&src.api, &full, None);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let out = migrate(&src.api, &url, &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("diff-snapshot chain"));
+    let r = ctl(&src.api, &["dirty-start", "kvm-clear"]);
+    assert!(
+        r["error"].as_str().unwrap().contains("diff-snapshot chain"),
+        "{r}"
+    );
+    advances(
+        &src.out,
+        counters(&std::fs::read(&src.out).unwrap()).len() + 5,
+    );
+    let diff = snapshot(&src.api, &s.path("d1.snap"), Some(&full));
+    assert!(diff.status.success());
+    let d: serde_json::Value = serde_json::from_slice(&diff.stdout).unwrap();
+    assert!(
+        d["pages"].as_u64().unwrap() > 0,
+        "the chain still tracks: {d}"
+    );
+    assert_source_alive(&mut src);
+    shutdown(&mut src);
+}
+
+#[test]
+fn two_migrations_at_once_are_refused_and_the_first_completes() {
+    let s = Scratch::new("two");
+    let url = unix_url(&s);
+    let mut src = start_source(&s, COUNTER_FAST_PAYLOAD, &[]);
+    let (mut dst, dst_api) = start_destination(&s, &url);
+    let first = migrate(&src.api, &url, &[DETACH, SLOW_FORCED].concat());
+    assert!(String::from_utf8_lossy(&first.stdout).contains("running"));
+    let out = migrate(
+        &src.api,
+        &format!("unix:{}", s.path("other.sock").display()),
+        &[],
+    );
+    let second = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        second.contains("a migration is already in progress"),
+        "{second}"
+    );
+    // Nor may a snapshot chain start on the log the migration uses.
+    let snap = snapshot(&src.api, &s.path("during.snap"), None);
+    let snap_err = String::from_utf8_lossy(&snap.stderr);
+    assert!(
+        !snap.status.success() && snap_err.contains("in use by a migration in progress"),
+        "{snap_err}"
+    );
+    let t = std::time::Instant::now();
+    let st = loop {
+        let st = ctl(&src.api, &["migrate-status"]);
+        if st["result"]["state"] != "running" || t.elapsed() > Duration::from_secs(60) {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(st["result"]["state"], "completed", "{st}");
+    let r = &st["result"]["report"];
+    assert_eq!(r["digest_source"], r["digest_destination"]);
+    assert!(wait_exit(&mut src.child, Duration::from_secs(10)).success());
+    ctl(&dst_api, &["shutdown"]);
+    assert!(wait_exit(&mut dst, Duration::from_secs(10)).success());
+}
+
+#[test]
+fn an_operator_paused_vm_stays_paused_after_a_failed_migration_or_a_snapshot() {
+    let s = Scratch::new("held");
+    let sock = s.path("fake.sock");
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Fails at the switch-over, where the migration pauses and resumes.
+    let fake = fake_destination(sock.clone(), FakeDestination::NeverReady, rx);
+    let mut src = start_source(&s, COUNTER_SLOW_PAYLOAD, &[]);
+    assert_eq!(ctl(&src.api, &["pause"])["result"]["state"], "paused");
+    let out = migrate(&src.api, &format!("unix:{}", sock.display()), &[]);
+    let _ = tx.send(());
+    fake.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("paused by the operator"),
+        "{err}"
+    );
+    assert_eq!(ctl(&src.api, &["status"])["result"]["state"], "paused");
+    let snap = snapshot(&src.api, &s.path("p.snap"), None);
+    assert!(
+        snap.status.success(),
+        "{}",
+        String::from_utf8_lossy(&snap.stderr)
+    );
+    assert_eq!(ctl(&src.api, &["status"])["result"]["state"], "paused");
+    assert_eq!(ctl(&src.api, &["resume"])["result"]["state"], "running");
+    assert_source_alive(&mut src);
+    shutdown(&mut src);
+}
+
+#[test]
+fn an_api_migration_runs_in_the_background_and_cancels_mid_round_with_the_source_unharmed() {
+    let s = Scratch::new("async");
+    let url = unix_url(&s);
+    let mut src = start_source(&s, COUNTER_FAST_PAYLOAD, &[]);
+    let (mut dst, _) = start_destination(&s, &url);
+    // 64 MiB of live pages at 20 MB/s: round 0 alone takes seconds.
+    let out = migrate(&src.api, &url, &["--detach", "--bandwidth-limit", "20"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let started: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(started["result"]["state"], "running", "{started}");
+    // The API still answers while it runs, and the guest still runs.
+    let st = ctl(&src.api, &["migrate-status"]);
+    assert_eq!(st["result"]["state"], "running", "{st}");
+    assert_eq!(ctl(&src.api, &["status"])["result"]["state"], "running");
+    let again = migrate(&src.api, &url, &["--detach"]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already in progress"));
+    assert_eq!(ctl(&src.api, &["migrate-cancel"])["ok"], true);
+    let t = std::time::Instant::now();
+    let st = loop {
+        let st = ctl(&src.api, &["migrate-status"]);
+        if st["result"]["state"] != "running" || t.elapsed() > Duration::from_secs(30) {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(st["result"]["state"], "cancelled", "{st}");
+    assert!(
+        st["result"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("keeps running here"),
+        "{st}"
+    );
+    assert!(
+        st["result"]["progress"].is_null(),
+        "cancelled inside round 0: {st}"
+    );
+    assert_eq!(ctl(&src.api, &["migrate-cancel"])["ok"], false);
+    let status = wait_exit(&mut dst, Duration::from_secs(10));
+    assert!(!status.success(), "the destination is told and gives up");
+    assert_source_alive(&mut src);
+    // The log is free again: the API's tracking can start.
+    assert_eq!(ctl(&src.api, &["dirty-start", "kvm-bitmap"])["ok"], true);
+    shutdown(&mut src);
+}
+
+#[test]
+fn a_digest_mismatch_before_commit_aborts_with_the_source_running() {
+    let (out, seen, mut src, _s) = migrate_to_fake("digest", FakeDestination::WrongDigest);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("memory digest mismatch") && err.contains("keeps running here"),
+        "{err}"
+    );
+    assert!(!seen.contains(&MessageKind::Commit), "{seen:?}");
+    assert_source_alive(&mut src);
+    shutdown(&mut src);
+}
+
+#[test]
+fn the_destination_memory_is_the_source_memory_exactly() {
+    // A paused source and a destination that stays paused: the memory the
+    // destination ends with must hash like the source's.
+    let s = Scratch::new("exact");
+    let url = unix_url(&s);
+    let mut src = start_source(&s, COUNTER_FAST_PAYLOAD, &[]);
+    let dst_api = s.path("dst.api");
+    let mut dst = spawn(
+        &[
+            "run",
+            "--incoming",
+            &url,
+            "--api",
+            dst_api.to_str().unwrap(),
+            "--paused",
+        ],
+        &s.path("dst.out"),
+        &s.path("dst.err"),
+    );
+    wait_for(&s.path("mig.sock"));
+    advances(&src.out, 20);
+    assert_eq!(ctl(&src.api, &["pause"])["result"]["state"], "paused");
+    let before = ctl(&src.api, &["memory-digest"])["result"]["digest"].clone();
+    assert!(before.is_string());
+    let out = migrate(&src.api, &url, &["--verify"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["verify_mismatch_pages"], 0);
+    assert!(wait_exit(&mut src.child, Duration::from_secs(10)).success());
+    wait_for(&dst_api);
+    assert_eq!(ctl(&dst_api, &["status"])["result"]["state"], "paused");
+    assert_eq!(
+        ctl(&dst_api, &["memory-digest"])["result"]["digest"],
+        before
+    );
+    ctl(&dst_api, &["shutdown"]);
+    assert!(wait_exit(&mut dst, Duration::from_secs(10)).success());
 }

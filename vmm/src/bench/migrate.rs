@@ -15,6 +15,7 @@ use crate::dirty::DirtySourceKind;
 use crate::flat::{
     counter_values, tempfile_path::TempPath, COUNTER_FAST_PAYLOAD, COUNTER_SLOW_PAYLOAD,
 };
+use crate::migration::report::{DowntimeBreakdown, RoundStats};
 use crate::migration::source::{ConvergencePolicy, MigrateOptions};
 use crate::migration::transport::Endpoint;
 
@@ -51,6 +52,10 @@ pub struct MigrateBenchResult {
     pub guest_progress: u64,
     /// Guest progress rate while migrating over its rate just before.
     pub guest_rate_vs_idle: f64,
+    /// Where the downtime went.
+    pub downtime_breakdown: DowntimeBreakdown,
+    /// Every round (the last one sent with the guest paused).
+    pub round_stats: Vec<RoundStats>,
 }
 
 struct Vmm {
@@ -148,7 +153,7 @@ fn run_one(
         auto_converge: cfg.auto_converge,
     };
     let (c0, _) = last_counter(&src.out)?;
-    let resp = api::call_with_progress(&src_api, &Request::Migrate(opts), &mut |_| {})?;
+    let resp = api::migrate_and_wait(&src_api, &opts, &mut |_| {})?;
     anyhow::ensure!(resp.ok, "{kind}: {}", resp.error.unwrap_or_default());
     let r = resp.result.unwrap_or_default();
     std::thread::sleep(Duration::from_millis(200));
@@ -170,6 +175,9 @@ fn run_one(
         converged: r["converged"].as_bool().unwrap_or(false),
         guest_progress: progress,
         guest_rate_vs_idle: progress as f64 / running_s / idle_rate.max(1e-9),
+        downtime_breakdown: serde_json::from_value(r["downtime_breakdown"].clone())
+            .unwrap_or_default(),
+        round_stats: serde_json::from_value(r["rounds"].clone()).unwrap_or_default(),
     })
 }
 
@@ -212,6 +220,10 @@ pub fn table(cfg: &MigrateBenchConfig, results: &[MigrateBenchResult]) -> String
             r.guest_progress,
             r.guest_rate_vs_idle
         );
+    }
+    s += "downtime breakdown (ms):\n";
+    for r in results {
+        s += &format!("{:<11} {}\n", r.mode, r.downtime_breakdown.line());
     }
     s
 }

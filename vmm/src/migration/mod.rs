@@ -13,7 +13,14 @@
 //! ```
 //!
 //! Any failure before Commit leaves the source VM running with its memory
-//! untouched (the source only reads guest memory).
+//! untouched (the source only reads guest memory), unless the operator had
+//! paused it. Once Commit is sent the source never resumes by itself: if
+//! Resumed does not arrive, the VM stays paused ("postmigrate") and the
+//! operator decides (`ldt-vmm ctl resume` if the destination does not run
+//! the guest, `shutdown` if it does). Every send and receive has a deadline
+//! (`source::switchover_budget`, `destination::DEFAULT_FRAME_TIMEOUT`).
+//! One dirty-log user at a time: a migration is refused while the API's
+//! dirty tracking, a snapshot chain or another migration holds the log.
 
 pub mod destination;
 pub mod digest;
@@ -68,9 +75,12 @@ pub struct MachineState {
 }
 
 /// The destination's answer to the state: its memory digest, if asked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Ready {
     pub digest: Option<String>,
+    /// How long the destination took to restore the state (ms).
+    #[serde(default)]
+    pub restore_ms: Option<f64>,
 }
 
 /// Why a migration failed.
@@ -93,6 +103,11 @@ pub enum MigrationError {
         source_digest: String,
         destination: String,
     },
+    /// Commit was sent but the destination's Resumed never came.
+    #[error("outcome unknown: the destination may be running ({0}); the VM stays paused here (postmigrate): resume it through the API only if the destination does not run it")]
+    OutcomeUnknown(String),
+    #[error("cancelled (migrate-cancel)")]
+    Cancelled,
     #[error("the VM stopped during migration")]
     VmStopped,
     #[error(transparent)]

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// One pre-copy round.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RoundStats {
     pub round: u32,
     /// Pages the round sent (including zero pages).
@@ -46,17 +46,60 @@ impl Progress {
     }
 }
 
+/// Where the downtime went, in the order it happens (milliseconds).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DowntimeBreakdown {
+    /// Stopping every vCPU.
+    pub pause_ms: f64,
+    /// The last harvest of the dirty source, with the vCPUs stopped.
+    pub final_harvest_ms: f64,
+    /// Sending the last dirty set.
+    pub final_memory_ms: f64,
+    /// Saving vCPU, VM and device state.
+    pub state_save_ms: f64,
+    /// Encoding and sending the state.
+    pub state_transfer_ms: f64,
+    /// The source's digest of what it sent (with --verify).
+    pub verify_ms: f64,
+    /// From the state sent to the destination's Ready (its restore, its
+    /// digest with --verify, and the wire).
+    pub ready_wait_ms: f64,
+    /// The destination's own time to restore the state (from its Ready).
+    pub destination_restore_ms: f64,
+    /// Commit sent to Resumed received.
+    pub commit_ms: f64,
+}
+
+impl DowntimeBreakdown {
+    /// The one-line form printed after a migration.
+    pub fn line(&self) -> String {
+        format!(
+            "downtime: pause {:.1}  harvest {:.1}  memory {:.1}  state save {:.1}  state send {:.1}  verify {:.1}  ready wait {:.1} (restore {:.1})  commit {:.1} ms",
+            self.pause_ms,
+            self.final_harvest_ms,
+            self.final_memory_ms,
+            self.state_save_ms,
+            self.state_transfer_ms,
+            self.verify_ms,
+            self.ready_wait_ms,
+            self.destination_restore_ms,
+            self.commit_ms
+        )
+    }
+}
+
 /// The final report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrationReport {
     pub dirty_source: String,
     pub destination: String,
     pub total_ms: f64,
     pub setup_ms: f64,
-    /// Source pause to the destination's "resumed" (includes `verify_ms`
-    /// and the destination's digest when verifying).
+    /// Source pause to the destination's "resumed".
     pub downtime_ms: f64,
-    /// Time the source spent on its memory digest (with --verify).
+    /// What the downtime was spent on.
+    pub downtime_breakdown: DowntimeBreakdown,
+    /// Time the source spent hashing its memory after the commit (--verify).
     pub verify_ms: f64,
     pub expected_downtime_ms: f64,
     pub downtime_target_ms: u64,
@@ -69,8 +112,14 @@ pub struct MigrationReport {
     pub memcpy_mb_s: f64,
     /// Auto-converge throttle reached (percent of time vCPUs were parked).
     pub throttle_pct: u32,
+    /// With --verify: digest of the source's memory (hashed after the
+    /// commit, outside the downtime) and of what the destination received.
     pub digest_source: Option<String>,
     pub digest_destination: Option<String>,
+    /// Pages whose contents at the switch-over differ from what was sent
+    /// (writes the dirty source missed); must be 0.
+    #[serde(default)]
+    pub verify_mismatch_pages: u64,
 }
 
 /// Measures memcpy over 64 MiB (median of 3).

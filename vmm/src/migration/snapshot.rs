@@ -23,7 +23,7 @@ use super::{parse, Hello, MigrationError};
 use crate::builder::{self, Machine};
 use crate::devices::console::ConsoleOut;
 use crate::dirty::{self, DirtyBitmap, DirtySourceKind};
-use crate::runner::{RunState, SnapshotChain, VmControl};
+use crate::runner::{RunState, SnapshotChain, TrackingUser, VmControl};
 
 /// Identity of a snapshot within a chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +110,7 @@ pub fn take(ctl: &VmControl, opts: &SnapshotOptions) -> Result<SnapshotReport, M
         return Err(MigrationError::VmStopped);
     }
     let result = write_snapshot(ctl, opts, base_id, &mut chain);
+    // Runs again unless the operator had paused it (then it stays paused).
     ctl.resume();
     let mut report = result?;
     report.paused_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -126,12 +127,25 @@ fn write_snapshot(
         (Some(_), Some(c)) => dirty::harvest(c.source.as_mut(), &ctl.vm)?,
         _ => {
             // A full snapshot starts a new chain: tracking from this pause on.
+            ctl.claim_tracking(TrackingUser::SnapshotChain)?;
             if let Some(mut old) = chain.take() {
-                old.source.stop(&ctl.vm)?;
+                if let Err(e) = old.source.stop(&ctl.vm) {
+                    ctl.release_tracking(TrackingUser::SnapshotChain);
+                    return Err(e.into());
+                }
             }
-            let mut source = dirty::create(opts.dirty_source, ctl.dirty_options, ctl.ring.clone())?;
-            dirty::reset_vmm_writes(&ctl.vm);
-            source.start(&ctl.vm)?;
+            let started = dirty::create(opts.dirty_source, ctl.dirty_options, ctl.ring.clone())
+                .and_then(|mut s| {
+                    dirty::reset_vmm_writes(&ctl.vm);
+                    s.start(&ctl.vm).map(|()| s)
+                });
+            let mut source = match started {
+                Ok(s) => s,
+                Err(e) => {
+                    ctl.release_tracking(TrackingUser::SnapshotChain);
+                    return Err(e.into());
+                }
+            };
             // This snapshot has all memory: the next diff starts from here
             // (with INITIALLY_SET the source would report everything).
             dirty::harvest(source.as_mut(), &ctl.vm)?;

@@ -1,25 +1,89 @@
 //! The sending side: pre-copy rounds from a dirty source, then the switch-over.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ldt_migration::{encode_memory_header, MemoryRange, MessageKind, RANGE_ZERO};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::digest::memory_digest;
-use super::report::{memcpy_rate_mb_s, MigrationReport, Progress, RoundStats};
+use super::digest::PageHashes;
+use super::report::{memcpy_rate_mb_s, DowntimeBreakdown, MigrationReport, Progress, RoundStats};
 use super::throttle::Throttle;
 use super::transport::{self, Connection, Endpoint, FrameSink};
 use super::{is_zero, parse, Hello, MachineState, MigrationError, Ready};
 use crate::arch::layout::PAGE_SIZE;
 use crate::dirty::{self, DirtyBitmap, DirtySource, DirtySourceKind};
-use crate::runner::{RunState, VmControl};
+use crate::runner::{RunState, TrackingUser, VmControl};
 use crate::vm::state::{msr_index_list, VcpuState, VmState};
 
 /// Pages per memory message (4 MiB).
 const CHUNK_PAGES: u64 = 1024;
-/// How long the source waits for an answer before calling the peer dead.
-const PEER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Deadlines. While the guest runs (pre-copy), every send, flush and
+/// receive must complete within `PRECOPY_STALL` (longer when a bandwidth
+/// limit makes one 4 MiB message slower: 4 × its time at the limit). From the
+/// pause on, everything up to the destination's Resumed shares one budget:
+///
+/// ```text
+/// switch-over budget = SWITCHOVER_SLACK + 4 × max(downtime target, expected downtime)
+/// ```
+///
+/// (the expected downtime exceeds the target only under `--policy force`).
+/// A destination that stops reading or does not answer in time before
+/// Commit ends the migration with the guest running here again; after
+/// Commit, the outcome is unknown (see `MigrationError::OutcomeUnknown`).
+pub const PRECOPY_STALL: Duration = Duration::from_secs(10);
+pub const SWITCHOVER_SLACK: Duration = Duration::from_secs(2);
+/// Threads hashing the source's memory after the commit (--verify).
+const VERIFY_THREADS: usize = 2;
+/// Time the source gives a best-effort Abort to leave.
+const ABORT_WITHIN: Duration = Duration::from_millis(200);
+
+/// Switch-over costs besides the last dirty pages, counted in the estimate
+/// (measured here: pause, final harvest, restore and the commit round trip
+/// take about 1 ms together on a quiet machine; the state is a few KiB of
+/// JSON per vCPU, estimated high).
+const FIXED_SWITCHOVER_MS: f64 = 2.0;
+const STATE_BYTES_PER_VCPU: u64 = 64 << 10;
+/// Another round is taken (while the estimate is under the target already)
+/// only while it at least halves what the previous round sent, and while
+/// the rest is worth a round at all.
+const SHRINK_FACTOR: f64 = 0.5;
+const MIN_PAGES_WORTH_A_ROUND: u64 = 64;
+
+/// Expected downtime: the rest of memory and the state at the last round's
+/// rate, plus the fixed final-round costs.
+fn switchover_estimate_ms(remaining_bytes: u64, vcpus: usize, bytes_s: f64) -> f64 {
+    let state = STATE_BYTES_PER_VCPU * vcpus as u64;
+    (remaining_bytes + state) as f64 / bytes_s.max(1.0) * 1e3 + FIXED_SWITCHOVER_MS
+}
+
+/// Whether one more pre-copy round shrinks the final set meaningfully: the
+/// pages dirtied while the last round (of `sent_pages`) went out are at
+/// most half of it, and enough to be worth it. A guest dirtying at half
+/// the link's rate or more gains nothing from more rounds.
+fn another_round_pays(dirty_pages: u64, sent_pages: u64) -> bool {
+    dirty_pages > MIN_PAGES_WORTH_A_ROUND
+        && (dirty_pages as f64) <= sent_pages as f64 * SHRINK_FACTOR
+}
+
+/// The per-operation bound while the guest runs.
+pub fn precopy_timeout(opts: &MigrateOptions) -> Duration {
+    let chunk = (CHUNK_PAGES * PAGE_SIZE) as f64;
+    match opts.bandwidth_limit_mbps {
+        Some(m) => PRECOPY_STALL.max(Duration::from_secs_f64(
+            4.0 * chunk / (m.max(1) as f64 * 1e6),
+        )),
+        None => PRECOPY_STALL,
+    }
+}
+
+/// The switch-over budget (formula above).
+pub fn switchover_budget(opts: &MigrateOptions, expected_ms: f64) -> Duration {
+    let worst_ms = (opts.downtime_ms as f64).max(expected_ms);
+    SWITCHOVER_SLACK + Duration::from_secs_f64(4.0 * worst_ms / 1e3)
+}
 
 /// What to do when the rounds or the time run out before convergence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -51,6 +115,10 @@ pub struct MigrateOptions {
 /// Sends the pages of `dirty`, in 4 MiB messages; all-zero pages go as flags.
 pub(crate) struct Sender<'a> {
     pub ctl: &'a VmControl,
+    /// Set by `migrate-cancel`: checked before every message.
+    pub cancel: Option<&'a AtomicBool>,
+    /// With --verify: a CRC-32 of every page as last sent.
+    pub sent_hashes: Option<PageHashes>,
     pub limit_bytes_s: Option<f64>,
     started: Instant,
     sent_total: u64,
@@ -62,6 +130,8 @@ impl<'a> Sender<'a> {
     pub fn new(ctl: &'a VmControl, limit_mbps: Option<u64>, sent_total: u64) -> Self {
         Sender {
             ctl,
+            cancel: None,
+            sent_hashes: None,
             limit_bytes_s: limit_mbps.map(|m| m as f64 * 1e6),
             started: Instant::now(),
             sent_total,
@@ -83,19 +153,32 @@ impl<'a> Sender<'a> {
             round,
             ..Default::default()
         };
-        let mut buf = vec![0u8; (CHUNK_PAGES * PAGE_SIZE) as usize];
+        // Scattered dirty runs are packed into full messages: one frame,
+        // one checksum and one range table per 4 MiB, not per run.
+        let chunk = (CHUNK_PAGES * PAGE_SIZE) as usize;
+        let mut buf = vec![0u8; chunk];
+        let mut gpas: Vec<u64> = Vec::with_capacity(CHUNK_PAGES as usize);
         for (start, len) in dirty.ranges() {
             let mut off = 0;
             while off < len {
-                let n = (CHUNK_PAGES * PAGE_SIZE).min(len - off);
+                let fill = gpas.len() * PAGE_SIZE as usize;
+                let n = ((chunk - fill) as u64).min(len - off);
                 let gpa = start + off;
                 self.ctl
                     .vm
                     .memory
-                    .read_slice(&mut buf[..n as usize], GuestAddress(gpa))?;
-                self.send_chunk(sink, gpa, &buf[..n as usize], &mut stats)?;
+                    .read_slice(&mut buf[fill..fill + n as usize], GuestAddress(gpa))?;
+                gpas.extend((0..n / PAGE_SIZE).map(|p| gpa + p * PAGE_SIZE));
                 off += n;
+                if gpas.len() == CHUNK_PAGES as usize {
+                    self.send_chunk(sink, &gpas, &buf, &mut stats)?;
+                    gpas.clear();
+                }
             }
+        }
+        if !gpas.is_empty() {
+            let fill = gpas.len() * PAGE_SIZE as usize;
+            self.send_chunk(sink, &gpas, &buf[..fill], &mut stats)?;
         }
         sink.send(MessageKind::RoundEnd, &round.to_le_bytes())?;
         sink.flush()?;
@@ -107,38 +190,52 @@ impl<'a> Sender<'a> {
         Ok(stats)
     }
 
-    /// One message: runs of zero and non-zero pages of `data` at `gpa`.
-    /// The non-zero pages are copied once, straight into the message.
+    /// One message: the pages of `data`, page i at guest-physical
+    /// `gpas[i]`, as runs of zero and non-zero pages. The non-zero pages
+    /// are copied once, straight into the message.
     fn send_chunk(
         &mut self,
         sink: &mut dyn FrameSink,
-        gpa: u64,
+        gpas: &[u64],
         data: &[u8],
         stats: &mut RoundStats,
     ) -> Result<(), MigrationError> {
+        check_cancel(self.cancel)?;
+        // Each range with the index in `data` of its first page.
         let mut ranges: Vec<MemoryRange> = Vec::new();
-        for (i, page) in data.chunks_exact(PAGE_SIZE as usize).enumerate() {
-            let flags = if is_zero(page) { RANGE_ZERO } else { 0 };
-            let page_gpa = gpa + i as u64 * PAGE_SIZE;
+        let mut firsts: Vec<usize> = Vec::new();
+        for (i, (page, &page_gpa)) in data.chunks_exact(PAGE_SIZE as usize).zip(gpas).enumerate() {
+            let zero = is_zero(page);
+            let flags = if zero { RANGE_ZERO } else { 0 };
+            if let Some(h) = self.sent_hashes.as_mut() {
+                if zero {
+                    h.set_zero(page_gpa)
+                } else {
+                    h.set(page_gpa, page)
+                }
+            }
             match ranges.last_mut() {
                 Some(r) if r.flags == flags && r.gpa + r.pages as u64 * PAGE_SIZE == page_gpa => {
                     r.pages += 1
                 }
-                _ => ranges.push(MemoryRange {
-                    gpa: page_gpa,
-                    pages: 1,
-                    flags,
-                }),
+                _ => {
+                    ranges.push(MemoryRange {
+                        gpa: page_gpa,
+                        pages: 1,
+                        flags,
+                    });
+                    firsts.push(i);
+                }
             }
         }
         let mut msg = encode_memory_header(&ranges);
         msg.reserve(data.len());
-        for r in &ranges {
+        for (r, &first) in ranges.iter().zip(&firsts) {
             let pages = r.pages as u64;
             if r.is_zero() {
                 stats.zero_pages += pages;
             } else {
-                let off = (r.gpa - gpa) as usize;
+                let off = first * PAGE_SIZE as usize;
                 msg.extend_from_slice(&data[off..off + (pages * PAGE_SIZE) as usize]);
             }
             stats.pages += pages;
@@ -162,6 +259,26 @@ impl<'a> Sender<'a> {
             std::thread::sleep(due - elapsed);
         }
         Ok(())
+    }
+}
+
+/// Fails with `Cancelled` once `cancel` is set.
+fn check_cancel(cancel: Option<&AtomicBool>) -> Result<(), MigrationError> {
+    match cancel {
+        Some(c) if c.load(Ordering::Relaxed) => Err(MigrationError::Cancelled),
+        _ => Ok(()),
+    }
+}
+
+/// Time since the last lap.
+struct Lap(Instant);
+
+impl Lap {
+    fn ms(&mut self) -> f64 {
+        let now = Instant::now();
+        let ms = (now - self.0).as_secs_f64() * 1e3;
+        self.0 = now;
+        ms
     }
 }
 
@@ -200,15 +317,33 @@ pub fn migrate(
     opts: &MigrateOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, MigrationError> {
+    migrate_cancellable(ctl, opts, progress, &AtomicBool::new(false))
+}
+
+/// `migrate`, ended with `Cancelled` (the VM running here as before) once
+/// `cancel` is set, at the next message, round or step of the switch-over
+/// before Commit.
+pub fn migrate_cancellable(
+    ctl: &VmControl,
+    opts: &MigrateOptions,
+    progress: &mut dyn FnMut(&Progress),
+    cancel: &AtomicBool,
+) -> Result<MigrationReport, MigrationError> {
+    ctl.claim_tracking(TrackingUser::Migration)?;
+    let result = migrate_claimed(ctl, opts, progress, cancel);
+    ctl.release_tracking(TrackingUser::Migration);
+    result
+}
+
+fn migrate_claimed(
+    ctl: &VmControl,
+    opts: &MigrateOptions,
+    progress: &mut dyn FnMut(&Progress),
+    cancel: &AtomicBool,
+) -> Result<MigrationReport, MigrationError> {
     let started = Instant::now();
-    // The API's own tracking session would compete for the same KVM log.
-    if ctl.dirty.lock().unwrap().source.is_some() {
-        return Err(MigrationError::Build(
-            "dirty tracking is running through the API; stop it first".into(),
-        ));
-    }
     let mut conn = transport::connect(&opts.to)?;
-    conn.set_timeout(Some(PEER_TIMEOUT))?;
+    conn.set_timeout(Some(precopy_timeout(opts)))?;
     let hello = Hello {
         mem_mib: ctl.vm.mem_size() >> 20,
         vcpus: ctl.vcpu_count as u8,
@@ -226,7 +361,15 @@ pub fn migrate(
     let mut source = dirty::create(opts.dirty_source, ctl.dirty_options, ctl.ring.clone())?;
     dirty::reset_vmm_writes(&ctl.vm);
     source.start(&ctl.vm)?;
-    let result = run_rounds(ctl, opts, &mut conn, source.as_mut(), started, progress);
+    let result = run_rounds(
+        ctl,
+        opts,
+        &mut conn,
+        source.as_mut(),
+        started,
+        progress,
+        cancel,
+    );
     let stopped = source.stop(&ctl.vm);
     match result {
         Ok(mut report) => {
@@ -235,10 +378,16 @@ pub fn migrate(
             report.memcpy_mb_s = memcpy_rate_mb_s();
             Ok(report)
         }
+        Err(e @ MigrationError::OutcomeUnknown(_)) => {
+            // Commit went out: the destination may run the guest. Running
+            // it here too could make two; the operator decides.
+            ctl.hold_postmigrate();
+            Err(e)
+        }
         Err(e) => {
-            // Best effort: tell the destination, then let the guest go on here.
-            let _ = conn.send(MessageKind::Abort, e.to_string().as_bytes());
-            let _ = conn.flush();
+            // Tell the destination (bounded), then let the guest go on here
+            // (unless the operator had paused it).
+            conn.send_abort(&e.to_string(), ABORT_WITHIN);
             ctl.resume();
             Err(e)
         }
@@ -252,9 +401,14 @@ fn run_rounds(
     source: &mut dyn DirtySource,
     started: Instant,
     progress: &mut dyn FnMut(&Progress),
+    cancel: &AtomicBool,
 ) -> Result<MigrationReport, MigrationError> {
     let setup_ms = started.elapsed().as_secs_f64() * 1e3;
     let mut sender = Sender::new(ctl, opts.bandwidth_limit_mbps, conn.bytes_sent);
+    sender.cancel = Some(cancel);
+    if opts.verify {
+        sender.sent_hashes = Some(PageHashes::zeroed(&ctl.vm.slots));
+    }
     // Round 0 sends all memory, so what the source reports up to here (all
     // of it with INITIALLY_SET) is covered: drop it, or round 1 resends it.
     dirty::harvest(source, &ctl.vm)?;
@@ -270,11 +424,12 @@ fn run_rounds(
             s.spawn(|| throttle.run(ctl));
         }
         let result = (|| loop {
+            check_cancel(Some(cancel))?;
             let dirty = dirty::harvest(source, &ctl.vm)?;
             let last = rounds.last().unwrap();
             let remaining = dirty.count() * PAGE_SIZE;
             let bw = last.bytes as f64 / (last.duration_ms / 1e3).max(1e-9);
-            expected_ms = remaining as f64 / bw.max(1.0) * 1e3;
+            expected_ms = switchover_estimate_ms(remaining, ctl.vcpu_count, bw);
             dirty_rate = dirty.count() as f64 / (last.duration_ms / 1e3).max(1e-9);
             progress(&Progress {
                 round,
@@ -284,11 +439,13 @@ fn run_rounds(
                 expected_downtime_ms: expected_ms,
                 throttle_pct: throttle.pct(),
             });
-            if expected_ms <= target.as_secs_f64() * 1e3 {
-                return Ok(dirty);
-            }
             let out_of_rounds = round > opts.max_rounds;
             let out_of_time = started.elapsed() >= Duration::from_secs(opts.timeout_s);
+            if expected_ms <= target.as_secs_f64() * 1e3
+                && (out_of_rounds || out_of_time || !another_round_pays(dirty.count(), last.pages))
+            {
+                return Ok(dirty);
+            }
             if out_of_rounds || out_of_time {
                 let why = if out_of_rounds {
                     format!("{} rounds done", opts.max_rounds)
@@ -325,38 +482,67 @@ fn run_rounds(
     // Switch-over: nothing the guest writes from here on is lost because
     // the last harvest happens with every vCPU stopped.
     let paused_at = Instant::now();
+    conn.set_deadline(Some(paused_at + switchover_budget(opts, expected_ms)));
+    let mut b = DowntimeBreakdown::default();
+    let mut lap = Lap(Instant::now());
     if ctl.pause() != RunState::Paused {
         return Err(MigrationError::VmStopped);
     }
+    b.pause_ms = lap.ms();
     let mut last = final_dirty;
     last.or(&dirty::harvest(source, &ctl.vm)?);
+    b.final_harvest_ms = lap.ms();
     let mut stats = sender.send_round(conn, round, &last)?;
     stats.dirty_rate_pages_s = dirty_rate;
     rounds.push(stats);
+    b.final_memory_ms = lap.ms();
     let state = save_machine_state(ctl)?;
+    b.state_save_ms = lap.ms();
     let copy_mb_s = sender.memory_bytes as f64 / sender.copy_time.as_secs_f64().max(1e-9) / 1e6;
     conn.send(
         MessageKind::State,
         &serde_json::to_vec(&state).expect("state serializes"),
     )?;
     conn.flush()?;
-    let t = Instant::now();
-    let digest_source = if opts.verify {
-        Some(memory_digest(&ctl.vm)?)
-    } else {
-        None
-    };
-    let verify_ms = t.elapsed().as_secs_f64() * 1e3;
+    b.state_transfer_ms = lap.ms();
+    // What was sent, against what arrived: a stream or apply error aborts.
+    let digest_sent = sender.sent_hashes.as_ref().map(PageHashes::digest);
+    b.verify_ms = lap.ms();
     let ready: Ready = parse("Ready", &expect(conn.recv()?, MessageKind::Ready)?)?;
-    if opts.verify && ready.digest != digest_source {
+    b.ready_wait_ms = lap.ms();
+    b.destination_restore_ms = ready.restore_ms.unwrap_or(0.0);
+    if opts.verify && ready.digest != digest_sent {
         return Err(MigrationError::DigestMismatch {
-            source_digest: digest_source.unwrap_or_default(),
+            source_digest: digest_sent.unwrap_or_default(),
             destination: ready.digest.unwrap_or_else(|| "none".into()),
         });
     }
+    // The last moment a cancel can still leave the guest here.
+    check_cancel(Some(cancel))?;
     conn.send(MessageKind::Commit, &[])?;
-    expect(conn.recv()?, MessageKind::Resumed)?;
+    // From here on the destination may run the guest: any failure leaves the
+    // outcome unknown, never a reason to resume here.
+    let committed = conn
+        .flush()
+        .map_err(MigrationError::from)
+        .and_then(|()| expect(conn.recv()?, MessageKind::Resumed));
+    if let Err(e) = committed {
+        return Err(MigrationError::OutcomeUnknown(e.to_string()));
+    }
+    b.commit_ms = lap.ms();
     let downtime_ms = paused_at.elapsed().as_secs_f64() * 1e3;
+
+    // Outside the downtime: the frozen source's memory, against what it
+    // sent. A difference is a write the dirty source missed.
+    let t = Instant::now();
+    let (digest_source, verify_mismatch_pages) = match &sender.sent_hashes {
+        Some(sent) => {
+            let actual = PageHashes::of_memory(&ctl.vm, VERIFY_THREADS)?;
+            (Some(actual.digest()), actual.differing(sent))
+        }
+        None => (None, 0),
+    };
+    let verify_ms = t.elapsed().as_secs_f64() * 1e3;
 
     Ok(MigrationReport {
         dirty_source: opts.dirty_source.name().into(),
@@ -364,6 +550,7 @@ fn run_rounds(
         total_ms: started.elapsed().as_secs_f64() * 1e3,
         setup_ms,
         downtime_ms,
+        downtime_breakdown: b,
         expected_downtime_ms: expected_ms,
         downtime_target_ms: opts.downtime_ms,
         converged,
@@ -375,5 +562,56 @@ fn run_rounds(
         verify_ms,
         digest_source,
         digest_destination: ready.digest,
+        verify_mismatch_pages,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_estimate_counts_state_and_fixed_costs() {
+        // Nothing left still costs the state and the fixed part.
+        let empty = switchover_estimate_ms(0, 2, 1e9);
+        assert!((FIXED_SWITCHOVER_MS..FIXED_SWITCHOVER_MS + 1.0).contains(&empty));
+        // 100 MB at 1 GB/s: 100 ms on top.
+        let full = switchover_estimate_ms(100_000_000, 2, 1e9);
+        assert!((full - empty - 100.0).abs() < 1e-6, "{full} {empty}");
+    }
+
+    #[test]
+    fn another_round_is_taken_only_while_it_halves_the_final_set() {
+        // After round 0 (all 65536 pages), 2000 dirty: another round pays.
+        assert!(another_round_pays(2000, 65536));
+        // Dirtying as fast as sending: no gain.
+        assert!(!another_round_pays(1500, 2000));
+        // Too little left to be worth a round.
+        assert!(!another_round_pays(MIN_PAGES_WORTH_A_ROUND, 65536));
+    }
+
+    #[test]
+    fn the_switchover_budget_grows_with_the_target_and_the_estimate() {
+        let mut o = MigrateOptions {
+            to: Endpoint::Unix("/x".into()),
+            dirty_source: DirtySourceKind::KvmBitmap,
+            downtime_ms: 300,
+            max_rounds: 1,
+            timeout_s: 1,
+            policy: ConvergencePolicy::Cancel,
+            bandwidth_limit_mbps: None,
+            verify: false,
+            auto_converge: false,
+        };
+        assert_eq!(
+            switchover_budget(&o, 10.0),
+            SWITCHOVER_SLACK + Duration::from_millis(1200)
+        );
+        assert_eq!(
+            switchover_budget(&o, 1000.0),
+            SWITCHOVER_SLACK + Duration::from_millis(4000)
+        );
+        o.downtime_ms = 0;
+        assert_eq!(switchover_budget(&o, 0.0), SWITCHOVER_SLACK);
+    }
 }

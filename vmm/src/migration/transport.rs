@@ -5,7 +5,7 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ldt_migration::{read_frame, write_frame, Frame, MessageKind, ProtocolError};
 
@@ -48,15 +48,19 @@ impl std::fmt::Display for Endpoint {
 
 trait Socket: Read + Write + Send {
     fn try_clone_box(&self) -> io::Result<Box<dyn Socket>>;
-    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()>;
 }
 
 impl Socket for UnixStream {
     fn try_clone_box(&self) -> io::Result<Box<dyn Socket>> {
         Ok(Box::new(self.try_clone()?))
     }
-    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(t)
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_write_timeout(self, t)
     }
 }
 
@@ -64,8 +68,110 @@ impl Socket for TcpStream {
     fn try_clone_box(&self) -> io::Result<Box<dyn Socket>> {
         Ok(Box::new(self.try_clone()?))
     }
-    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(t)
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, t)
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_write_timeout(self, t)
+    }
+}
+
+/// One direction of a socket with a deadline: every read or write system
+/// call waits at most until `deadline`, and once it has passed every call
+/// fails at once. A per-call timeout alone would let a peer that trickles a
+/// byte a second hold the other side forever; a deadline cannot be stretched.
+struct DeadlineIo {
+    socket: Box<dyn Socket>,
+    deadline: Option<Instant>,
+    /// The timeout last given to the socket, to skip redundant setsockopts.
+    armed: Option<Duration>,
+    write: bool,
+}
+
+impl DeadlineIo {
+    fn new(socket: Box<dyn Socket>, write: bool) -> Self {
+        DeadlineIo {
+            socket,
+            deadline: None,
+            armed: None,
+            write,
+        }
+    }
+
+    /// Arms the socket's timeout with what is left until the deadline.
+    fn arm(&mut self) -> io::Result<()> {
+        let Some(d) = self.deadline else {
+            if self.armed.is_some() {
+                self.set(None)?;
+            }
+            return Ok(());
+        };
+        let left = d.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out(self.write));
+        }
+        // Round up to whole milliseconds: most calls then need no setsockopt.
+        let left = Duration::from_millis(left.as_millis() as u64 + 1);
+        if self
+            .armed
+            .is_none_or(|a| a > left || a + Duration::from_millis(50) < left)
+        {
+            self.set(Some(left))?;
+        }
+        Ok(())
+    }
+
+    fn set(&mut self, t: Option<Duration>) -> io::Result<()> {
+        if self.write {
+            self.socket.set_write_timeout(t)?;
+        } else {
+            self.socket.set_read_timeout(t)?;
+        }
+        self.armed = t;
+        Ok(())
+    }
+
+    /// Runs one system call, again while a socket timeout fired before the
+    /// deadline (the socket's timeout may be shorter than what is left).
+    fn call<T>(&mut self, mut op: impl FnMut(&mut dyn Socket) -> io::Result<T>) -> io::Result<T> {
+        loop {
+            self.arm()?;
+            match op(self.socket.as_mut()) {
+                Err(e)
+                    if self.deadline.is_some()
+                        && matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) => {}
+                r => return r,
+            }
+        }
+    }
+}
+
+fn timed_out(write: bool) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        if write {
+            "timed out: the peer stopped reading before the deadline"
+        } else {
+            "timed out: the peer sent nothing (or too little) before the deadline"
+        },
+    )
+}
+
+impl Read for DeadlineIo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.call(|s| s.read(buf))
+    }
+}
+
+impl Write for DeadlineIo {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.call(|s| s.write(buf))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.socket.flush()
     }
 }
 
@@ -89,42 +195,80 @@ impl FrameSink for Connection {
     }
 }
 
-/// A framed, buffered connection.
+/// A framed, buffered connection. Every send, flush and receive is bounded
+/// by a deadline: the nearer of the per-operation timeout (`set_timeout`)
+/// counted from the operation's start, and an absolute deadline
+/// (`set_deadline`) such as the end of the switch-over budget.
 pub struct Connection {
-    reader: BufReader<Box<dyn Socket>>,
-    writer: BufWriter<Box<dyn Socket>>,
+    reader: BufReader<DeadlineIo>,
+    writer: BufWriter<DeadlineIo>,
     pub bytes_sent: u64,
+    op_timeout: Option<Duration>,
+    deadline: Option<Instant>,
 }
 
 impl Connection {
     fn new(s: Box<dyn Socket>) -> io::Result<Self> {
         let w = s.try_clone_box()?;
         Ok(Connection {
-            reader: BufReader::with_capacity(1 << 20, s),
-            writer: BufWriter::with_capacity(1 << 20, w),
+            reader: BufReader::with_capacity(1 << 20, DeadlineIo::new(s, false)),
+            writer: BufWriter::with_capacity(1 << 20, DeadlineIo::new(w, true)),
             bytes_sent: 0,
+            op_timeout: None,
+            deadline: None,
         })
+    }
+
+    /// The deadline of an operation starting now.
+    fn op_deadline(&self) -> Option<Instant> {
+        let op = self.op_timeout.map(|t| Instant::now() + t);
+        match (op, self.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn arm_writer(&mut self) {
+        self.writer.get_mut().deadline = self.op_deadline();
     }
 
     /// Sends a frame (buffered; `flush` or `recv` pushes it out).
     pub fn send(&mut self, kind: MessageKind, payload: &[u8]) -> io::Result<()> {
+        self.arm_writer();
         self.bytes_sent += payload.len() as u64 + 20;
         write_frame(&mut self.writer, kind, payload)
     }
 
     pub fn flush(&mut self) -> io::Result<()> {
+        self.arm_writer();
         self.writer.flush()
     }
 
     /// Flushes, then waits for the next frame.
     pub fn recv(&mut self) -> Result<Frame, ProtocolError> {
-        self.writer.flush()?;
+        self.flush()?;
+        self.reader.get_mut().deadline = self.op_deadline();
         read_frame(&mut self.reader)
     }
 
-    /// Bounds how long `recv` waits (a hung peer then fails the migration).
+    /// Bounds every later send, flush and receive to `t` each (`None`: no
+    /// per-operation bound). A hung or trickling peer then fails the
+    /// migration instead of holding it.
     pub fn set_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
-        self.reader.get_ref().set_timeout(t)
+        self.op_timeout = t;
+        Ok(())
+    }
+
+    /// Ends every operation at `at` at the latest (`None`: no such bound).
+    pub fn set_deadline(&mut self, at: Option<Instant>) {
+        self.deadline = at;
+    }
+
+    /// Best effort, bounded by `within`: tells the peer why we give up.
+    pub fn send_abort(&mut self, why: &str, within: Duration) {
+        self.deadline = Some(Instant::now() + within);
+        let _ = self.send(MessageKind::Abort, why.as_bytes());
+        let _ = self.flush();
     }
 }
 
@@ -158,6 +302,33 @@ impl Listener {
             }
             Endpoint::Tcp(a) => Listener::Tcp(TcpListener::bind(a)?),
         })
+    }
+
+    /// Accepts a connection if one is waiting (puts the listener in
+    /// non-blocking mode: use it for polling only from then on).
+    pub fn try_accept(&self) -> io::Result<Option<Connection>> {
+        let r = match self {
+            Listener::Unix(l, _) => {
+                l.set_nonblocking(true)?;
+                l.accept().and_then(|(s, _)| {
+                    s.set_nonblocking(false)?;
+                    Connection::new(Box::new(s))
+                })
+            }
+            Listener::Tcp(l) => {
+                l.set_nonblocking(true)?;
+                l.accept().and_then(|(s, _)| {
+                    s.set_nonblocking(false)?;
+                    s.set_nodelay(true)?;
+                    Connection::new(Box::new(s))
+                })
+            }
+        };
+        match r {
+            Ok(c) => Ok(Some(c)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Accepts one connection.
