@@ -86,6 +86,7 @@ pub fn build(res: &VmResources) -> Result<Machine, BuildError> {
         return Err(BuildError::FlatSmp);
     }
     let mem_size = res.mem_mib << 20;
+    crate::vm::memory::check_host_can_back(mem_size).map_err(VmError::from)?;
     let vm = Vm::new(mem_size)?;
 
     let entry = match &res.boot {

@@ -109,9 +109,17 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
-    /// Serve the JSON control API on this unix socket.
+    /// Allow guest RAM (from --mem, a migration stream or a snapshot) up to this
+    /// host's physical memory plus PERCENT of it (default: no more than the RAM).
+    #[arg(long, default_value_t = 0, value_name = "PERCENT")]
+    mem_overcommit: u64,
+    /// Serve the JSON control API on this unix socket (created 0600: whoever
+    /// may connect controls the VM and may write files as this process).
     #[arg(long, value_name = "SOCKET")]
     api: Option<PathBuf>,
+    /// Close an API connection that sends no complete request for this long.
+    #[arg(long, default_value_t = 60, value_name = "S")]
+    api_idle_timeout_s: u64,
     /// CPU features: `compat` hides what this project's PVM hosts cannot emulate.
     /// Default: compat where /sys/module/kvm_pvm exists, host elsewhere.
     #[arg(long, value_enum)]
@@ -295,6 +303,7 @@ struct DirtyBenchArgs {
 fn run(args: RunArgs) -> anyhow::Result<i32> {
     let profile = args.cpu_profile.unwrap_or_else(CpuProfile::detect);
     let options = args.dirty.options();
+    ldt_vmm::vm::memory::set_overcommit_percent(args.mem_overcommit);
     let ctl = if let Some(ep) = &args.incoming {
         let listener = Listener::bind(ep).with_context(|| format!("cannot listen on {ep}"))?;
         eprintln!("ldt-vmm: waiting for a migration on {ep}");
@@ -313,8 +322,15 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     let _api = match &args.api {
         Some(path) => Some(
-            api::serve(path, ctl.clone())
-                .with_context(|| format!("API socket {}", path.display()))?,
+            api::serve_with(
+                path,
+                ctl.clone(),
+                api::ApiLimits {
+                    idle: std::time::Duration::from_secs(args.api_idle_timeout_s.max(1)),
+                    ..Default::default()
+                },
+            )
+            .with_context(|| format!("API socket {}", path.display()))?,
         ),
         None => None,
     };

@@ -101,6 +101,8 @@ pub enum MigrationError {
     Dirty(#[from] crate::dirty::DirtyError),
     #[error("guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
+    #[error(transparent)]
+    Input(#[from] crate::input_file::InputError),
     #[error("{0}")]
     Build(String),
 }

@@ -150,12 +150,7 @@ pub enum Listener {
 impl Listener {
     pub fn bind(ep: &Endpoint) -> io::Result<Self> {
         Ok(match ep {
-            Endpoint::Unix(p) => {
-                if p.exists() && UnixStream::connect(p).is_err() {
-                    std::fs::remove_file(p)?;
-                }
-                Listener::Unix(UnixListener::bind(p)?, p.clone())
-            }
+            Endpoint::Unix(p) => Listener::Unix(crate::unix_socket::bind_private(p)?, p.clone()),
             Endpoint::Tcp(a) => Listener::Tcp(TcpListener::bind(a)?),
         })
     }
