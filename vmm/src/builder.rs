@@ -116,6 +116,7 @@ pub fn build(res: &VmResources) -> Result<Machine, BuildError> {
         .as_slice()
         .to_vec();
     cpuid::filter(&mut base_cpuid, res.cpu_profile);
+    cpuid::add_platform_leaves(&mut base_cpuid);
     let base_cpuid = CpuId::from_entries(&base_cpuid).expect("filtered CPUID fits");
 
     let mut vcpus = Vec::new();

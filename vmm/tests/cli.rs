@@ -7,7 +7,9 @@ use std::time::Duration;
 mod common;
 
 use common::{ctl, vmm, wait_exit, wait_for};
-use ldt_vmm::flat::{tempfile_path::TempPath, HELLO_PAYLOAD, SPIN_PAYLOAD, TRIPLE_FAULT_PAYLOAD};
+use ldt_vmm::flat::{
+    tempfile_path::TempPath, HELLO_PAYLOAD, PVPANIC_PAYLOAD, SPIN_PAYLOAD, TRIPLE_FAULT_PAYLOAD,
+};
 
 fn run(args: &[&str]) -> Output {
     vmm().args(args).output().expect("ldt-vmm runs")
@@ -344,4 +346,17 @@ fn huge_inputs_are_refused_before_they_are_read() {
         &["run", "--mem", "64", kernel, "--initrd", huge],
         "does not fit in guest RAM",
     );
+}
+
+#[test]
+fn a_guest_panic_on_the_pvpanic_port_ends_the_vmm_with_status_3() {
+    let p = file(PVPANIC_PAYLOAD, "pvpanic");
+    let out = common::run_bounded(
+        &["run", "--flat", p.path().to_str().unwrap()],
+        Duration::from_secs(30),
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("the guest kernel panicked"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
