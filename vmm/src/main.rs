@@ -17,7 +17,7 @@ use ldt_vmm::loader::LinuxBoot;
 use ldt_vmm::migration::destination;
 use ldt_vmm::migration::snapshot::{self, SnapshotOptions};
 use ldt_vmm::migration::source::{ConvergencePolicy, MigrateOptions};
-use ldt_vmm::migration::transport::{Endpoint, Listener};
+use ldt_vmm::migration::transport::{Endpoint, Listener, TlsFiles};
 use ldt_vmm::runner::{self, VmControl};
 
 /// Words every Linux guest gets: serial console, reset through the i8042
@@ -126,6 +126,39 @@ struct RunArgs {
     cpu_profile: Option<CpuProfile>,
     #[command(flatten)]
     dirty: DirtyArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+#[derive(Args, Clone)]
+struct TlsArgs {
+    /// TLS with mutual authentication on a tcp: endpoint: this side's certificate
+    /// chain (PEM). The peer must present one signed by --tls-ca.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// This side's private key (PEM).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The CA certificate(s) (PEM) the peer's certificate must be signed by.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// `ep`, with TLS if the options ask for it (absolute paths: the source
+    /// VMM reads them, from its own working directory).
+    fn apply(&self, ep: Endpoint) -> anyhow::Result<Endpoint> {
+        let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca)
+        else {
+            return Ok(ep);
+        };
+        let files = TlsFiles {
+            cert: std::path::absolute(cert)?,
+            key: std::path::absolute(key)?,
+            ca: std::path::absolute(ca)?,
+        };
+        ep.with_tls(files).map_err(anyhow::Error::msg)
+    }
 }
 
 #[derive(Args, Clone, Copy)]
@@ -189,6 +222,8 @@ struct MigrateArgs {
     /// Also write the JSON report to this file.
     #[arg(long, value_name = "FILE")]
     stats: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Args)]
@@ -304,7 +339,15 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
     let profile = args.cpu_profile.unwrap_or_else(CpuProfile::detect);
     let options = args.dirty.options();
     ldt_vmm::vm::memory::set_overcommit_percent(args.mem_overcommit);
-    let ctl = if let Some(ep) = &args.incoming {
+    let incoming = args
+        .incoming
+        .clone()
+        .map(|ep| args.tls.apply(ep))
+        .transpose()?;
+    if incoming.is_none() && args.tls.tls_cert.is_some() {
+        anyhow::bail!("--tls-cert/--tls-key/--tls-ca apply to --incoming tcp: only");
+    }
+    let ctl = if let Some(ep) = &incoming {
         let listener = Listener::bind(ep).with_context(|| format!("cannot listen on {ep}"))?;
         eprintln!("ldt-vmm: waiting for a migration on {ep}");
         let (mut conn, hello, machine) =
@@ -373,7 +416,7 @@ fn resources(args: &RunArgs, profile: CpuProfile) -> anyhow::Result<VmResources>
 
 fn migrate(a: MigrateArgs) -> anyhow::Result<i32> {
     let opts = MigrateOptions {
-        to: a.to,
+        to: a.tls.apply(a.to)?,
         dirty_source: a.dirty_source,
         downtime_ms: a.downtime_ms,
         max_rounds: a.max_rounds,

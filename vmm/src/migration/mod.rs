@@ -21,6 +21,7 @@ pub mod report;
 pub mod snapshot;
 pub mod source;
 pub mod throttle;
+pub mod tls_certs;
 pub mod transport;
 
 use serde::{Deserialize, Serialize};

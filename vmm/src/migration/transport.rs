@@ -1,11 +1,19 @@
-//! Where a migration goes: `unix:PATH` or `tcp:HOST:PORT`.
+//! Where a migration goes: `unix:PATH` or `tcp:HOST:PORT`, the latter
+//! optionally with TLS 1.3 and mutual authentication (rustls): both sides
+//! present a certificate signed by the CA the other trusts, and a peer
+//! whose certificate does not verify is refused at the handshake. TLS is a
+//! stream under `Connection`, so everything above it is the same.
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use ldt_migration::{read_frame, write_frame, Frame, MessageKind, ProtocolError};
 
@@ -14,6 +22,21 @@ use ldt_migration::{read_frame, write_frame, Frame, MessageKind, ProtocolError};
 pub enum Endpoint {
     Unix(PathBuf),
     Tcp(String),
+    /// `tcp:HOST:PORT` with TLS and mutual authentication.
+    TcpTls(String, TlsFiles),
+}
+
+impl Endpoint {
+    /// This endpoint with TLS (`tcp:` only).
+    pub fn with_tls(self, files: TlsFiles) -> Result<Endpoint, String> {
+        match self {
+            Endpoint::Tcp(a) | Endpoint::TcpTls(a, _) => Ok(Endpoint::TcpTls(a, files)),
+            Endpoint::Unix(p) => Err(format!(
+                "unix:{}: TLS applies to tcp: endpoints only",
+                p.display()
+            )),
+        }
+    }
 }
 
 impl FromStr for Endpoint {
@@ -42,6 +65,7 @@ impl std::fmt::Display for Endpoint {
         match self {
             Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
             Endpoint::Tcp(a) => write!(f, "tcp:{a}"),
+            Endpoint::TcpTls(a, _) => write!(f, "tcp:{a} (TLS)"),
         }
     }
 }
@@ -66,6 +90,205 @@ impl Socket for TcpStream {
     }
     fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(t)
+    }
+}
+
+/// PEM files for TLS with mutual authentication: this side's certificate
+/// chain and private key, and the CA that must have signed the peer's.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+/// How long a TLS handshake may take (a silent peer or a port probe must
+/// not hold the listener).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn invalid(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, what)
+}
+
+impl TlsFiles {
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    fn certs(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| invalid(format!("TLS certificates {}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(invalid(format!("{} holds no certificate", path.display())));
+        }
+        Ok(certs)
+    }
+
+    fn identity(&self) -> io::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+        let key = PrivateKeyDer::from_pem_file(&self.key)
+            .map_err(|e| invalid(format!("TLS key {}: {e}", self.key.display())))?;
+        Ok((Self::certs(&self.cert)?, key))
+    }
+
+    fn roots(&self) -> io::Result<Arc<rustls::RootCertStore>> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in Self::certs(&self.ca)? {
+            roots
+                .add(c)
+                .map_err(|e| invalid(format!("TLS CA {}: {e}", self.ca.display())))?;
+        }
+        Ok(Arc::new(roots))
+    }
+
+    /// The destination's side: TLS 1.3, a client certificate required.
+    fn server_config(&self) -> io::Result<Arc<rustls::ServerConfig>> {
+        let provider = Self::provider();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots()?,
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| invalid(format!("TLS CA {}: {e}", self.ca.display())))?;
+        let (certs, key) = self.identity()?;
+        rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| invalid(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)
+            .map(Arc::new)
+            .map_err(|e| invalid(format!("TLS certificate {}: {e}", self.cert.display())))
+    }
+
+    /// The source's side: TLS 1.3, presenting its certificate.
+    fn client_config(&self) -> io::Result<Arc<rustls::ClientConfig>> {
+        let (certs, key) = self.identity()?;
+        rustls::ClientConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| invalid(e.to_string()))?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(certs, key)
+            .map(Arc::new)
+            .map_err(|e| invalid(format!("TLS certificate {}: {e}", self.cert.display())))
+    }
+}
+
+/// The TLS state both halves of a `Connection` share.
+struct TlsShared {
+    session: Mutex<rustls::Connection>,
+    /// Held while encrypted bytes go out, so records never interleave.
+    writing: Mutex<()>,
+}
+
+/// One half of a TLS stream over TCP: blocking socket reads and writes
+/// happen outside the session lock, so a reader waiting for data never
+/// blocks a writer (or a timeout) on the other half.
+struct TlsSocket {
+    tcp: TcpStream,
+    shared: Arc<TlsShared>,
+}
+
+/// Bytes read from the socket at a time: at most one full TLS record's
+/// plaintext results, which rustls always has room for.
+const TLS_READ_CHUNK: usize = 16 << 10;
+
+impl TlsSocket {
+    /// Runs the handshake on `tcp`; a peer whose certificate does not
+    /// verify (or that speaks no TLS) fails it.
+    fn handshake(mut tcp: TcpStream, mut session: rustls::Connection) -> io::Result<Self> {
+        let peer = tcp
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "the peer".into());
+        tcp.set_read_timeout(Some(TLS_HANDSHAKE_TIMEOUT))?;
+        tcp.set_write_timeout(Some(TLS_HANDSHAKE_TIMEOUT))?;
+        let done = (|| {
+            while session.is_handshaking() {
+                session.complete_io(&mut tcp)?;
+            }
+            while session.wants_write() {
+                session.write_tls(&mut tcp)?;
+            }
+            Ok::<_, io::Error>(())
+        })();
+        done.map_err(|e| io::Error::new(e.kind(), format!("TLS handshake with {peer}: {e}")))?;
+        tcp.set_read_timeout(None)?;
+        tcp.set_write_timeout(None)?;
+        Ok(TlsSocket {
+            tcp,
+            shared: Arc::new(TlsShared {
+                session: Mutex::new(session),
+                writing: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// Sends whatever the session has queued (records, alerts, key updates).
+    fn send_queued(&self) -> io::Result<()> {
+        let _w = self.shared.writing.lock().unwrap();
+        let mut out = Vec::new();
+        {
+            let mut s = self.shared.session.lock().unwrap();
+            while s.wants_write() {
+                s.write_tls(&mut out)?;
+            }
+        }
+        (&self.tcp).write_all(&out)
+    }
+}
+
+impl Read for TlsSocket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.shared.session.lock().unwrap().reader().read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                other => return other,
+            }
+            let mut raw = [0u8; TLS_READ_CHUNK];
+            let n = self.tcp.read(&mut raw)?;
+            let queued = {
+                let mut s = self.shared.session.lock().unwrap();
+                let mut rest = &raw[..n];
+                // n == 0 tells rustls the peer closed (an error unless it
+                // sent close_notify first).
+                loop {
+                    s.read_tls(&mut rest)?;
+                    s.process_new_packets()
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    if rest.is_empty() {
+                        break;
+                    }
+                }
+                s.wants_write()
+            };
+            if queued {
+                self.send_queued()?;
+            }
+        }
+    }
+}
+
+impl Write for TlsSocket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.shared.session.lock().unwrap().writer().write(buf)?;
+        self.send_queued()?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.send_queued()?;
+        (&self.tcp).flush()
+    }
+}
+
+impl Socket for TlsSocket {
+    fn try_clone_box(&self) -> io::Result<Box<dyn Socket>> {
+        Ok(Box::new(TlsSocket {
+            tcp: self.tcp.try_clone()?,
+            shared: self.shared.clone(),
+        }))
+    }
+    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.tcp.set_read_timeout(t)
     }
 }
 
@@ -137,6 +360,19 @@ pub fn connect(ep: &Endpoint) -> io::Result<Connection> {
             s.set_nodelay(true)?;
             Box::new(s)
         }
+        Endpoint::TcpTls(a, files) => {
+            let config = files.client_config()?;
+            // The destination's certificate must name the host we dialled.
+            let host = a.rsplit_once(':').map(|(h, _)| h).unwrap_or(a);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let name = ServerName::try_from(host.to_string())
+                .map_err(|e| invalid(format!("{host}: not a TLS server name: {e}")))?;
+            let session =
+                rustls::ClientConnection::new(config, name).map_err(|e| invalid(e.to_string()))?;
+            let s = TcpStream::connect(a)?;
+            s.set_nodelay(true)?;
+            Box::new(TlsSocket::handshake(s, session.into())?)
+        }
     };
     Connection::new(s)
 }
@@ -145,6 +381,7 @@ pub fn connect(ep: &Endpoint) -> io::Result<Connection> {
 pub enum Listener {
     Unix(UnixListener, PathBuf),
     Tcp(TcpListener),
+    TcpTls(TcpListener, Arc<rustls::ServerConfig>),
 }
 
 impl Listener {
@@ -152,6 +389,11 @@ impl Listener {
         Ok(match ep {
             Endpoint::Unix(p) => Listener::Unix(crate::unix_socket::bind_private(p)?, p.clone()),
             Endpoint::Tcp(a) => Listener::Tcp(TcpListener::bind(a)?),
+            Endpoint::TcpTls(a, files) => {
+                // Certificate files are checked before the port opens.
+                let config = files.server_config()?;
+                Listener::TcpTls(TcpListener::bind(a)?, config)
+            }
         })
     }
 
@@ -163,6 +405,13 @@ impl Listener {
                 let s = l.accept()?.0;
                 s.set_nodelay(true)?;
                 Connection::new(Box::new(s))
+            }
+            Listener::TcpTls(l, config) => {
+                let s = l.accept()?.0;
+                s.set_nodelay(true)?;
+                let session = rustls::ServerConnection::new(config.clone())
+                    .map_err(|e| invalid(e.to_string()))?;
+                Connection::new(Box::new(TlsSocket::handshake(s, session.into())?))
             }
         }
     }
