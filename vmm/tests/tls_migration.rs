@@ -66,7 +66,7 @@ fn start_source(s: &Scratch) -> Source {
     let api = s.path("src.api");
     let vm = KillOnDrop(
         vmm()
-            .args(["run", "--mem", "64", "--flat"])
+            .args(["run", "--mem", "256", "--flat"])
             .arg(payload.path())
             .arg("--api")
             .arg(&api)

@@ -186,11 +186,12 @@ struct TlsShared {
 struct TlsSocket {
     tcp: TcpStream,
     shared: Arc<TlsShared>,
+    /// Ciphertext read from the socket that rustls has not taken yet.
+    pending: Vec<u8>,
 }
 
-/// Bytes read from the socket at a time: at most one full TLS record's
-/// plaintext results, which rustls always has room for.
-const TLS_READ_CHUNK: usize = 16 << 10;
+/// Bytes read from the socket at a time.
+const TLS_READ_CHUNK: usize = 64 << 10;
 
 impl TlsSocket {
     /// Runs the handshake on `tcp`; a peer whose certificate does not
@@ -220,6 +221,7 @@ impl TlsSocket {
                 session: Mutex::new(session),
                 writing: Mutex::new(()),
             }),
+            pending: Vec::new(),
         })
     }
 
@@ -244,21 +246,28 @@ impl Read for TlsSocket {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 other => return other,
             }
-            let mut raw = [0u8; TLS_READ_CHUNK];
-            let n = self.tcp.read(&mut raw)?;
+            // No plaintext left: give rustls more ciphertext, read from the
+            // socket only when none is pending.
+            let eof = if self.pending.is_empty() {
+                let mut raw = [0u8; TLS_READ_CHUNK];
+                let n = self.tcp.read(&mut raw)?;
+                self.pending.extend_from_slice(&raw[..n]);
+                n == 0
+            } else {
+                false
+            };
             let queued = {
                 let mut s = self.shared.session.lock().unwrap();
-                let mut rest = &raw[..n];
-                // n == 0 tells rustls the peer closed (an error unless it
-                // sent close_notify first).
-                loop {
-                    s.read_tls(&mut rest)?;
-                    s.process_new_packets()
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                    if rest.is_empty() {
-                        break;
-                    }
-                }
+                // Only as much as rustls takes now: what it decrypts must be
+                // read out before it takes more ("plaintext buffer full").
+                // An empty slice at EOF tells it the peer closed (an error
+                // unless close_notify came first).
+                let mut rest = &self.pending[..];
+                let taken = s.read_tls(&mut rest)?;
+                self.pending.drain(..taken);
+                s.process_new_packets()
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                debug_assert!(!eof || taken == 0);
                 s.wants_write()
             };
             if queued {
@@ -285,6 +294,7 @@ impl Socket for TlsSocket {
         Ok(Box::new(TlsSocket {
             tcp: self.tcp.try_clone()?,
             shared: self.shared.clone(),
+            pending: Vec::new(),
         }))
     }
     fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
@@ -450,5 +460,46 @@ mod tests {
         ] {
             assert!(bad.parse::<Endpoint>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn tls_carries_a_long_stream_of_large_frames_intact() {
+        let dir = std::env::temp_dir().join(format!("ldt-tls-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = super::super::tls_certs::generate(&dir, "unit").unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let ep = Endpoint::Tcp(format!("127.0.0.1:{port}"))
+            .with_tls(files)
+            .unwrap();
+        let listener = Listener::bind(&ep).unwrap();
+        // Frames of odd sizes, so records and reads never line up.
+        let sizes: Vec<usize> = (0..48).map(|i| (1 << 20) + i * 4099).collect();
+        let sender = {
+            let sizes = sizes.clone();
+            std::thread::spawn(move || {
+                let mut c = connect(&ep).unwrap();
+                for (i, n) in sizes.iter().enumerate() {
+                    c.send(MessageKind::Memory, &vec![i as u8; *n]).unwrap();
+                }
+                c.send(MessageKind::Commit, &[]).unwrap();
+                // The answer proves the other direction works too.
+                assert_eq!(c.recv().unwrap().kind, MessageKind::Resumed);
+            })
+        };
+        let mut c = listener.accept().unwrap();
+        for (i, n) in sizes.iter().enumerate() {
+            let f = c.recv().unwrap();
+            assert_eq!(f.payload.len(), *n);
+            assert!(f.payload.iter().all(|b| *b == i as u8), "frame {i}");
+        }
+        assert_eq!(c.recv().unwrap().kind, MessageKind::Commit);
+        c.send(MessageKind::Resumed, &[]).unwrap();
+        c.flush().unwrap();
+        sender.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
