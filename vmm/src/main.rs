@@ -305,6 +305,9 @@ struct MigrateBenchArgs {
     /// Throttle vCPUs while rounds do not converge.
     #[arg(long)]
     auto_converge: bool,
+    /// Compare plain TCP with TLS (kvm-bitmap, throwaway certificates) instead.
+    #[arg(long)]
+    tls: bool,
     /// Also print one JSON line per mode.
     #[arg(long)]
     json: bool,
@@ -469,6 +472,7 @@ fn bench_migrate(a: MigrateBenchArgs) -> anyhow::Result<i32> {
         max_rounds: a.max_rounds,
         bandwidth_limit_mbps: a.bandwidth_limit,
         auto_converge: a.auto_converge,
+        tls: a.tls,
     };
     let results = bench::migrate::migrate(&cfg).context("migration benchmark")?;
     print!("{}", bench::migrate::table(&cfg, &results));
