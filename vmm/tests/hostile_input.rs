@@ -10,29 +10,10 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{ctl, vmm, wait_exit, wait_for, KillOnDrop};
+use common::{ctl, vmm, wait_exit, wait_for, KillOnDrop, Scratch};
 use ldt_migration::{read_frame, write_frame, Frame, MessageKind};
 use ldt_vmm::flat::{tempfile_path::TempPath, COUNTER_SLOW_PAYLOAD};
 use serde_json::Value;
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let d = std::env::temp_dir().join(format!("ldt-hostile-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        Scratch(d)
-    }
-    fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The frames of a real full snapshot of a small running flat guest.
 fn real_snapshot(s: &Scratch) -> Vec<Frame> {
@@ -181,7 +162,7 @@ fn destination_refuses(s: &Scratch, stream: &[u8], needle: &str) {
 
 #[test]
 fn a_state_with_more_msrs_than_kvm_takes_is_refused() {
-    let s = Scratch::new("msrs");
+    let s = Scratch::new("hostile", "msrs");
     let frames = real_snapshot(&s);
     let stream = with_state(&frames, too_many_msrs);
     let needle = "vCPU 0 has 300 MSRs, KVM takes at most 255";
@@ -191,7 +172,7 @@ fn a_state_with_more_msrs_than_kvm_takes_is_refused() {
 
 #[test]
 fn a_state_whose_vcpu_ids_do_not_match_is_refused() {
-    let s = Scratch::new("ids");
+    let s = Scratch::new("hostile", "ids");
     let frames = real_snapshot(&s);
     let stream = with_state(&frames, wrong_vcpu_id);
     let needle = "vCPU 0 of the state carries id 3";
@@ -208,7 +189,7 @@ fn hello(mem_mib: u64) -> Vec<u8> {
 
 #[test]
 fn a_peer_announcing_more_memory_than_this_host_has_is_refused() {
-    let s = Scratch::new("mem");
+    let s = Scratch::new("hostile", "mem");
     let twice = (common::host_memory_mib() * 2).next_multiple_of(2);
     let (child, sock, err) = start_destination(&s, &[]);
     let mut c = UnixStream::connect(&sock).unwrap();

@@ -7,33 +7,14 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 mod common;
 
-use common::{ctl, vmm, wait_exit, wait_for, KillOnDrop};
+use common::{ctl, vmm, wait_exit, wait_for, KillOnDrop, Scratch};
 use ldt_vmm::flat::{tempfile_path::TempPath, SPIN_PAYLOAD};
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let d = std::env::temp_dir().join(format!("ldt-local-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        Scratch(d)
-    }
-    fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The binary with umask 000: whatever it creates gets exactly the mode it asks for.
 fn vmm_umask_000() -> Command {
@@ -76,7 +57,7 @@ fn shutdown(mut child: KillOnDrop, api: &Path) {
 
 #[test]
 fn the_api_socket_and_snapshots_are_owner_only_under_umask_000() {
-    let s = Scratch::new("modes");
+    let s = Scratch::new("local", "modes");
     let payload = TempPath::create(SPIN_PAYLOAD, "modes").unwrap();
     let api = s.path("vm.api");
     let child = spinning_vm(&payload, &api, &[]);
@@ -100,7 +81,7 @@ fn the_api_socket_and_snapshots_are_owner_only_under_umask_000() {
 
 #[test]
 fn the_incoming_socket_is_owner_only_under_umask_000() {
-    let s = Scratch::new("incoming");
+    let s = Scratch::new("local", "incoming");
     let sock = s.path("mig.sock");
     let _child = KillOnDrop(
         vmm_umask_000()
@@ -131,7 +112,7 @@ fn refuses_to_replace(args: &[&str], path: &Path) {
 
 #[test]
 fn an_existing_file_at_a_socket_path_is_never_replaced() {
-    let s = Scratch::new("replace");
+    let s = Scratch::new("local", "replace");
     let payload = TempPath::create(SPIN_PAYLOAD, "replace").unwrap();
     let api = s.path("vm.api");
     let p = payload.path().to_str().unwrap();
@@ -157,7 +138,7 @@ fn closed(c: &mut UnixStream) -> bool {
 
 #[test]
 fn the_api_bounds_line_length_connections_and_idle_time() {
-    let s = Scratch::new("limits");
+    let s = Scratch::new("local", "limits");
     let payload = TempPath::create(SPIN_PAYLOAD, "limits").unwrap();
     let api = s.path("vm.api");
     let child = spinning_vm(&payload, &api, &["--api-idle-timeout-s", "2"]);

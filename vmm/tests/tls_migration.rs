@@ -11,29 +11,10 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{counters, ctl, vmm, wait_exit, wait_for, KillOnDrop};
+use common::{counters, ctl, vmm, wait_exit, wait_for, KillOnDrop, Scratch};
 use ldt_vmm::flat::{tempfile_path::TempPath, COUNTER_SLOW_PAYLOAD};
 use ldt_vmm::migration::tls_certs;
 use ldt_vmm::migration::transport::TlsFiles;
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let d = std::env::temp_dir().join(format!("ldt-tls-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        Scratch(d)
-    }
-    fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn tls_args(f: &TlsFiles) -> Vec<String> {
     vec![
@@ -164,7 +145,7 @@ fn destination_says(s: &Scratch, needle: &str) {
 
 #[test]
 fn mutually_authenticated_tls_migration_verifies_and_the_guest_goes_on() {
-    let s = Scratch::new("good");
+    let s = Scratch::new("tls", "good");
     let pki = tls_certs::generate(&s.0, "good").unwrap();
     let url = format!("tcp:127.0.0.1:{}", free_port());
     let src = start_source(&s);
@@ -190,7 +171,7 @@ fn mutually_authenticated_tls_migration_verifies_and_the_guest_goes_on() {
 
 #[test]
 fn a_source_with_a_certificate_from_another_ca_is_refused() {
-    let s = Scratch::new("other-ca-src");
+    let s = Scratch::new("tls", "other-ca-src");
     let trusted = tls_certs::generate(&s.0, "trusted").unwrap();
     let other = tls_certs::generate(&s.0, "other").unwrap();
     let url = format!("tcp:127.0.0.1:{}", free_port());
@@ -208,7 +189,7 @@ fn a_source_with_a_certificate_from_another_ca_is_refused() {
 
 #[test]
 fn a_destination_with_a_certificate_from_another_ca_is_refused() {
-    let s = Scratch::new("other-ca-dst");
+    let s = Scratch::new("tls", "other-ca-dst");
     let trusted = tls_certs::generate(&s.0, "trusted").unwrap();
     let other = tls_certs::generate(&s.0, "other").unwrap();
     let url = format!("tcp:127.0.0.1:{}", free_port());
@@ -225,7 +206,7 @@ fn a_destination_with_a_certificate_from_another_ca_is_refused() {
 
 #[test]
 fn a_client_without_a_certificate_is_refused() {
-    let s = Scratch::new("no-cert");
+    let s = Scratch::new("tls", "no-cert");
     let pki = tls_certs::generate(&s.0, "pki").unwrap();
     let port = free_port();
     let (_dst, _) = start_destination(&s, &format!("tcp:127.0.0.1:{port}"), Some(&pki));
@@ -257,7 +238,7 @@ fn a_client_without_a_certificate_is_refused() {
 
 #[test]
 fn plain_and_tls_peers_do_not_talk() {
-    let s = Scratch::new("mismatch");
+    let s = Scratch::new("tls", "mismatch");
     let pki = tls_certs::generate(&s.0, "pki").unwrap();
     let mut src = start_source(&s);
     // A plain source to a TLS destination...
@@ -276,7 +257,7 @@ fn plain_and_tls_peers_do_not_talk() {
 
 #[test]
 fn tls_options_need_a_tcp_endpoint_and_readable_files() {
-    let s = Scratch::new("options");
+    let s = Scratch::new("tls", "options");
     let pki = tls_certs::generate(&s.0, "pki").unwrap();
     let sock = s.path("mig.sock");
     let mut args = vec![

@@ -176,10 +176,10 @@ mod tests {
         p
     }
 
-    #[test]
-    fn a_zero_range_clears_pages_written_before_and_leaves_zero_ones() {
+    /// A destination's VM before any memory arrived.
+    fn empty_machine(mem_mib: u64) -> Machine {
         let hello = Hello {
-            mem_mib: 4,
+            mem_mib,
             vcpus: 1,
             cpu_profile: CpuProfile::detect(),
             dirty_source: DirtySourceKind::KvmBitmap,
@@ -187,7 +187,12 @@ mod tests {
             snapshot: None,
         };
         let (console, _out) = ConsoleOut::buffer();
-        let machine = builder::build(&hello.resources(console, None)).unwrap();
+        builder::build(&hello.resources(console, None)).unwrap()
+    }
+
+    #[test]
+    fn a_zero_range_clears_pages_written_before_and_leaves_zero_ones() {
+        let machine = empty_machine(4);
         apply_memory(&machine, &message(0x10_0000, 0, 0xab)).unwrap();
         assert!(page(&machine, 0x10_1000).iter().all(|b| *b == 0xab));
         // A later round says the pages are zero now, and two never touched.
@@ -210,16 +215,7 @@ mod tests {
 
     #[test]
     fn a_zero_range_over_untouched_memory_costs_no_page_faults() {
-        let hello = Hello {
-            mem_mib: 64,
-            vcpus: 1,
-            cpu_profile: CpuProfile::detect(),
-            dirty_source: DirtySourceKind::KvmBitmap,
-            verify: false,
-            snapshot: None,
-        };
-        let (console, _out) = ConsoleOut::buffer();
-        let machine = builder::build(&hello.resources(console, None)).unwrap();
+        let machine = empty_machine(64);
         // All of RAM above 1 MiB (the builder wrote nothing there), twice:
         // a peer may repeat a range as often as it likes.
         let pages = (63 << 20) / PAGE_SIZE as u32;

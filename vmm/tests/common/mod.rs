@@ -104,3 +104,24 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+/// A scratch directory for one test's files, removed at the end.
+pub struct Scratch(pub std::path::PathBuf);
+
+impl Scratch {
+    /// `ldt-SUITE-PID-NAME` in the temporary directory.
+    pub fn new(suite: &str, name: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("ldt-{suite}-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+    pub fn path(&self, f: &str) -> std::path::PathBuf {
+        self.0.join(f)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
