@@ -61,6 +61,8 @@ pub enum BuildError {
     Device(#[from] devices::legacy::DeviceError),
     #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
     Cpuid(kvm_ioctls::Error),
+    #[error("{0} CPUID entries, more than the {KVM_MAX_CPUID_ENTRIES} KVM_SET_CPUID2 takes here")]
+    CpuidTooLarge(usize),
     #[error("registering the COM1 irqfd failed: {0}")]
     Irqfd(kvm_ioctls::Error),
 }
@@ -117,7 +119,8 @@ pub fn build(res: &VmResources) -> Result<Machine, BuildError> {
         .to_vec();
     cpuid::filter(&mut base_cpuid, res.cpu_profile);
     cpuid::add_platform_leaves(&mut base_cpuid);
-    let base_cpuid = CpuId::from_entries(&base_cpuid).expect("filtered CPUID fits");
+    let base_cpuid = CpuId::from_entries(&base_cpuid)
+        .map_err(|_| BuildError::CpuidTooLarge(base_cpuid.len()))?;
 
     let mut vcpus = Vec::new();
     for id in 0..res.vcpus {

@@ -274,7 +274,7 @@ fn tls_options_need_a_tcp_endpoint_and_readable_files() {
     assert!(err.contains("TLS applies to tcp: endpoints only"), "{err}");
     let broken = TlsFiles {
         key: Path::new("/nonexistent/key.pem").into(),
-        ..pki
+        ..pki.clone()
     };
     let mut args = vec![
         "run".to_string(),
@@ -288,5 +288,23 @@ fn tls_options_need_a_tcp_endpoint_and_readable_files() {
     );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("TLS key /nonexistent/key.pem"), "{err}");
+    assert!(err.contains("cannot read /nonexistent/key.pem"), "{err}");
+    // A special file named as a certificate is refused, not read forever.
+    let zero = TlsFiles {
+        cert: Path::new("/dev/zero").into(),
+        ..pki
+    };
+    let mut args = vec![
+        "run".to_string(),
+        "--incoming".into(),
+        format!("tcp:127.0.0.1:{}", free_port()),
+    ];
+    args.extend(tls_args(&zero));
+    let out = common::run_bounded(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        Duration::from_secs(20),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("/dev/zero is a character device"), "{err}");
 }

@@ -102,6 +102,9 @@ pub struct TlsFiles {
     pub ca: PathBuf,
 }
 
+/// Largest certificate or key file read (chains are a few KiB).
+const MAX_PEM_FILE: u64 = 1 << 20;
+
 /// How long a TLS handshake may take (a silent peer or a port probe must
 /// not hold the listener).
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -115,9 +118,17 @@ impl TlsFiles {
         Arc::new(rustls::crypto::ring::default_provider())
     }
 
+    /// A PEM file's bytes: a regular file of a sane size (a FIFO or
+    /// /dev/zero named by mistake must not hang or fill memory).
+    fn pem(path: &Path) -> io::Result<Vec<u8>> {
+        let (file, size) = crate::input_file::open(path, MAX_PEM_FILE)
+            .map_err(|e| invalid(format!("TLS: {e}")))?;
+        crate::input_file::read_all(path, file, size).map_err(|e| invalid(format!("TLS: {e}")))
+    }
+
     fn certs(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        let certs = CertificateDer::pem_slice_iter(&Self::pem(path)?)
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid(format!("TLS certificates {}: {e}", path.display())))?;
         if certs.is_empty() {
             return Err(invalid(format!("{} holds no certificate", path.display())));
@@ -126,7 +137,7 @@ impl TlsFiles {
     }
 
     fn identity(&self) -> io::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
-        let key = PrivateKeyDer::from_pem_file(&self.key)
+        let key = PrivateKeyDer::from_pem_slice(&Self::pem(&self.key)?)
             .map_err(|e| invalid(format!("TLS key {}: {e}", self.key.display())))?;
         Ok((Self::certs(&self.cert)?, key))
     }
