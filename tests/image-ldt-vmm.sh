@@ -8,7 +8,10 @@
 #      switches);
 #   3. smp: --vcpus 2, both CPUs come up ("smp: Brought up 1 node, 2 CPUs"),
 #      user space sees 2 CPUs, and a guest status other than 0 (7) comes
-#      back as ldt-vmm's exit status.
+#      back as ldt-vmm's exit status;
+#   4. panic: the guest panics on purpose (sysrq c); its pvpanic report
+#      (guest-kernel-patch/vmm-0001) ends ldt-vmm with status 3 and the
+#      one-line message, not with the reset's 0.
 # On a PVM host (see ../shared/DESIGN.md) guest ring 0 is interpreted, so a
 # boot takes minutes: the console is streamed with a case prefix so progress
 # is visible, and every case has a timeout (LDT_VMM_TIMEOUT, seconds).
@@ -97,5 +100,23 @@ run_case syscheck 0 '' 'earlyprintk=ttyS0 ldt.run=/bin/ldt-syscheck' \
 run_case smp 7 '--vcpus 2' 'earlyprintk=ttyS0 ldt.run=[%20$(nproc)%20=%202%20]%20&&%20exit%207' \
 	'smp: Brought up 1 node, 2 CPUs' 'ldt-init: user space reached' \
 	'ldt-init: exit status 7'
+
+# panic_case NAME CMDLINE_APPEND: the guest kernel panics; ldt-vmm must end
+# with status 3 and say so (the reset that panic=-1 makes comes too late).
+panic_case() {
+	local name=$1 append=$2 log=$logdir/$1.log status=0
+	echo "=== $name: ldt-vmm run --cmdline-append '$append' (timeout ${TIMEOUT}s, expecting status 3)"
+	set +e
+	timeout "$TIMEOUT" "$VMM" run "$IMAGE" --cmdline-append "$append" \
+		</dev/null 2>&1 | tee "$log" | sed -u "s/^/[$name] /"
+	status=${PIPESTATUS[0]}
+	set -e
+	why=
+	[ "$status" -eq 3 ] || why="status $status, expected 3 (guest panic)"
+	require_output "$log" 'Kernel panic - not syncing: sysrq triggered crash' \
+		'ldt-vmm: the guest kernel panicked (pvpanic event on port 0x505)'
+	record "$name"
+}
+panic_case panic 'earlyprintk=ttyS0 ldt.run=echo%20c%20>%20/proc/sysrq-trigger'
 
 summary image-ldt-vmm

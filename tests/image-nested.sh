@@ -8,7 +8,9 @@
 #   3. selftest: ldt-selftest (the LDT never-miss selftests of the guest
 #      kernel) under ldt-vmm, on 2 vCPUs (TLB shootdowns between real
 #      CPUs: the nested machine has 2, run by two host threads).
-#   4. migrate-<source>: the level-2 guest, while ldt-memcheck rewrites
+#   4. panic: the level-2 guest panics on purpose (sysrq c); its pvpanic
+#      report (guest-kernel-patch/vmm-0001) ends ldt-vmm with status 3.
+#   5. migrate-<source>: the level-2 guest, while ldt-memcheck rewrites
 #      pages of a 32 MiB region in it, is live-migrated between two ldt-vmm
 #      processes with that dirty source and --verify (SHA-256 of all guest
 #      memory equal on both sides); on the destination the region's
@@ -61,6 +63,10 @@ run_case smp 0 /bin/ldt-syscheck '--l2-opts --vcpus%202' \
 	'smp: Brought up 1 node, 2 CPUs' 'ldt-syscheck: PASS' 'ldt-init: exit status 0'
 run_case selftest 0 /bin/ldt-selftest '--l2-opts --vcpus%202' \
 	'ldt-init: running: /bin/ldt-selftest' 'ldt-selftest: PASS' 'ldt-init: exit status 0'
+run_case panic 3 'echo%20c%20>%20/proc/sysrq-trigger' '' \
+	'Kernel panic - not syncing: sysrq triggered crash' \
+	'ldt-vmm: the guest kernel panicked (pvpanic event on port 0x505)' \
+	'ldt-nested: level-2 exit status 3'
 
 for src in kvm-bitmap kvm-clear kvm-ring; do
 	extra=

@@ -19,6 +19,7 @@ fn main() {
         ("hello", "hello", &[]),
         ("triple-fault", "triple-fault", &[]),
         ("spin", "spin", &[]),
+        ("pvpanic", "pvpanic", &[]),
         // About 16 pages per printed line, then a pause: converges fast.
         ("counter-slow", "counter", &["PAGES=16", "SPIN=200000"]),
         // 4096 pages per line, no pause: dirties faster than a throttled link sends.

@@ -5,7 +5,9 @@
 //! `dirty-stop`, `dirty-stats`, `migrate`, `migrate-status`,
 //! `migrate-cancel`, `snapshot`, `memory-digest`). Response: `{"ok": true,
 //! "result": ...}` or `{"ok": false, "error": "..."}`. One request per
-//! line; a connection may send several.
+//! line; a connection may send several. `ApiLimits` bounds a line's
+//! length, the connections open at once and how long a connection may
+//! stay idle.
 //!
 //! `migrate` starts the migration on its own thread and answers at once;
 //! `migrate-status` shows its state (`running`, `completed`, `failed`,
@@ -13,13 +15,17 @@
 //! `migrate-cancel` stops it before the commit with the VM running here.
 //! After a completed migration the VMM exits once the status was read
 //! (or after `COMPLETED_LINGER`). `ldt-vmm migrate` is this, polled.
+//!
+//! Whoever may connect to the socket controls the VM and, through
+//! `snapshot --to`, writes any file this process may write: the socket is
+//! created 0600 (see `unix_socket`), and is as sensitive as the VMM's user.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -278,6 +284,27 @@ impl Jobs {
     }
 }
 
+/// What one client may hold of the server: a request line is at most
+/// `max_line` bytes, at most `max_connections` are open at once, and a
+/// connection that sends no complete request for `idle` is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiLimits {
+    pub max_line: usize,
+    pub max_connections: usize,
+    pub idle: Duration,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        ApiLimits {
+            // The largest request (migrate, snapshot) is a few hundred bytes.
+            max_line: 64 << 10,
+            max_connections: 16,
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
 fn run_job(job: &MigrationJob, opts: &MigrateOptions, ctl: &VmControl) {
     let mut progress = |p: &Progress| job.status.lock().unwrap().0.progress = Some(p.clone());
     let result = source::migrate_cancellable(ctl, opts, &mut progress, &job.cancel);
@@ -307,13 +334,79 @@ fn run_job(job: &MigrationJob, opts: &MigrateOptions, ctl: &VmControl) {
     }
 }
 
-fn serve_connection(stream: UnixStream, ctl: &Arc<VmControl>, jobs: &Jobs) {
+/// Why a request line could not be read.
+#[derive(Debug, thiserror::Error)]
+enum LineError {
+    #[error("request line longer than {0} bytes: closing the connection")]
+    TooLong(usize),
+    #[error("no request within {0:?}: closing the connection")]
+    Idle(Duration),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads request lines of at most `limits.max_line` bytes, each within
+/// `limits.idle` of the previous one (however slowly its bytes trickle in).
+struct LineReader {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    limits: ApiLimits,
+}
+
+impl LineReader {
+    /// The next line without its newline; `None` at end of stream.
+    fn next_line(&mut self) -> Result<Option<String>, LineError> {
+        let deadline = Instant::now() + self.limits.idle;
+        loop {
+            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=i).take(i).collect();
+                return Ok(Some(String::from_utf8_lossy(&line).into_owned()));
+            }
+            if self.buf.len() > self.limits.max_line {
+                return Err(LineError::TooLong(self.limits.max_line));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(LineError::Idle(self.limits.idle));
+            }
+            self.stream.set_read_timeout(Some(left))?;
+            let mut chunk = [0u8; 4096];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Ok(None),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+fn serve_connection(stream: UnixStream, ctl: &Arc<VmControl>, jobs: &Jobs, limits: ApiLimits) {
     let mut out = match stream.try_clone() {
         Ok(s) => s,
         Err(_) => return,
     };
-    for line in BufReader::new(stream).lines() {
-        let Ok(line) = line else { return };
+    // A client that stops reading cannot hold this thread forever either.
+    let _ = out.set_write_timeout(Some(limits.idle));
+    let mut lines = LineReader {
+        stream,
+        buf: Vec::new(),
+        limits,
+    };
+    loop {
+        let line = match lines.next_line() {
+            Ok(Some(line)) => line,
+            Ok(None) | Err(LineError::Io(_)) => return,
+            Err(e) => {
+                let _ = send_line(&mut out, &Response::err(e));
+                return;
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }
@@ -347,23 +440,55 @@ impl Drop for ApiServer {
     }
 }
 
-/// Serves the API on `path` from a background thread.
+/// Serves the API on `path` from a background thread, with the default
+/// limits.
 pub fn serve(path: &Path, ctl: Arc<VmControl>) -> std::io::Result<ApiServer> {
-    if path.exists() && UnixStream::connect(path).is_err() {
-        // A socket file left by a dead VMM.
-        std::fs::remove_file(path)?;
+    serve_with(path, ctl, ApiLimits::default())
+}
+
+/// Counts a connection while it is open.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
-    let listener = UnixListener::bind(path)?;
+}
+
+/// Serves the API on `path` from a background thread.
+pub fn serve_with(
+    path: &Path,
+    ctl: Arc<VmControl>,
+    limits: ApiLimits,
+) -> std::io::Result<ApiServer> {
+    let listener = crate::unix_socket::bind_private(path)?;
+    let open = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
             let jobs = Arc::new(Jobs::default());
-            for conn in listener.incoming().flatten() {
+            for mut conn in listener.incoming().flatten() {
+                if open.fetch_add(1, Ordering::SeqCst) >= limits.max_connections {
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    let _ = conn.set_write_timeout(Some(Duration::from_secs(1)));
+                    let _ = send_line(
+                        &mut conn,
+                        &Response::err(format!(
+                            "too many API connections (at most {}): try again later",
+                            limits.max_connections
+                        )),
+                    );
+                    continue;
+                }
+                let slot = ConnectionSlot(open.clone());
                 let c = ctl.clone();
                 let j = jobs.clone();
                 let _ = std::thread::Builder::new()
                     .name("api-conn".into())
-                    .spawn(move || serve_connection(conn, &c, &j));
+                    .spawn(move || {
+                        let _slot = slot;
+                        serve_connection(conn, &c, &j, limits)
+                    });
             }
         })?;
     Ok(ApiServer {

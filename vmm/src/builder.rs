@@ -61,6 +61,8 @@ pub enum BuildError {
     Device(#[from] devices::legacy::DeviceError),
     #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
     Cpuid(kvm_ioctls::Error),
+    #[error("{0} CPUID entries, more than the {KVM_MAX_CPUID_ENTRIES} KVM_SET_CPUID2 takes here")]
+    CpuidTooLarge(usize),
     #[error("registering the COM1 irqfd failed: {0}")]
     Irqfd(kvm_ioctls::Error),
 }
@@ -86,6 +88,7 @@ pub fn build(res: &VmResources) -> Result<Machine, BuildError> {
         return Err(BuildError::FlatSmp);
     }
     let mem_size = res.mem_mib << 20;
+    crate::vm::memory::check_host_can_back(mem_size).map_err(VmError::from)?;
     let vm = Vm::new(mem_size)?;
 
     let entry = match &res.boot {
@@ -115,7 +118,9 @@ pub fn build(res: &VmResources) -> Result<Machine, BuildError> {
         .as_slice()
         .to_vec();
     cpuid::filter(&mut base_cpuid, res.cpu_profile);
-    let base_cpuid = CpuId::from_entries(&base_cpuid).expect("filtered CPUID fits");
+    cpuid::add_platform_leaves(&mut base_cpuid);
+    let base_cpuid = CpuId::from_entries(&base_cpuid)
+        .map_err(|_| BuildError::CpuidTooLarge(base_cpuid.len()))?;
 
     let mut vcpus = Vec::new();
     for id in 0..res.vcpus {

@@ -25,6 +25,8 @@ pub const COUNTER_SLOW_PAYLOAD: &[u8] =
 /// Prints a counter and dirties 4096 pages per line without pause.
 pub const COUNTER_FAST_PAYLOAD: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/counter-fast.bin"));
+/// A payload that finds the pvpanic port in CPUID and reports a panic.
+pub const PVPANIC_PAYLOAD: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pvpanic.bin"));
 /// A payload that triple-faults.
 pub const TRIPLE_FAULT_PAYLOAD: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/triple-fault.bin"));
@@ -48,7 +50,7 @@ pub enum FlatError {
     Memory(#[from] vm_memory::GuestMemoryError),
     #[error("cannot write the payload to a temporary file: {0}")]
     Io(#[from] std::io::Error),
-    #[error("payload reset the VM before its sync point")]
+    #[error("payload ended the VM before its sync point")]
     UnexpectedReset,
     #[error("command lists {0} pages, at most {MAX_PAGES_PER_COMMAND} fit")]
     TooManyPages(usize),
@@ -159,7 +161,7 @@ impl WriterVm {
                     return Ok(());
                 }
                 VcpuEvent::Kicked => continue,
-                VcpuEvent::Reset => return Err(FlatError::UnexpectedReset),
+                VcpuEvent::Reset | VcpuEvent::GuestPanic => return Err(FlatError::UnexpectedReset),
             }
         }
     }

@@ -9,7 +9,6 @@
 //! 0x08/0x10 (ring 0 code/data), 0x18/0x20 (ring 3 data/code). Port 0x3f8
 //! writes go to stdout, 0xfe to port 0x64 ends the VM with status 0.
 
-use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
@@ -23,6 +22,7 @@ use crate::arch::layout::{
     TSS_ADDR, ZERO_PAGE_ADDR,
 };
 use crate::arch::{boot, gdt, mptable, paging, regs};
+use crate::input_file::{self, InputError};
 use crate::vm::GuestMemory;
 
 /// Offset of the 64-bit entry point in a bzImage's protected-mode code.
@@ -56,6 +56,8 @@ pub enum LoadError {
     TooMuchMemory(u64),
     #[error("writing guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
+    #[error(transparent)]
+    Input(#[from] InputError),
 }
 
 fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
@@ -94,20 +96,21 @@ pub fn write_boot_tables(mem: &GuestMemory, mem_size: u64) -> Result<(), LoadErr
 
 /// Loads a flat payload; returns the registers to enter it with.
 pub fn load_flat(mem: &GuestMemory, mem_size: u64, path: &Path) -> Result<kvm_regs, LoadError> {
-    let bytes = std::fs::read(path).map_err(read_err(path))?;
-    if bytes.is_empty() {
+    let (file, size) = input_file::open(path, u64::MAX)?;
+    if size == 0 {
         return Err(LoadError::Empty { path: path.into() });
     }
     let room = layout::ram_ranges(mem_size)[0]
         .1
         .saturating_sub(FLAT_ENTRY_ADDR);
-    if bytes.len() as u64 > room {
+    if size > room {
         return Err(LoadError::FlatTooBig {
             path: path.into(),
-            size: bytes.len() as u64,
+            size,
             room,
         });
     }
+    let bytes = input_file::read_all(path, file, size)?;
     write_boot_tables(mem, mem_size)?;
     mem.write_slice(&bytes, GuestAddress(FLAT_ENTRY_ADDR))?;
     Ok(regs::entry_regs(FLAT_ENTRY_ADDR, FLAT_ENTRY_ADDR, 0))
@@ -130,7 +133,8 @@ pub fn load_linux(
     spec: &LinuxBoot,
 ) -> Result<kvm_regs, LoadError> {
     let path = spec.kernel.as_path();
-    let mut kernel = File::open(path).map_err(read_err(path))?;
+    // A kernel larger than guest RAM cannot be loaded into it.
+    let (mut kernel, _) = input_file::open(path, mem_size)?;
     let mut magic = [0u8; 20];
     let n = kernel.read(&mut magic).map_err(read_err(path))?;
     if n == 0 {
@@ -208,7 +212,7 @@ pub fn load_linux(
 /// would boot and crash; the header says how long the image must be.
 fn check_bzimage_size(
     path: &Path,
-    kernel: &File,
+    kernel: &std::fs::File,
     header: &Option<linux_loader::bootparam::setup_header>,
 ) -> Result<(), LoadError> {
     let Some(h) = header else { return Ok(()) };
@@ -232,13 +236,14 @@ fn load_initrd(
     path: &Path,
     max: u32,
 ) -> Result<(u64, u64), LoadError> {
-    let data = std::fs::read(path).map_err(read_err(path))?;
-    let size = data.len() as u64;
+    let (file, size) = input_file::open(path, u64::MAX)?;
+    // Placed (or refused) by its size before a byte of it is read.
     let addr =
         boot::initrd_address(mem_size, size, max).ok_or_else(|| LoadError::InitrdTooBig {
             path: path.into(),
             size,
         })?;
+    let data = input_file::read_all(path, file, size)?;
     mem.write_slice(&data, GuestAddress(addr))?;
     Ok((addr, size))
 }

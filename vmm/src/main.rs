@@ -18,7 +18,7 @@ use ldt_vmm::migration::destination;
 use ldt_vmm::migration::report::DowntimeBreakdown;
 use ldt_vmm::migration::snapshot::{self, SnapshotOptions};
 use ldt_vmm::migration::source::{ConvergencePolicy, MigrateOptions};
-use ldt_vmm::migration::transport::{Endpoint, Listener};
+use ldt_vmm::migration::transport::{Endpoint, Listener, TlsFiles};
 use ldt_vmm::runner::{self, VmControl};
 
 /// Words every Linux guest gets: serial console, reset through the i8042
@@ -114,15 +114,56 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
-    /// Serve the JSON control API on this unix socket.
+    /// Allow guest RAM (from --mem, a migration stream or a snapshot) up to this
+    /// host's physical memory plus PERCENT of it (default: no more than the RAM).
+    #[arg(long, default_value_t = 0, value_name = "PERCENT")]
+    mem_overcommit: u64,
+    /// Serve the JSON control API on this unix socket (created 0600: whoever
+    /// may connect controls the VM and may write files as this process).
     #[arg(long, value_name = "SOCKET")]
     api: Option<PathBuf>,
+    /// Close an API connection that sends no complete request for this long.
+    #[arg(long, default_value_t = 60, value_name = "S")]
+    api_idle_timeout_s: u64,
     /// CPU features: `compat` hides what this project's PVM hosts cannot emulate.
     /// Default: compat where /sys/module/kvm_pvm exists, host elsewhere.
     #[arg(long, value_enum)]
     cpu_profile: Option<CpuProfile>,
     #[command(flatten)]
     dirty: DirtyArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+#[derive(Args, Clone)]
+struct TlsArgs {
+    /// TLS with mutual authentication on a tcp: endpoint: this side's certificate
+    /// chain (PEM). The peer must present one signed by --tls-ca.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// This side's private key (PEM).
+    #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The CA certificate(s) (PEM) the peer's certificate must be signed by.
+    #[arg(long, value_name = "PEM", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// `ep`, with TLS if the options ask for it (absolute paths: the source
+    /// VMM reads them, from its own working directory).
+    fn apply(&self, ep: Endpoint) -> anyhow::Result<Endpoint> {
+        let (Some(cert), Some(key), Some(ca)) = (&self.tls_cert, &self.tls_key, &self.tls_ca)
+        else {
+            return Ok(ep);
+        };
+        let files = TlsFiles {
+            cert: std::path::absolute(cert)?,
+            key: std::path::absolute(key)?,
+            ca: std::path::absolute(ca)?,
+        };
+        ep.with_tls(files).map_err(anyhow::Error::msg)
+    }
 }
 
 #[derive(Args, Clone, Copy)]
@@ -190,6 +231,8 @@ struct MigrateArgs {
     /// `ctl migrate-status`, stop it with `ctl migrate-cancel`).
     #[arg(long, conflicts_with = "stats")]
     detach: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Args)]
@@ -275,6 +318,9 @@ struct MigrateBenchArgs {
     /// Throttle vCPUs while rounds do not converge.
     #[arg(long)]
     auto_converge: bool,
+    /// Compare plain TCP with TLS (kvm-bitmap, throwaway certificates) instead.
+    #[arg(long)]
+    tls: bool,
     /// Also print one JSON line per mode.
     #[arg(long)]
     json: bool,
@@ -308,7 +354,16 @@ struct DirtyBenchArgs {
 fn run(args: RunArgs) -> anyhow::Result<i32> {
     let profile = args.cpu_profile.unwrap_or_else(CpuProfile::detect);
     let options = args.dirty.options();
-    let ctl = if let Some(ep) = &args.incoming {
+    ldt_vmm::vm::memory::set_overcommit_percent(args.mem_overcommit);
+    let incoming = args
+        .incoming
+        .clone()
+        .map(|ep| args.tls.apply(ep))
+        .transpose()?;
+    if incoming.is_none() && args.tls.tls_cert.is_some() {
+        anyhow::bail!("--tls-cert/--tls-key/--tls-ca apply to --incoming tcp: only");
+    }
+    let ctl = if let Some(ep) = &incoming {
         let listener = Listener::bind(ep).with_context(|| format!("cannot listen on {ep}"))?;
         eprintln!("ldt-vmm: waiting for a migration on {ep}");
         let (hello, machine) = destination::incoming(
@@ -330,8 +385,15 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     let _api = match &args.api {
         Some(path) => Some(
-            api::serve(path, ctl.clone())
-                .with_context(|| format!("API socket {}", path.display()))?,
+            api::serve_with(
+                path,
+                ctl.clone(),
+                api::ApiLimits {
+                    idle: std::time::Duration::from_secs(args.api_idle_timeout_s.max(1)),
+                    ..Default::default()
+                },
+            )
+            .with_context(|| format!("API socket {}", path.display()))?,
         ),
         None => None,
     };
@@ -374,7 +436,7 @@ fn resources(args: &RunArgs, profile: CpuProfile) -> anyhow::Result<VmResources>
 
 fn migrate(a: MigrateArgs) -> anyhow::Result<i32> {
     let opts = MigrateOptions {
-        to: a.to,
+        to: a.tls.apply(a.to)?,
         dirty_source: a.dirty_source,
         downtime_ms: a.downtime_ms,
         max_rounds: a.max_rounds,
@@ -447,6 +509,7 @@ fn bench_migrate(a: MigrateBenchArgs) -> anyhow::Result<i32> {
         max_rounds: a.max_rounds,
         bandwidth_limit_mbps: a.bandwidth_limit,
         auto_converge: a.auto_converge,
+        tls: a.tls,
     };
     let results = bench::migrate::migrate(&cfg).context("migration benchmark")?;
     print!("{}", bench::migrate::table(&cfg, &results));

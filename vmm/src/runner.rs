@@ -334,6 +334,14 @@ fn vcpu_thread(vcpu: Arc<Mutex<Vcpu>>, ctl: Arc<VmControl>) {
                 let status = ctl.devices.lock().unwrap().exit_status.unwrap_or(0);
                 ctl.stop(status as i32);
             }
+            Ok(VcpuEvent::GuestPanic) => {
+                eprintln!(
+                    "ldt-vmm: the guest kernel panicked (pvpanic event on port {:#x}); exit status {}",
+                    crate::devices::pvpanic::PVPANIC_PORT,
+                    crate::devices::GUEST_PANIC_STATUS
+                );
+                ctl.stop(crate::devices::GUEST_PANIC_STATUS);
+            }
             Ok(VcpuEvent::FlatSync(_)) | Ok(VcpuEvent::Kicked) => {}
             Err(e) => {
                 eprintln!("ldt-vmm: {e}");

@@ -7,7 +7,9 @@ use std::time::Duration;
 mod common;
 
 use common::{ctl, vmm, wait_exit, wait_for};
-use ldt_vmm::flat::{tempfile_path::TempPath, HELLO_PAYLOAD, SPIN_PAYLOAD, TRIPLE_FAULT_PAYLOAD};
+use ldt_vmm::flat::{
+    tempfile_path::TempPath, HELLO_PAYLOAD, PVPANIC_PAYLOAD, SPIN_PAYLOAD, TRIPLE_FAULT_PAYLOAD,
+};
 
 fn run(args: &[&str]) -> Output {
     vmm().args(args).output().expect("ldt-vmm runs")
@@ -250,4 +252,111 @@ fn api_pauses_resumes_tracks_dirty_pages_and_shuts_down() {
     let status = wait_exit(&mut child, Duration::from_secs(20));
     assert!(status.success(), "{status}");
     assert!(!sock.exists(), "socket removed on exit");
+}
+
+#[test]
+fn mem_beyond_this_host_is_refused_unless_overcommit_allows_it() {
+    let p = file(HELLO_PAYLOAD, "hello-big");
+    let path = p.path().to_str().unwrap();
+    let twice = (common::host_memory_mib() * 2)
+        .next_multiple_of(2)
+        .to_string();
+    fails_with(
+        &run(&["run", "--flat", path, "--mem", &twice]),
+        "more than this host can back",
+    );
+    // Allowed by the host check, the flat loader's own limit (the boot
+    // page tables map 21 GiB) speaks next; a destination test receives
+    // such a VM (tests/hostile_input.rs).
+    fails_with(
+        &run(&[
+            "run",
+            "--flat",
+            path,
+            "--mem",
+            &twice,
+            "--mem-overcommit",
+            "150",
+        ]),
+        "too large for the boot page tables",
+    );
+}
+
+/// Runs `args` bounded (see `common::run_bounded`) and expects a clean
+/// one-line failure naming `needle`.
+fn refused(args: &[&str], needle: &str) {
+    let out = common::run_bounded(args, Duration::from_secs(30));
+    fails_with(&out, needle);
+    assert_eq!(
+        text(&out.stderr).trim_end().lines().count(),
+        1,
+        "one line: {}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn special_files_are_refused_as_inputs() {
+    let dir = std::env::temp_dir().join(format!("ldt-special-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let fifo = fifo.to_str().unwrap();
+    let kernel = file(&bzimage(64, 2048), "kernel-for-initrd");
+    let kernel = kernel.path().to_str().unwrap();
+    let d = dir.to_str().unwrap();
+    refused(
+        &["run", "--flat", "/dev/zero"],
+        "/dev/zero is a character device, not a regular file",
+    );
+    refused(&["run", "--flat", fifo], "is a FIFO, not a regular file");
+    refused(&["run", "/dev/zero"], "is a character device");
+    refused(&["run", d], "is a directory, not a regular file");
+    refused(
+        &["run", kernel, "--initrd", "/dev/zero"],
+        "is a character device",
+    );
+    refused(&["run", kernel, "--initrd", fifo], "is a FIFO");
+    refused(&["run", "--restore", "/dev/zero"], "is a character device");
+    refused(&["run", "--restore", fifo], "is a FIFO");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn huge_inputs_are_refused_before_they_are_read() {
+    // 64 GiB, sparse: reading it would take minutes and all memory.
+    let huge = file(b"", "huge");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(huge.path())
+        .unwrap()
+        .set_len(64 << 30)
+        .unwrap();
+    let huge = huge.path().to_str().unwrap();
+    let kernel = file(&bzimage(64, 2048), "kernel-for-huge-initrd");
+    let kernel = kernel.path().to_str().unwrap();
+    refused(&["run", "--flat", huge], "more than the");
+    refused(
+        &["run", "--mem", "64", huge],
+        "more than the 67108864 bytes",
+    );
+    refused(
+        &["run", "--mem", "64", kernel, "--initrd", huge],
+        "does not fit in guest RAM",
+    );
+}
+
+#[test]
+fn a_guest_panic_on_the_pvpanic_port_ends_the_vmm_with_status_3() {
+    let p = file(PVPANIC_PAYLOAD, "pvpanic");
+    let out = common::run_bounded(
+        &["run", "--flat", p.path().to_str().unwrap()],
+        Duration::from_secs(30),
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("the guest kernel panicked"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }

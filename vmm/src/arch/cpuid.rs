@@ -143,6 +143,42 @@ pub fn filter(entries: &mut Vec<kvm_cpuid_entry2>, profile: CpuProfile) {
     }
 }
 
+/// First of ldt-vmm's own hypervisor CPUID leaves (after KVM's at
+/// 0x40000000), by which the guest finds the devices ACPI would describe
+/// elsewhere (README "Guest-visible platform leaf"):
+/// `PLATFORM_LEAF`: EAX = highest leaf of the range, EBX/ECX/EDX = the
+/// signature; `PLATFORM_LEAF + 1`: EAX = `PLATFORM_VERSION`, EBX = feature
+/// bits, ECX[15:0] = the pvpanic port when `FEATURE_PVPANIC`.
+pub const PLATFORM_LEAF: u32 = 0x4000_0100;
+/// In EBX, ECX, EDX of `PLATFORM_LEAF`, little-endian, 4 bytes each.
+pub const PLATFORM_SIGNATURE: &[u8; 12] = b"ldt-vmm-plat";
+/// Version of the feature word; new features take new bits, never new meanings.
+pub const PLATFORM_VERSION: u32 = 1;
+/// Feature bit: a pvpanic device at the port in ECX[15:0].
+pub const FEATURE_PVPANIC: u32 = 1 << 0;
+// Bit 1 is kept for the paravirtual dirty-tracking device (ldt-pv).
+
+/// Adds the platform leaves (replacing any KVM reported there).
+pub fn add_platform_leaves(entries: &mut Vec<kvm_cpuid_entry2>) {
+    entries.retain(|e| !(PLATFORM_LEAF..=PLATFORM_LEAF + 1).contains(&e.function));
+    let word = |i: usize| u32::from_le_bytes(PLATFORM_SIGNATURE[i..i + 4].try_into().unwrap());
+    entries.push(kvm_cpuid_entry2 {
+        function: PLATFORM_LEAF,
+        eax: PLATFORM_LEAF + 1,
+        ebx: word(0),
+        ecx: word(4),
+        edx: word(8),
+        ..Default::default()
+    });
+    entries.push(kvm_cpuid_entry2 {
+        function: PLATFORM_LEAF + 1,
+        eax: PLATFORM_VERSION,
+        ebx: FEATURE_PVPANIC,
+        ecx: crate::devices::pvpanic::PVPANIC_PORT as u32,
+        ..Default::default()
+    });
+}
+
 /// Per-vCPU fields: initial APIC ID and the x2APIC topology leaves.
 pub fn set_vcpu_identity(entries: &mut [kvm_cpuid_entry2], cpu_id: u8, vcpus: u8) {
     for e in entries.iter_mut() {

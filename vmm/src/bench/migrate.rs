@@ -17,7 +17,8 @@ use crate::flat::{
 };
 use crate::migration::report::{DowntimeBreakdown, RoundStats};
 use crate::migration::source::{ConvergencePolicy, MigrateOptions};
-use crate::migration::transport::Endpoint;
+use crate::migration::tls_certs;
+use crate::migration::transport::{Endpoint, TlsFiles};
 
 /// Which counter payload runs in the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -37,6 +38,51 @@ pub struct MigrateBenchConfig {
     pub max_rounds: u32,
     pub bandwidth_limit_mbps: Option<u64>,
     pub auto_converge: bool,
+    /// Instead of every source over a unix socket: kvm-bitmap over plain
+    /// TCP and over TCP with TLS, side by side (what TLS costs).
+    pub tls: bool,
+}
+
+/// How source and destination are connected in one run.
+enum Link {
+    Unix,
+    Tcp,
+    Tls(TlsFiles),
+}
+
+impl Link {
+    fn name(&self) -> &'static str {
+        match self {
+            Link::Unix => "",
+            Link::Tcp => " tcp",
+            Link::Tls(_) => " tcp+tls",
+        }
+    }
+
+    /// The endpoint and the destination's extra arguments.
+    fn endpoint(&self, mig: &Path) -> anyhow::Result<(Endpoint, Vec<String>)> {
+        if let Link::Unix = self {
+            return Ok((Endpoint::Unix(mig.into()), vec![]));
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let ep = Endpoint::Tcp(format!("127.0.0.1:{port}"));
+        Ok(match self {
+            Link::Tls(f) => {
+                let args = [
+                    ("--tls-cert", &f.cert),
+                    ("--tls-key", &f.key),
+                    ("--tls-ca", &f.ca),
+                ]
+                .iter()
+                .flat_map(|(o, p)| [o.to_string(), p.display().to_string()])
+                .collect();
+                (ep.with_tls(f.clone()).map_err(anyhow::Error::msg)?, args)
+            }
+            _ => (ep, vec![]),
+        })
+    }
 }
 
 /// One migration's figures.
@@ -56,6 +102,8 @@ pub struct MigrateBenchResult {
     pub downtime_breakdown: DowntimeBreakdown,
     /// Every round (the last one sent with the guest paused).
     pub round_stats: Vec<RoundStats>,
+    /// Guest memory sent per second of sending (the report's copy rate).
+    pub copy_mb_s: f64,
 }
 
 struct Vmm {
@@ -75,7 +123,7 @@ fn spawn(exe: &Path, args: &[String], out: PathBuf) -> anyhow::Result<Vmm> {
         .args(args)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out)?)
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(out.with_extension("err"))?)
         .spawn()?;
     Ok(Vmm { child, out })
 }
@@ -86,6 +134,19 @@ fn wait_for(p: &Path) -> anyhow::Result<()> {
         anyhow::ensure!(
             t.elapsed() < Duration::from_secs(30),
             "{} never appeared",
+            p.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn wait_for_line(p: &Path, line: &str) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while !std::fs::read_to_string(p)?.contains(line) {
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "{} never said {line:?}",
             p.display()
         );
         std::thread::sleep(Duration::from_millis(10));
@@ -104,15 +165,18 @@ fn run_one(
     dir: &Path,
     cfg: &MigrateBenchConfig,
     kind: DirtySourceKind,
+    link: &Link,
 ) -> anyhow::Result<MigrateBenchResult> {
     let payload = match cfg.workload {
         Workload::Slow => COUNTER_SLOW_PAYLOAD,
         Workload::Fast => COUNTER_FAST_PAYLOAD,
     };
     let file = TempPath::create(payload, "bench-counter")?;
-    let src_api = dir.join(format!("{kind}-src.sock"));
-    let dst_api = dir.join(format!("{kind}-dst.sock"));
-    let mig = dir.join(format!("{kind}-mig.sock"));
+    // Files of one run, never those of the run before (a stale socket).
+    let tag = format!("{kind}{}", link.name().replace([' ', '+'], "-"));
+    let src_api = dir.join(format!("{tag}-src.sock"));
+    let dst_api = dir.join(format!("{tag}-dst.sock"));
+    let mig = dir.join(format!("{tag}-mig.sock"));
     let mut src_args = vec![
         "run".to_string(),
         "--flat".into(),
@@ -123,17 +187,24 @@ fn run_one(
     if kind == DirtySourceKind::KvmRing {
         src_args.extend(["--dirty-ring".into(), "65536".into()]);
     }
-    let src = spawn(exe, &src_args, dir.join(format!("{kind}-src.out")))?;
-    let dst_args = [
+    let src = spawn(exe, &src_args, dir.join(format!("{tag}-src.out")))?;
+    let (to, extra) = link.endpoint(&mig)?;
+    let mut dst_args = vec![
         "run".to_string(),
         "--incoming".into(),
-        format!("unix:{}", mig.display()),
+        match &to {
+            Endpoint::Unix(p) => format!("unix:{}", p.display()),
+            Endpoint::Tcp(a) | Endpoint::TcpTls(a, _) => format!("tcp:{a}"),
+        },
         "--api".into(),
         dst_api.display().to_string(),
     ];
-    let dst = spawn(exe, &dst_args, dir.join(format!("{kind}-dst.out")))?;
+    dst_args.extend(extra);
+    let dst = spawn(exe, &dst_args, dir.join(format!("{tag}-dst.out")))?;
     wait_for(&src_api)?;
-    wait_for(&mig)?;
+    // Listening once it says so (its API comes after the migration; a
+    // probe connection would end a waiting destination).
+    wait_for_line(&dst.out.with_extension("err"), "waiting for a migration")?;
     // Warm up (first touch of the working set), then measure the idle rate.
     std::thread::sleep(Duration::from_millis(1500));
     let (a, ta) = last_counter(&src.out)?;
@@ -142,7 +213,7 @@ fn run_one(
     let idle_rate = (b - a) as f64 / (tb - ta).as_secs_f64();
 
     let opts = MigrateOptions {
-        to: Endpoint::Unix(mig.clone()),
+        to,
         dirty_source: kind,
         downtime_ms: cfg.downtime_ms,
         max_rounds: cfg.max_rounds,
@@ -167,7 +238,8 @@ fn run_one(
     let progress = c_pause.saturating_sub(c0);
     let running_s = ((total_ms - downtime_ms) / 1e3).max(1e-3);
     Ok(MigrateBenchResult {
-        mode: kind.name().into(),
+        mode: format!("{}{}", kind.name(), link.name()),
+        copy_mb_s: r["copy_mb_s"].as_f64().unwrap_or(0.0),
         total_ms,
         downtime_ms,
         rounds: r["rounds"].as_array().map(|a| a.len()).unwrap_or(0),
@@ -186,10 +258,19 @@ pub fn migrate(cfg: &MigrateBenchConfig) -> anyhow::Result<Vec<MigrateBenchResul
     let exe = std::env::current_exe()?;
     let dir = std::env::temp_dir().join(format!("ldt-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let results = DirtySourceKind::available()
-        .iter()
-        .map(|k| run_one(&exe, &dir, cfg, *k))
-        .collect();
+    let results = if cfg.tls {
+        tls_certs::generate(&dir, "bench").and_then(|files| {
+            [Link::Tcp, Link::Tls(files)]
+                .iter()
+                .map(|l| run_one(&exe, &dir, cfg, DirtySourceKind::KvmBitmap, l))
+                .collect()
+        })
+    } else {
+        DirtySourceKind::available()
+            .iter()
+            .map(|k| run_one(&exe, &dir, cfg, *k, &Link::Unix))
+            .collect()
+    };
     let _ = std::fs::remove_dir_all(&dir);
     results
 }
@@ -205,12 +286,20 @@ pub fn table(cfg: &MigrateBenchConfig, results: &[MigrateBenchResult]) -> String
             .unwrap_or_else(|| "none".into())
     );
     s += &format!(
-        "{:<11} {:>9} {:>11} {:>7} {:>9} {:>10} {:>10} {:>10}\n",
-        "mode", "total ms", "downtime ms", "rounds", "sent MB", "converged", "progress", "x idle"
+        "{:<19} {:>9} {:>11} {:>7} {:>9} {:>10} {:>10} {:>10} {:>10}\n",
+        "mode",
+        "total ms",
+        "downtime ms",
+        "rounds",
+        "sent MB",
+        "converged",
+        "progress",
+        "x idle",
+        "copy MB/s"
     );
     for r in results {
         s += &format!(
-            "{:<11} {:>9.0} {:>11.1} {:>7} {:>9.1} {:>10} {:>10} {:>10.2}\n",
+            "{:<19} {:>9.0} {:>11.1} {:>7} {:>9.1} {:>10} {:>10} {:>10.2} {:>10.0}\n",
             r.mode,
             r.total_ms,
             r.downtime_ms,
@@ -218,7 +307,8 @@ pub fn table(cfg: &MigrateBenchConfig, results: &[MigrateBenchResult]) -> String
             r.transferred_mb,
             r.converged,
             r.guest_progress,
-            r.guest_rate_vs_idle
+            r.guest_rate_vs_idle,
+            r.copy_mb_s
         );
     }
     s += "downtime breakdown (ms):\n";

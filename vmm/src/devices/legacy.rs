@@ -4,6 +4,7 @@ use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::console::ConsoleOut;
+use super::pvpanic::{self, PVPANIC_PORT};
 use super::{COM1_PORT, EXIT_STATUS_PORT, FLAT_SYNC_PORT, I8042_PORT};
 
 /// An eventfd as a vm-superio interrupt/reset line.
@@ -24,6 +25,8 @@ pub enum PioAction {
     Reset,
     /// A flat payload reached a sync point, passing this value.
     FlatSync(u32),
+    /// The guest kernel reported a panic on the pvpanic port: the VM ends.
+    GuestPanic,
 }
 
 /// COM1, the i8042, the exit-status port and the flat sync port.
@@ -127,6 +130,7 @@ impl LegacyDevices {
                 v
             }
             p if p == I8042_PORT || p == I8042_PORT + 4 => self.i8042.read((p - I8042_PORT) as u8),
+            PVPANIC_PORT => pvpanic::PVPANIC_CAPABILITIES,
             _ => 0xff,
         };
         data.fill(0);
@@ -151,6 +155,7 @@ impl LegacyDevices {
                 }
             }
             EXIT_STATUS_PORT => self.exit_status = Some(byte),
+            PVPANIC_PORT if pvpanic::reports_panic(byte) => return PioAction::GuestPanic,
             FLAT_SYNC_PORT => {
                 let mut v = [0u8; 4];
                 let n = data.len().min(4);
@@ -255,6 +260,16 @@ mod tests {
         b.pio_read(COM1_PORT, &mut v);
         assert_eq!(v[0], b'x');
         assert_eq!(b.exit_status, Some(3));
+    }
+
+    #[test]
+    fn pvpanic_offers_panicked_and_ends_the_vm_on_it() {
+        let (mut d, _) = devices();
+        let mut b = [0u8];
+        d.pio_read(PVPANIC_PORT, &mut b);
+        assert_eq!(b[0], pvpanic::PVPANIC_PANICKED);
+        assert_eq!(d.pio_write(PVPANIC_PORT, &[0]), PioAction::Continue);
+        assert_eq!(d.pio_write(PVPANIC_PORT, &[1]), PioAction::GuestPanic);
     }
 
     #[test]

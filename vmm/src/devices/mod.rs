@@ -1,8 +1,9 @@
 //! Port-I/O devices: the COM1 UART, the i8042 (reset line), the exit-status
-//! port and the flat-payload sync port.
+//! port, the flat-payload sync port and pvpanic.
 
 pub mod console;
 pub mod legacy;
+pub mod pvpanic;
 
 pub use legacy::{LegacyDevices, PioAction};
 
@@ -16,3 +17,5 @@ pub const I8042_PORT: u16 = 0x60;
 pub const EXIT_STATUS_PORT: u16 = 0x501;
 /// Flat payloads signal "round done" with `out %eax, %dx` (DX = 0x510).
 pub const FLAT_SYNC_PORT: u16 = 0x510;
+/// The VMM's exit status when the guest kernel reported a panic (pvpanic).
+pub const GUEST_PANIC_STATUS: i32 = 3;

@@ -28,6 +28,7 @@ pub mod report;
 pub mod snapshot;
 pub mod source;
 pub mod throttle;
+pub mod tls_certs;
 pub mod transport;
 
 use serde::{Deserialize, Serialize};
@@ -116,6 +117,8 @@ pub enum MigrationError {
     Dirty(#[from] crate::dirty::DirtyError),
     #[error("guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
+    #[error(transparent)]
+    Input(#[from] crate::input_file::InputError),
     #[error("{0}")]
     Build(String),
 }

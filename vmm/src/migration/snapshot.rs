@@ -9,6 +9,7 @@
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -23,6 +24,7 @@ use super::{parse, Hello, MigrationError};
 use crate::builder::{self, Machine};
 use crate::devices::console::ConsoleOut;
 use crate::dirty::{self, DirtyBitmap, DirtySourceKind};
+use crate::input_file;
 use crate::runner::{RunState, SnapshotChain, TrackingUser, VmControl};
 
 /// Identity of a snapshot within a chain.
@@ -71,9 +73,23 @@ impl FrameSink for FileSink {
     }
 }
 
+/// Creates `path` owner-only (0600), whatever the umask: a snapshot holds
+/// all guest memory. A stale file of that name (a crash) is replaced.
+fn create_private(path: &Path) -> io::Result<File> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// Reads just the Hello of a snapshot file.
 pub fn read_hello(path: &Path) -> Result<Hello, MigrationError> {
-    let mut r = BufReader::new(File::open(path)?);
+    let mut r = BufReader::new(input_file::open(path, u64::MAX)?.0);
     let f = read_frame(&mut r)?;
     if f.kind != MessageKind::Hello {
         return Err(MigrationError::Unexpected(f.kind));
@@ -171,7 +187,7 @@ fn write_snapshot(
     // Written beside the target and renamed, so a failure leaves no half file.
     let tmp = opts.to.with_extension("partial");
     let mut sink = FileSink {
-        out: BufWriter::new(File::create(&tmp)?),
+        out: BufWriter::new(create_private(&tmp)?),
         bytes: 0,
     };
     let written = (|| {
@@ -224,7 +240,11 @@ pub fn restore(
     let mut last_state = None;
     for (i, path) in files.iter().enumerate() {
         let what = |e: MigrationError| MigrationError::Build(format!("{}: {e}", path.display()));
-        let mut r = BufReader::new(File::open(path).map_err(|e| what(e.into()))?);
+        let mut r = BufReader::new(
+            input_file::open(path, u64::MAX)
+                .map_err(|e| what(e.into()))?
+                .0,
+        );
         let f = read_frame(&mut r).map_err(|e| what(e.into()))?;
         let h: Hello = parse("Hello", &f.payload).map_err(what)?;
         let info = h

@@ -1,9 +1,13 @@
 //! Guest RAM (vm-memory with a dirty bitmap of the VMM's own writes) and the
 //! KVM memslots that map it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 use crate::arch::layout;
 
@@ -18,6 +22,76 @@ pub enum MemoryError {
     BadSize(u64),
     #[error("cannot map {0} bytes of guest memory: {1}")]
     Mmap(u64, vm_memory::mmap::FromRangesError),
+    #[error(
+        "{size_mib} MiB of guest memory is more than this host can back: {limit_mib} MiB \
+         ({phys_mib} MiB of RAM + {overcommit}% overcommit, see --mem-overcommit)"
+    )]
+    HostCannotBack {
+        size_mib: u64,
+        limit_mib: u64,
+        phys_mib: u64,
+        overcommit: u64,
+    },
+}
+
+/// Guest RAM allowed beyond this host's physical memory, in percent of it
+/// (`run --mem-overcommit`). Process-wide: it is the operator's policy for
+/// every VM this process builds, booted, restored or received.
+static OVERCOMMIT_PERCENT: AtomicU64 = AtomicU64::new(0);
+
+/// Sets the overcommit allowed by `check_host_can_back`.
+pub fn set_overcommit_percent(percent: u64) {
+    OVERCOMMIT_PERCENT.store(percent, Ordering::Relaxed);
+}
+
+/// This host's physical memory in bytes.
+fn physical_memory() -> u64 {
+    // SAFETY: sysconf only reads system constants.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages.max(0) as u64).saturating_mul(page.max(0) as u64)
+}
+
+/// Refuses a guest larger than physical memory plus the overcommit: the
+/// size comes from `--mem` or from a peer's Hello, and guest RAM is mapped
+/// with MAP_NORESERVE, so nothing else would stop a size the host cannot
+/// back (until the guest or a zero-filling peer touches it). Called before
+/// KVM or the VMM allocates anything for the VM.
+pub fn check_host_can_back(mem_size: u64) -> Result<(), MemoryError> {
+    let phys = physical_memory();
+    let overcommit = OVERCOMMIT_PERCENT.load(Ordering::Relaxed);
+    let limit = (phys as u128 * (100 + overcommit as u128) / 100).min(u64::MAX as u128) as u64;
+    if mem_size > limit {
+        return Err(MemoryError::HostCannotBack {
+            size_mib: mem_size >> 20,
+            limit_mib: limit >> 20,
+            phys_mib: phys >> 20,
+            overcommit,
+        });
+    }
+    Ok(())
+}
+
+/// Makes `len` bytes of guest memory from `gpa` read as zero without reading
+/// or writing them: the pages go back to the kernel, so a range that is zero
+/// already costs nothing however large it is, and a page that was not
+/// becomes the shared zero page again (KVM's MMU notifier unmaps it from the
+/// guest). The range must lie within one region.
+pub fn discard(memory: &GuestMemory, gpa: u64, len: u64) -> Result<(), GuestMemoryError> {
+    let slice = memory.get_slice(GuestAddress(gpa), len as usize)?;
+    let guard = slice.ptr_guard_mut();
+    // SAFETY: the slice is `len` bytes of a private anonymous mapping owned
+    // by `memory` (vm-memory's `MmapRegion::new`); MADV_DONTNEED only makes
+    // those bytes read as zero from now on, which is what the caller asks.
+    let rc = unsafe { libc::madvise(guard.as_ptr().cast(), len as usize, libc::MADV_DONTNEED) };
+    if rc != 0 {
+        return Err(GuestMemoryError::IOError(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// One KVM memslot: a contiguous range of guest RAM.
@@ -102,6 +176,38 @@ mod tests {
             .get_and_reset()
             .iter()
             .all(|w| *w == 0));
+    }
+
+    #[test]
+    fn a_guest_larger_than_the_host_is_refused_unless_overcommitted() {
+        let phys = physical_memory();
+        assert!(phys > 0);
+        assert!(check_host_can_back(phys).is_ok());
+        let twice = (phys * 2).next_multiple_of(2 << 20);
+        let e = check_host_can_back(twice).unwrap_err().to_string();
+        assert!(e.contains("more than this host can back"), "{e}");
+        set_overcommit_percent(150);
+        assert!(check_host_can_back(twice).is_ok());
+        set_overcommit_percent(0);
+    }
+
+    #[test]
+    fn discarding_zeroes_exactly_the_range() {
+        let mem = create(64 << 20).unwrap();
+        mem.write_slice(&[0x5a; 8192], GuestAddress(0x10_0000))
+            .unwrap();
+        discard(&mem, 0x10_0000, 4096).unwrap();
+        let mut page = [0xffu8; 8192];
+        mem.read_slice(&mut page, GuestAddress(0x10_0000)).unwrap();
+        assert!(
+            page[..4096].iter().all(|b| *b == 0),
+            "discarded page reads zero"
+        );
+        assert!(
+            page[4096..].iter().all(|b| *b == 0x5a),
+            "the next page is kept"
+        );
+        assert!(discard(&mem, 63 << 20, 2 << 20).is_err(), "beyond RAM");
     }
 
     #[test]

@@ -22,7 +22,16 @@ pub enum StateError {
     Ioctl(&'static str, kvm_ioctls::Error),
     #[error("KVM restored {0} of {1} MSRs")]
     PartialMsrs(usize, usize),
+    #[error("vCPU {vcpu} has {count} MSRs, KVM takes at most {MAX_MSRS_PER_CALL}")]
+    TooManyMsrs { vcpu: usize, count: usize },
+    #[error("vCPU {index} of the state carries id {id}")]
+    VcpuId { index: usize, id: u8 },
 }
+
+/// Most entries one KVM_GET_MSRS/KVM_SET_MSRS call takes: KVM refuses
+/// `nmsrs >= MAX_IO_MSRS` (256, arch/x86/kvm/x86.c), and kvm-bindings'
+/// `Msrs` holds at most `KVM_MAX_MSR_ENTRIES` (also 256).
+pub const MAX_MSRS_PER_CALL: usize = 255;
 
 fn io(name: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
     move |e| StateError::Ioctl(name, e)
@@ -99,16 +108,18 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, State
     while !rest.is_empty() {
         let entries: Vec<kvm_msr_entry> = rest
             .iter()
+            .take(MAX_MSRS_PER_CALL)
             .map(|&index| kvm_msr_entry {
                 index,
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).expect("MSR list fits a FAM struct");
+        let mut msrs = Msrs::from_entries(&entries).expect("at most MAX_MSRS_PER_CALL entries");
         let n = vcpu.get_msrs(&mut msrs).map_err(io("KVM_GET_MSRS"))?;
         out.extend_from_slice(&msrs.as_slice()[..n]);
-        // Entry n failed: skip it and go on after it.
-        rest.drain(..(n + 1).min(rest.len()));
+        // Entry n failed (when n < the batch): skip it and go on after it.
+        let done = if n < entries.len() { n + 1 } else { n };
+        rest.drain(..done);
     }
     Ok(out)
 }
@@ -142,9 +153,28 @@ impl VcpuState {
         })
     }
 
+    /// Checks what KVM would otherwise refuse half-way (or what would not
+    /// fit its fixed-size structures): the state of the vCPU at `index`.
+    pub fn check(&self, index: usize) -> Result<(), StateError> {
+        if self.id as usize != index {
+            return Err(StateError::VcpuId { index, id: self.id });
+        }
+        if self.msrs.len() > MAX_MSRS_PER_CALL {
+            return Err(StateError::TooManyMsrs {
+                vcpu: index,
+                count: self.msrs.len(),
+            });
+        }
+        Ok(())
+    }
+
     /// Restores into a configured (CPUID set) vCPU, in the documented order.
+    /// The caller has run `check`.
     pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), StateError> {
-        let msrs = Msrs::from_entries(&self.msrs).expect("MSR list fits a FAM struct");
+        let msrs = Msrs::from_entries(&self.msrs).map_err(|_| StateError::TooManyMsrs {
+            vcpu: self.id as usize,
+            count: self.msrs.len(),
+        })?;
         let n = vcpu.set_msrs(&msrs).map_err(io("KVM_SET_MSRS"))?;
         if n != self.msrs.len() {
             return Err(StateError::PartialMsrs(n, self.msrs.len()));

@@ -23,6 +23,8 @@ pub enum VcpuEvent {
     Reset,
     /// A flat payload reached a sync point.
     FlatSync(u32),
+    /// The guest kernel reported a panic (pvpanic): the VM ends.
+    GuestPanic,
     /// `KVM_RUN` was interrupted by a kick (pause, shutdown).
     Kicked,
 }
@@ -175,6 +177,7 @@ impl Vcpu {
                         PioAction::Continue => {}
                         PioAction::Reset => return Ok(VcpuEvent::Reset),
                         PioAction::FlatSync(v) => return Ok(VcpuEvent::FlatSync(v)),
+                        PioAction::GuestPanic => return Ok(VcpuEvent::GuestPanic),
                     }
                 }
                 Ok(VcpuExit::IoIn(port, data)) => self.devices.lock().unwrap().pio_read(port, data),

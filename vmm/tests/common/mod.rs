@@ -54,3 +54,74 @@ pub fn ctl(api: &Path, args: &[&str]) -> serde_json::Value {
 pub fn counters(bytes: &[u8]) -> Vec<u64> {
     ldt_vmm::flat::counter_values(bytes)
 }
+
+/// Runs the binary with `args` under a 4 GiB address-space limit (so a
+/// VMM that reads an endless file fails fast instead of eating the host's
+/// memory) and kills it after `limit`.
+pub fn run_bounded(args: &[&str], limit: Duration) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut c = vmm();
+    c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        c.pre_exec(|| {
+            let l = libc::rlimit {
+                rlim_cur: 4 << 30,
+                rlim_max: 4 << 30,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = c.spawn().unwrap();
+    wait_exit(&mut child, limit);
+    child.wait_with_output().unwrap()
+}
+
+/// This host's physical memory in MiB.
+pub fn host_memory_mib() -> u64 {
+    // SAFETY: sysconf only reads system constants.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages as u64 * page as u64) >> 20
+}
+
+/// A child VMM killed when the test ends, passed or failed (a failed
+/// assertion must not leave a spinning guest behind).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// A scratch directory for one test's files, removed at the end.
+pub struct Scratch(pub std::path::PathBuf);
+
+impl Scratch {
+    /// `ldt-SUITE-PID-NAME` in the temporary directory.
+    pub fn new(suite: &str, name: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("ldt-{suite}-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+    pub fn path(&self, f: &str) -> std::path::PathBuf {
+        self.0.join(f)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
