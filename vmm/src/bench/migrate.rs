@@ -128,30 +128,27 @@ fn spawn(exe: &Path, args: &[String], out: PathBuf) -> anyhow::Result<Vmm> {
     Ok(Vmm { child, out })
 }
 
-fn wait_for(p: &Path) -> anyhow::Result<()> {
+/// Polls `ready` every 10 ms for up to 30 s; the error says what never came.
+fn wait_until(what: &str, ready: impl Fn() -> anyhow::Result<bool>) -> anyhow::Result<()> {
     let t = Instant::now();
-    while !p.exists() {
-        anyhow::ensure!(
-            t.elapsed() < Duration::from_secs(30),
-            "{} never appeared",
-            p.display()
-        );
+    while !ready()? {
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(30), "{what}");
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(())
 }
 
+fn wait_for(p: &Path) -> anyhow::Result<()> {
+    wait_until(
+        &format!("{} never appeared", p.display()),
+        || Ok(p.exists()),
+    )
+}
+
 fn wait_for_line(p: &Path, line: &str) -> anyhow::Result<()> {
-    let t = Instant::now();
-    while !std::fs::read_to_string(p)?.contains(line) {
-        anyhow::ensure!(
-            t.elapsed() < Duration::from_secs(30),
-            "{} never said {line:?}",
-            p.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
+    wait_until(&format!("{} never said {line:?}", p.display()), || {
+        Ok(std::fs::read_to_string(p)?.contains(line))
+    })
 }
 
 fn last_counter(out: &Path) -> anyhow::Result<(u64, Instant)> {
