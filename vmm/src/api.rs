@@ -258,18 +258,26 @@ impl Jobs {
         }
     }
 
-    fn status(&self) -> Response {
+    /// The current status, and the job if that status is final: the caller
+    /// passes it to `final_status_sent` once the answer is on the socket.
+    fn status(&self) -> (Response, Option<Arc<MigrationJob>>) {
         let current = self.current.lock().unwrap();
         let Some(job) = current.as_ref() else {
-            return Response::err("no migration was started");
+            return (Response::err("no migration was started"), None);
         };
         let mut st = job.status.lock().unwrap();
         st.0.elapsed_ms = job.started.elapsed().as_secs_f64() * 1e3;
-        if st.0.state != MigrationState::Running {
-            st.1 = true;
-            job.read.notify_all();
-        }
-        Response::ok(serde_json::to_value(&st.0).expect("status serializes"))
+        let done = (st.0.state != MigrationState::Running).then(|| job.clone());
+        let resp = Response::ok(serde_json::to_value(&st.0).expect("status serializes"));
+        (resp, done)
+    }
+
+    /// A final status has been written to a client: a completed source may
+    /// now end (not before, or the process could exit before the answer
+    /// leaves, and `migrate` would report a successful migration as lost).
+    fn final_status_sent(job: &MigrationJob) {
+        job.status.lock().unwrap().1 = true;
+        job.read.notify_all();
     }
 
     fn cancel(&self) -> Response {
@@ -410,9 +418,14 @@ fn serve_connection(stream: UnixStream, ctl: &Arc<VmControl>, jobs: &Jobs, limit
         if line.trim().is_empty() {
             continue;
         }
+        let mut final_status = None;
         let resp = match parse_request(&line) {
             Ok(Request::Migrate(opts)) => jobs.start(opts, ctl.clone()),
-            Ok(Request::MigrateStatus) => jobs.status(),
+            Ok(Request::MigrateStatus) => {
+                let (resp, job) = jobs.status();
+                final_status = job;
+                resp
+            }
             Ok(Request::MigrateCancel) => jobs.cancel(),
             Ok(Request::Shutdown) => {
                 // Answer first: the process exits soon after the stop.
@@ -425,6 +438,9 @@ fn serve_connection(stream: UnixStream, ctl: &Arc<VmControl>, jobs: &Jobs, limit
         };
         if send_line(&mut out, &resp).is_err() {
             return;
+        }
+        if let Some(job) = final_status {
+            Jobs::final_status_sent(&job);
         }
     }
 }
