@@ -405,13 +405,17 @@ pub fn run(ctl: Arc<VmControl>) -> anyhow::Result<i32> {
 
     let stdin = std::io::stdin();
     let raw = stdin.is_terminal() && stdin.lock().set_raw_mode().is_ok();
+    // The list is held while spawning so that a pause or stop issued
+    // meanwhile kicks every vCPU thread, not only those pushed so far.
+    let mut threads = ctl.threads.lock().unwrap();
     for (i, v) in ctl.vcpus.iter().enumerate() {
         let (c, v) = (ctl.clone(), v.clone());
         let h = std::thread::Builder::new()
             .name(format!("vcpu{i}"))
             .spawn(move || vcpu_thread(v, c))?;
-        ctl.threads.lock().unwrap().push(h);
+        threads.push(h);
     }
+    drop(threads);
 
     let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()?;
     let console = Arc::new(Mutex::new(ConsoleLoop {
