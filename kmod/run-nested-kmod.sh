@@ -6,7 +6,7 @@
 # busybox, ldt_kvm.ko, ldt_kvm_test and kmod/tests/nested-init.
 #
 # Usage: kmod/run-nested-kmod.sh [--timeout S] [--log FILE] [--kdir DIR]
-#                                [--smp N] [--test-args 'ARGS']
+#                                [--smp N] [--test-args 'ARGS'] [--soak N]
 #   --timeout S      kill QEMU after S seconds (default 1200)
 #   --log FILE       also write the console output to FILE
 #   --kdir DIR       a configured and built kernel tree to build against and
@@ -16,6 +16,9 @@
 #   --smp N          vCPUs of the nested machine (default 2)
 #   --test-args A    arguments for ldt_kvm_test inside (%20 = space not
 #                    needed: passed through the kernel command line encoded)
+#   --soak N         instead of the tests, the live-migration soak
+#                    (images/nested/soak-l2): N migrations per dirty source
+#                    (scripts/soak-migrate-nested.sh summarizes it)
 #
 # Prints everything the nested machine prints.  Exit status: the number of
 # failed checks inside (0 = all passed, capped at 127); 255 if the harness
@@ -38,9 +41,10 @@ log=
 kdir=${LDT_KMOD_KDIR:-}
 smp=2
 test_args=
+soak=
 while [ $# -gt 0 ]; do
 	case "$1" in
-	--timeout | --log | --kdir | --smp | --test-args)
+	--timeout | --log | --kdir | --smp | --test-args | --soak)
 		[ $# -ge 2 ] || fail "$1 needs a value"
 		case "$1" in
 		--timeout) timeout_s=$2 ;;
@@ -48,6 +52,7 @@ while [ $# -gt 0 ]; do
 		--kdir) kdir=$2 ;;
 		--smp) smp=$2 ;;
 		--test-args) test_args=$2 ;;
+		--soak) soak=$2 ;;
 		esac
 		shift 2
 		;;
@@ -127,7 +132,7 @@ root=$work/root
 mkdir -p "$root"/{bin,dev,proc,sys,tmp}
 install -m 0755 "$ROOT/kmod/tests/nested-init" "$root/init"
 install -m 0755 /bin/busybox "$root/bin/busybox"
-for a in sh cat cut dd dmesg echo grep head insmod kill ls lsmod mkdir mkswap mount \
+for a in sh cat cut date dd dmesg echo grep head insmod kill ls lsmod mkdir mkswap mount \
 	printf reboot rm rmmod sed sleep stat swapon sync tail test timeout tr wc [; do
 	ln -s busybox "$root/bin/$a"
 done
@@ -137,11 +142,13 @@ install -m 0755 "$vmm" "$root/bin/ldt-vmm"
 install -m 0644 "$work/counter.bin" "$root/counter.bin"
 install -m 0644 "$ROOT/images/guest.img" "$root/guest.img"
 install -m 0755 "$ROOT/images/nested/migrate-l2" "$root/bin/migrate-l2"
+install -m 0755 "$ROOT/images/nested/soak-l2" "$root/bin/soak-l2"
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$work/initramfs.cpio"
 
 # 6. Boot (images/nested/lib.sh).
 words=
 [ -z "$test_args" ] || words="ldt.kmodtest=${test_args// /%20}"
+[ -z "$soak" ] || words="$words ldt.soak=$soak"
 out=$work/console.log
 nested_boot run-nested-kmod "$kernel" "$work/initramfs.cpio" "$words" "$smp" "$timeout_s" "$out"
 rc=$NESTED_RC
