@@ -32,9 +32,10 @@ done
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 echo "soak: start $(date -u +%FT%TZ), $per migrations per source"
-# About 6 s a migration in the nested machine, plus a guest boot every
-# ~20 migrations: the timeout leaves three times that.
-"$ROOT/kmod/run-nested-kmod.sh" --soak "$per" --timeout $((per * 4 * 18 + 900)) 2>&1 |
+# 5-40 s a migration in the nested machine (the copy is emulated: it
+# depends on the load of this host), plus a guest boot every few
+# migrations: the timeout allows 30 s each and 15 min besides.
+"$ROOT/kmod/run-nested-kmod.sh" --soak "$per" --timeout $((per * 4 * 30 + 900)) 2>&1 |
 	tee "$out" | grep --line-buffered -E '^soak:|not ok|Kernel panic|triple fault'
 rc=${PIPESTATUS[0]}
 [ -z "$log" ] || cp "$out" "$log"
