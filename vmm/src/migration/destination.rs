@@ -146,7 +146,7 @@ pub fn receive(
                 // KVM write the wall clock into guest memory at once).
                 let digest = received.as_ref().map(PageHashes::digest);
                 let t = std::time::Instant::now();
-                restore_state(machine, &frame.payload)?;
+                restore_state(machine, &frame.payload, hello.binary_state)?;
                 let restore_ms = Some(t.elapsed().as_secs_f64() * 1e3);
                 restored = true;
                 conn.send(
@@ -337,8 +337,12 @@ fn record_pages(h: &mut PageHashes, gpa: u64, bytes: &[u8]) {
 }
 
 /// Restores VM, vCPU and device state from a State message.
-pub fn restore_state(machine: &Machine, payload: &[u8]) -> Result<(), MigrationError> {
-    let state: MachineState = parse("State", payload)?;
+pub fn restore_state(
+    machine: &Machine,
+    payload: &[u8],
+    binary: bool,
+) -> Result<(), MigrationError> {
+    let state = MachineState::decode(payload, binary)?;
     if state.vcpus.len() != machine.vcpus.len() {
         return Err(MigrationError::BadMessage(
             "State",
@@ -401,6 +405,7 @@ mod tests {
             cpu_profile: CpuProfile::detect(),
             dirty_source: DirtySourceKind::KvmBitmap,
             verify: false,
+            binary_state: true,
             snapshot: None,
         };
         let (console, _out) = ConsoleOut::buffer();

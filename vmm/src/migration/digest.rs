@@ -177,6 +177,7 @@ mod tests {
             cpu_profile: CpuProfile::detect(),
             dirty_source: DirtySourceKind::KvmBitmap,
             verify: true,
+            binary_state: true,
             snapshot: None,
         };
         let (console, _out) = ConsoleOut::buffer();

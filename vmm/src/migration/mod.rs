@@ -56,6 +56,10 @@ pub struct Hello {
     pub cpu_profile: CpuProfile,
     pub dirty_source: DirtySourceKind,
     pub verify: bool,
+    /// The State message is binary (`MachineState::encode`, protocol 2
+    /// sources); absent (version 1 sources, snapshot files): JSON.
+    #[serde(default)]
+    pub binary_state: bool,
     /// Set in snapshot files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<snapshot::SnapshotInfo>,
@@ -81,6 +85,24 @@ pub struct MachineState {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub devices: DevicesState,
+}
+
+impl MachineState {
+    /// The compact binary form (postcard: a few KiB per vCPU, no text to
+    /// print or parse in the downtime), versioned by the protocol version.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("state serializes")
+    }
+
+    /// Decodes a State message: binary if the Hello said so, else JSON.
+    pub fn decode(payload: &[u8], binary: bool) -> Result<Self, MigrationError> {
+        if binary {
+            postcard::from_bytes(payload)
+                .map_err(|e| MigrationError::BadMessage("State", e.to_string()))
+        } else {
+            parse("State", payload)
+        }
+    }
 }
 
 /// The destination's answer to the state: its memory digest, if asked.
@@ -166,6 +188,28 @@ pub(crate) unsafe fn page_is_zero(page: *const u8) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_version_1_hello_means_json_state() {
+        let mut h = Hello {
+            mem_mib: 4,
+            vcpus: 1,
+            cpu_profile: CpuProfile::detect(),
+            dirty_source: DirtySourceKind::KvmBitmap,
+            verify: false,
+            binary_state: true,
+            snapshot: None,
+        };
+        let mut v: serde_json::Value = serde_json::to_value(&h).unwrap();
+        v.as_object_mut().unwrap().remove("binary_state");
+        h.binary_state = false;
+        assert_eq!(serde_json::from_value::<Hello>(v).unwrap(), h);
+        // Either encoding of a state that is not one is refused by name.
+        for binary in [true, false] {
+            let e = MachineState::decode(b"\xff\xff", binary).unwrap_err();
+            assert!(e.to_string().starts_with("bad State message"), "{e}");
+        }
+    }
 
     #[test]
     fn a_page_is_zero_only_when_every_byte_is() {

@@ -179,6 +179,8 @@ fn write_snapshot(
         cpu_profile: ctl.cpu_profile,
         dirty_source: opts.dirty_source,
         verify: false,
+        // Files keep JSON state, readable with any tool.
+        binary_state: false,
         snapshot: Some(SnapshotInfo {
             id: id.clone(),
             base: base_id.clone(),
@@ -299,7 +301,7 @@ pub fn restore(
         });
     }
     if let Some((path, state)) = last_state {
-        restore_state(&machine, &state)
+        restore_state(&machine, &state, hello.binary_state)
             .map_err(|e| MigrationError::Build(format!("{}: {e}", path.display())))?;
     }
     Ok((hello, machine))

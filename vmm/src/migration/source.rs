@@ -491,6 +491,7 @@ fn migrate_claimed(
         cpu_profile: ctl.cpu_profile,
         dirty_source: opts.dirty_source,
         verify: opts.verify,
+        binary_state: true,
         snapshot: None,
     };
     conn.send(
@@ -640,10 +641,7 @@ fn run_rounds(
     let state = save_machine_state(ctl)?;
     b.state_save_ms = lap.ms();
     let copy_mb_s = sender.memory_bytes as f64 / sender.copy_time.as_secs_f64().max(1e-9) / 1e6;
-    conn.send(
-        MessageKind::State,
-        &serde_json::to_vec(&state).expect("state serializes"),
-    )?;
+    conn.send(MessageKind::State, &state.encode())?;
     conn.flush()?;
     b.state_transfer_ms = lap.ms();
     // What was sent, against what arrived: a stream or apply error aborts.
