@@ -7,8 +7,10 @@ pub const MAGIC: [u8; 4] = *b"LDTM";
 /// Protocol version written. 2 added `Pages` (memory whose data follows
 /// its frame unchecksummed, sent straight from guest memory).
 pub const VERSION: u16 = 2;
-/// Oldest version read: version 1 streams (snapshot files, older sources)
-/// are a subset of version 2. A receiver refuses any other.
+/// Oldest version read: version 1 streams (snapshot files) are a subset
+/// of version 2. A receiver refuses any other. (A version 1 peer refuses
+/// version 2 frames, so old and new processes do not migrate to each
+/// other: the first frame fails with a one-line error.)
 pub const MIN_VERSION: u16 = 1;
 /// Largest payload a receiver accepts (a memory chunk or the device state).
 pub const MAX_PAYLOAD: u64 = 64 << 20;
