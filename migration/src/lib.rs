@@ -8,11 +8,20 @@
 //!
 //! (little endian), where the CRC-32 covers kind, length and payload. Memory
 //! travels as [`MemoryRange`] tables followed by the data of every range that
-//! is not all zero. Everything a receiver reads is validated before use: a
+//! is not all zero: inside the frame (`Memory`), or (`Pages`, version 2)
+//! after it on the stream, so that it can go from guest memory to the
+//! socket and back without a copy or a pass to checksum it. Everything a receiver reads is validated before use: a
 //! truncated, corrupted or foreign stream gives a [`ProtocolError`].
 
 pub mod frame;
 pub mod memory;
 
-pub use frame::{read_frame, write_frame, Frame, MessageKind, ProtocolError, MAX_PAYLOAD, VERSION};
-pub use memory::{decode_memory, encode_memory_header, MemoryRange, PAGE_SIZE, RANGE_ZERO};
+pub use frame::{
+    read_frame, read_frame_rest, read_frame_start, read_unframed, write_frame, write_frame_parts,
+    Frame, FrameStart, MessageKind, PayloadReader, ProtocolError, MAX_PAYLOAD, MIN_VERSION,
+    VERSION,
+};
+pub use memory::{
+    decode_memory, decode_memory_table, decode_pages_table, encode_memory_header, memory_table_len,
+    MemoryRange, PAGE_SIZE, RANGE_ZERO,
+};

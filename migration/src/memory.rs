@@ -55,22 +55,51 @@ fn malformed(why: impl Into<String>) -> ProtocolError {
     }
 }
 
-/// Splits a memory message into its ranges and their data, checking that
-/// the data length matches the table exactly and that ranges are page
-/// aligned and do not overflow.
-pub fn decode_memory(payload: &[u8]) -> Result<(Vec<MemoryRange>, &[u8]), ProtocolError> {
+/// Bytes of a memory message's range table, count included, from the
+/// count (its first 4 bytes), checked to fit a payload of `payload_len`.
+pub fn memory_table_len(count: [u8; 4], payload_len: u64) -> Result<usize, ProtocolError> {
+    let count = u32::from_le_bytes(count) as usize;
+    count
+        .checked_mul(ENTRY_LEN)
+        .and_then(|n| n.checked_add(4))
+        .filter(|&n| n as u64 <= payload_len)
+        .ok_or_else(|| malformed(format!("table of {count} ranges does not fit")))
+}
+
+/// The ranges of a table (`table` without the count), checked: page
+/// aligned, not empty, no overflow, and announcing exactly `data_len`
+/// bytes of data.
+pub fn decode_memory_table(table: &[u8], data_len: u64) -> Result<Vec<MemoryRange>, ProtocolError> {
+    let (ranges, announced) = decode_ranges(table)?;
+    if announced != data_len {
+        return Err(malformed(format!(
+            "{data_len} data bytes for a table announcing {announced}"
+        )));
+    }
+    Ok(ranges)
+}
+
+/// The ranges of a `Pages` message (its whole payload is the table) and
+/// the bytes of data that follow it on the stream.
+pub fn decode_pages_table(payload: &[u8]) -> Result<(Vec<MemoryRange>, u64), ProtocolError> {
     if payload.len() < 4 {
         return Err(malformed("no range count"));
     }
-    let count = u32::from_le_bytes(payload[0..4].try_into().unwrap()) as usize;
-    let table_end = count
-        .checked_mul(ENTRY_LEN)
-        .and_then(|n| n.checked_add(4))
-        .filter(|&n| n <= payload.len())
-        .ok_or_else(|| malformed(format!("table of {count} ranges does not fit")))?;
-    let mut ranges = Vec::with_capacity(count);
-    let mut data_len: u64 = 0;
-    for e in payload[4..table_end].chunks_exact(ENTRY_LEN) {
+    let table_end = memory_table_len(payload[0..4].try_into().unwrap(), payload.len() as u64)?;
+    if table_end != payload.len() {
+        return Err(malformed(format!(
+            "{} bytes after a table of {table_end}",
+            payload.len() - table_end
+        )));
+    }
+    decode_ranges(&payload[4..])
+}
+
+/// Checked ranges of a table without its count, and the data they announce.
+fn decode_ranges(table: &[u8]) -> Result<(Vec<MemoryRange>, u64), ProtocolError> {
+    let mut ranges = Vec::with_capacity(table.len() / ENTRY_LEN);
+    let mut announced: u64 = 0;
+    for e in table.chunks_exact(ENTRY_LEN) {
         let r = MemoryRange {
             gpa: u64::from_le_bytes(e[0..8].try_into().unwrap()),
             pages: u32::from_le_bytes(e[8..12].try_into().unwrap()),
@@ -82,16 +111,22 @@ pub fn decode_memory(payload: &[u8]) -> Result<(Vec<MemoryRange>, &[u8]), Protoc
         r.gpa
             .checked_add(r.pages as u64 * PAGE_SIZE)
             .ok_or_else(|| malformed(format!("range {r:?} overflows")))?;
-        data_len += r.data_len();
+        announced += r.data_len();
         ranges.push(r);
     }
-    let data = &payload[table_end..];
-    if data.len() as u64 != data_len {
-        return Err(malformed(format!(
-            "{} data bytes for a table announcing {data_len}",
-            data.len()
-        )));
+    Ok((ranges, announced))
+}
+
+/// Splits a memory message into its ranges and their data, checking that
+/// the data length matches the table exactly and that ranges are page
+/// aligned and do not overflow.
+pub fn decode_memory(payload: &[u8]) -> Result<(Vec<MemoryRange>, &[u8]), ProtocolError> {
+    if payload.len() < 4 {
+        return Err(malformed("no range count"));
     }
+    let table_end = memory_table_len(payload[0..4].try_into().unwrap(), payload.len() as u64)?;
+    let data = &payload[table_end..];
+    let ranges = decode_memory_table(&payload[4..table_end], data.len() as u64)?;
     Ok((ranges, data))
 }
 
@@ -129,6 +164,32 @@ mod tests {
         let (r, d) = decode_memory(&m).unwrap();
         assert_eq!(r, ranges);
         assert_eq!(d, &data[..]);
+    }
+
+    #[test]
+    fn a_pages_table_announces_its_data_and_carries_nothing_else() {
+        let ranges = [
+            MemoryRange {
+                gpa: 0x1000,
+                pages: 2,
+                flags: 0,
+            },
+            MemoryRange {
+                gpa: 0x10_0000,
+                pages: 100,
+                flags: RANGE_ZERO,
+            },
+        ];
+        let t = encode_memory_header(&ranges);
+        assert_eq!(
+            decode_pages_table(&t).unwrap(),
+            (ranges.to_vec(), 2 * PAGE_SIZE)
+        );
+        let mut extra = t.clone();
+        extra.push(0);
+        assert!(decode_pages_table(&extra).is_err());
+        assert!(decode_pages_table(&t[..t.len() - 1]).is_err());
+        assert!(decode_pages_table(&[1]).is_err());
     }
 
     #[test]

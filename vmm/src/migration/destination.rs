@@ -4,8 +4,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ldt_migration::{decode_memory, MessageKind, ProtocolError};
-use vm_memory::{Bytes, GuestAddress};
+use ldt_migration::{
+    decode_memory, decode_memory_table, memory_table_len, MemoryRange, MessageKind, PayloadReader,
+    ProtocolError,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::digest::PageHashes;
 use super::transport::{Connection, Listener};
@@ -126,10 +129,16 @@ pub fn receive(
     let mut restored = false;
     let mut received = hello.verify.then(|| PageHashes::zeroed(&machine.vm.slots));
     loop {
-        let frame = conn.recv()?;
+        let start = conn.recv_start()?;
+        if start.kind() == Some(MessageKind::Memory) && !restored {
+            // Straight from the socket into guest memory: no buffer, no copy.
+            receive_memory(machine, conn.payload(&start), received.as_mut())?;
+            continue;
+        }
+        let frame = conn.recv_rest(start)?;
         match frame.kind {
-            MessageKind::Memory if !restored => {
-                apply_memory_into(machine, &frame.payload, received.as_mut())?
+            MessageKind::Pages if !restored => {
+                receive_pages(machine, conn, &frame.payload, received.as_mut())?
             }
             MessageKind::RoundEnd if !restored => rounds += 1,
             MessageKind::State if !restored => {
@@ -137,7 +146,7 @@ pub fn receive(
                 // KVM write the wall clock into guest memory at once).
                 let digest = received.as_ref().map(PageHashes::digest);
                 let t = std::time::Instant::now();
-                restore_state(machine, &frame.payload)?;
+                restore_state(machine, &frame.payload, hello.binary_state)?;
                 let restore_ms = Some(t.elapsed().as_secs_f64() * 1e3);
                 restored = true;
                 conn.send(
@@ -175,35 +184,14 @@ pub fn apply_memory_into(
     let (ranges, data) = decode_memory(payload)?;
     let mut off = 0usize;
     for r in ranges {
-        let len = r.pages as u64 * PAGE_SIZE;
-        let valid = machine
-            .vm
-            .slots
-            .iter()
-            .any(|s| r.gpa >= s.guest_addr && r.gpa + len <= s.guest_addr + s.size);
-        if !valid {
-            return Err(MigrationError::BadMessage(
-                "Memory",
-                format!("range {:#x}+{len:#x} is not guest RAM", r.gpa),
-            ));
-        }
+        let len = check_in_ram(machine, &r)?;
         if r.is_zero() {
-            if let Some(h) = hashes.as_mut() {
-                for p in 0..r.pages as u64 {
-                    h.set_zero(r.gpa + p * PAGE_SIZE);
-                }
-            }
-            // Dropped, not written: costs nothing where the pages are zero
-            // already (most of a fresh destination's RAM, in round 0), and
-            // allocates nothing.
-            crate::vm::memory::discard(&machine.vm.memory, r.gpa, len)?;
+            apply_zero_range(machine, &r, hashes.as_deref_mut())?;
         } else {
             let bytes = &data[off..off + len as usize];
             machine.vm.memory.write_slice(bytes, GuestAddress(r.gpa))?;
             if let Some(h) = hashes.as_mut() {
-                for (p, page) in bytes.chunks_exact(PAGE_SIZE as usize).enumerate() {
-                    h.set(r.gpa + p as u64 * PAGE_SIZE, page);
-                }
+                record_pages(h, r.gpa, bytes);
             }
             off += len as usize;
         }
@@ -211,9 +199,150 @@ pub fn apply_memory_into(
     Ok(())
 }
 
+/// Receives one memory message from the stream into guest memory: the
+/// table first (checked), then each non-zero range read in place. The
+/// checksum is checked at the end; a frame that fails it fails the
+/// migration, so the pages it wrote are never run.
+fn receive_memory(
+    machine: &Machine,
+    mut payload: PayloadReader<'_, impl std::io::Read>,
+    mut hashes: Option<&mut PageHashes>,
+) -> Result<(), MigrationError> {
+    let mut count = [0u8; 4];
+    payload.read_exact(&mut count)?;
+    let table_len = memory_table_len(count, payload.left() + 4)?;
+    let mut table = vec![0u8; table_len - 4];
+    payload.read_exact(&mut table)?;
+    let ranges = decode_memory_table(&table, payload.left())?;
+    for r in &ranges {
+        check_in_ram(machine, r)?;
+    }
+    for r in &ranges {
+        if r.is_zero() {
+            apply_zero_range(machine, r, hashes.as_deref_mut())?;
+            continue;
+        }
+        // SAFETY: checked above to be guest RAM; see `guest_bytes`.
+        let bytes = unsafe { guest_bytes(machine, r)? };
+        payload.read_exact(bytes)?;
+        if let Some(h) = hashes.as_mut() {
+            record_pages(h, r.gpa, bytes);
+        }
+    }
+    payload.finish()?;
+    Ok(())
+}
+
+/// Receives the data of a `Pages` message whose table is `table` from the
+/// stream, each range straight into guest memory.
+fn receive_pages(
+    machine: &Machine,
+    conn: &mut Connection,
+    table: &[u8],
+    mut hashes: Option<&mut PageHashes>,
+) -> Result<(), MigrationError> {
+    let (ranges, _) = ldt_migration::decode_pages_table(table)?;
+    for r in &ranges {
+        check_in_ram(machine, r)?;
+    }
+    for r in &ranges {
+        if r.is_zero() {
+            apply_zero_range(machine, r, hashes.as_deref_mut())?;
+            continue;
+        }
+        // SAFETY: checked above to be guest RAM; see `guest_bytes`.
+        let bytes = unsafe { guest_bytes(machine, r)? };
+        populate(bytes);
+        conn.recv_unframed(bytes)?;
+        if let Some(h) = hashes.as_mut() {
+            record_pages(h, r.gpa, bytes);
+        }
+    }
+    Ok(())
+}
+
+/// Allocates the pages of `bytes` in one system call, instead of one page
+/// fault each while the socket's data is copied in (a fresh destination
+/// populates all of the guest's non-zero memory in round 0). Best effort:
+/// a kernel without MADV_POPULATE_WRITE (5.14) faults them in as before.
+fn populate(bytes: &mut [u8]) {
+    // SAFETY: advice on memory this process maps (guest RAM); populating
+    // changes no contents.
+    unsafe {
+        libc::madvise(
+            bytes.as_mut_ptr().cast(),
+            bytes.len(),
+            libc::MADV_POPULATE_WRITE,
+        );
+    }
+}
+
+/// The guest memory of range `r`, to fill.
+///
+/// # Safety
+/// `r` must lie within one memslot (`check_in_ram`), and the VM must not
+/// run (the destination's vCPUs do not before the state is restored), so
+/// nothing else touches the bytes while the slice lives, and the slice must
+/// not outlive `machine`.
+unsafe fn guest_bytes<'a>(
+    machine: &Machine,
+    r: &MemoryRange,
+) -> Result<&'a mut [u8], MigrationError> {
+    let len = r.pages as usize * PAGE_SIZE as usize;
+    let slice = machine.vm.memory.get_slice(GuestAddress(r.gpa), len)?;
+    let ptr = slice.ptr_guard_mut().as_ptr();
+    // SAFETY: `len` bytes mapped for the VM's lifetime; exclusive per
+    // the caller.
+    Ok(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+}
+
+/// The range's length in bytes, if it lies within one memslot of guest RAM.
+fn check_in_ram(machine: &Machine, r: &MemoryRange) -> Result<u64, MigrationError> {
+    let len = r.pages as u64 * PAGE_SIZE;
+    let valid = machine
+        .vm
+        .slots
+        .iter()
+        .any(|s| r.gpa >= s.guest_addr && r.gpa + len <= s.guest_addr + s.size);
+    if !valid {
+        return Err(MigrationError::BadMessage(
+            "Memory",
+            format!("range {:#x}+{len:#x} is not guest RAM", r.gpa),
+        ));
+    }
+    Ok(len)
+}
+
+fn apply_zero_range(
+    machine: &Machine,
+    r: &MemoryRange,
+    hashes: Option<&mut PageHashes>,
+) -> Result<(), MigrationError> {
+    if let Some(h) = hashes {
+        for p in 0..r.pages as u64 {
+            h.set_zero(r.gpa + p * PAGE_SIZE);
+        }
+    }
+    // Dropped, not written: costs nothing where the pages are zero
+    // already (most of a fresh destination's RAM, in round 0), and
+    // allocates nothing.
+    crate::vm::memory::discard(&machine.vm.memory, r.gpa, r.pages as u64 * PAGE_SIZE)?;
+    Ok(())
+}
+
+fn record_pages(h: &mut PageHashes, gpa: u64, bytes: &[u8]) {
+    for (p, page) in bytes.chunks_exact(PAGE_SIZE as usize).enumerate() {
+        h.set(gpa + p as u64 * PAGE_SIZE, page);
+    }
+}
+
 /// Restores VM, vCPU and device state from a State message.
-pub fn restore_state(machine: &Machine, payload: &[u8]) -> Result<(), MigrationError> {
-    let state: MachineState = parse("State", payload)?;
+pub fn restore_state(
+    machine: &Machine,
+    payload: &[u8],
+    binary: bool,
+) -> Result<(), MigrationError> {
+    let state = MachineState::decode(payload, binary)?;
     if state.vcpus.len() != machine.vcpus.len() {
         return Err(MigrationError::BadMessage(
             "State",
@@ -276,6 +405,7 @@ mod tests {
             cpu_profile: CpuProfile::detect(),
             dirty_source: DirtySourceKind::KvmBitmap,
             verify: false,
+            binary_state: true,
             snapshot: None,
         };
         let (console, _out) = ConsoleOut::buffer();
@@ -293,6 +423,51 @@ mod tests {
         for gpa in [0x10_0000, 0x10_1000, 0x20_0000, 0x20_1000] {
             assert!(page(&machine, gpa).iter().all(|b| *b == 0), "{gpa:#x}");
         }
+    }
+
+    /// Receives one framed memory message from `stream` as `receive` does.
+    fn receive_framed(machine: &Machine, stream: &[u8]) -> Result<(), MigrationError> {
+        let mut r = stream;
+        let start = ldt_migration::read_frame_start(&mut r)?;
+        receive_memory(machine, start.payload(&mut r), None)
+    }
+
+    fn framed(payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        ldt_migration::write_frame(&mut v, MessageKind::Memory, payload).unwrap();
+        v
+    }
+
+    #[test]
+    fn memory_received_in_place_lands_where_the_table_says() {
+        let machine = empty_machine(4);
+        receive_framed(&machine, &framed(&message(0x10_0000, 0, 0xcd))).unwrap();
+        assert!(page(&machine, 0x10_0000).iter().all(|b| *b == 0xcd));
+        assert!(page(&machine, 0x10_1000).iter().all(|b| *b == 0xcd));
+        assert!(page(&machine, 0x10_2000).iter().all(|b| *b == 0));
+        receive_framed(&machine, &framed(&message(0x10_0000, RANGE_ZERO, 0))).unwrap();
+        assert!(page(&machine, 0x10_1000).iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn a_corrupted_or_misplaced_message_received_in_place_is_refused() {
+        let machine = empty_machine(4);
+        let mut bad = framed(&message(0x10_0000, 0, 0xcd));
+        *bad.last_mut().unwrap() ^= 0x40;
+        assert!(matches!(
+            receive_framed(&machine, &bad),
+            Err(MigrationError::Protocol(ProtocolError::Checksum))
+        ));
+        // Past the end of RAM: refused before any page is written.
+        let outside = framed(&message(4 << 20, 0, 0xcd));
+        assert!(matches!(
+            receive_framed(&machine, &outside),
+            Err(MigrationError::BadMessage(..))
+        ));
+        // A table announcing more data than the frame holds.
+        let mut short = message(0x10_0000, 0, 0xcd);
+        short.truncate(short.len() - 1);
+        assert!(receive_framed(&machine, &framed(&short)).is_err());
     }
 
     /// Minor page faults taken by this thread so far.

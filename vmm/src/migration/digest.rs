@@ -60,6 +60,8 @@ impl PageIndex {
 pub struct PageHashes {
     index: PageIndex,
     crc: Vec<u32>,
+    /// The CRC-32 of a zero page.
+    zero: u32,
 }
 
 impl PageHashes {
@@ -70,6 +72,7 @@ impl PageHashes {
         PageHashes {
             crc: vec![zero; index.pages()],
             index,
+            zero,
         }
     }
 
@@ -87,7 +90,7 @@ impl PageHashes {
     /// Records that the page at `gpa` is zero.
     pub fn set_zero(&mut self, gpa: u64) {
         if let Some(i) = self.index(gpa) {
-            self.crc[i] = crc32fast::hash(&[0u8; PAGE_SIZE as usize]);
+            self.crc[i] = self.zero;
         }
     }
 
@@ -174,6 +177,7 @@ mod tests {
             cpu_profile: CpuProfile::detect(),
             dirty_source: DirtySourceKind::KvmBitmap,
             verify: true,
+            binary_state: true,
             snapshot: None,
         };
         let (console, _out) = ConsoleOut::buffer();

@@ -13,7 +13,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ldt_migration::{read_frame, write_frame, MessageKind, ProtocolError};
+use ldt_migration::{read_frame, write_frame_parts, MessageKind, ProtocolError};
 use serde::{Deserialize, Serialize};
 
 use super::destination::{apply_memory, restore_state};
@@ -61,9 +61,9 @@ struct FileSink {
 }
 
 impl FrameSink for FileSink {
-    fn send(&mut self, kind: MessageKind, payload: &[u8]) -> io::Result<()> {
-        self.bytes += payload.len() as u64 + 20;
-        write_frame(&mut self.out, kind, payload)
+    fn send_parts(&mut self, kind: MessageKind, parts: &[&[u8]]) -> io::Result<()> {
+        self.bytes += parts.iter().map(|p| p.len() as u64).sum::<u64>() + 20;
+        write_frame_parts(&mut self.out, kind, parts)
     }
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
@@ -179,6 +179,8 @@ fn write_snapshot(
         cpu_profile: ctl.cpu_profile,
         dirty_source: opts.dirty_source,
         verify: false,
+        // Files keep JSON state, readable with any tool.
+        binary_state: false,
         snapshot: Some(SnapshotInfo {
             id: id.clone(),
             base: base_id.clone(),
@@ -299,7 +301,7 @@ pub fn restore(
         });
     }
     if let Some((path, state)) = last_state {
-        restore_state(&machine, &state)
+        restore_state(&machine, &state, hello.binary_state)
             .map_err(|e| MigrationError::Build(format!("{}: {e}", path.display())))?;
     }
     Ok((hello, machine))

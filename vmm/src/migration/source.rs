@@ -5,20 +5,22 @@ use std::time::{Duration, Instant};
 
 use ldt_migration::{encode_memory_header, MemoryRange, MessageKind, RANGE_ZERO};
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress};
 
 use super::digest::PageHashes;
 use super::report::{memcpy_rate_mb_s, DowntimeBreakdown, MigrationReport, Progress, RoundStats};
 use super::throttle::Throttle;
 use super::transport::{self, Connection, Endpoint, FrameSink};
-use super::{is_zero, parse, Hello, MachineState, MigrationError, Ready};
+use super::{page_is_zero, parse, Hello, MachineState, MigrationError, Ready};
 use crate::arch::layout::PAGE_SIZE;
 use crate::dirty::{self, DirtyBitmap, DirtySource, DirtySourceKind};
 use crate::runner::{RunState, TrackingUser, VmControl};
 use crate::vm::state::{msr_index_list, VcpuState, VmState};
 
-/// Pages per memory message (4 MiB).
+/// Data pages per memory message (4 MiB).
 const CHUNK_PAGES: u64 = 1024;
+/// Pages a memory message covers in all: zero pages cost only a table
+/// entry per run, so a mostly zero round 0 needs few messages.
+const CHUNK_SPAN_PAGES: u64 = 16 * CHUNK_PAGES;
 
 /// Deadlines. While the guest runs (pre-copy), every send, flush and
 /// receive must complete within `PRECOPY_STALL` (longer when a bandwidth
@@ -112,7 +114,96 @@ pub struct MigrateOptions {
     pub auto_converge: bool,
 }
 
-/// Sends the pages of `dirty`, in 4 MiB messages; all-zero pages go as flags.
+/// One memory message being filled: runs of zero and non-zero pages, and
+/// where the non-zero ones' data is: runs of guest memory, sent from
+/// there, or (`copy`) a copy of each page taken as it was hashed, so that
+/// what is sent is what --verify recorded.
+struct Chunk {
+    ranges: Vec<MemoryRange>,
+    /// (host address, bytes) of the data in guest memory.
+    runs: Vec<(usize, usize)>,
+    data: Vec<u8>,
+    copy: bool,
+    pages: u64,
+    data_pages: u64,
+}
+
+impl Chunk {
+    fn new(copy: bool) -> Self {
+        Chunk {
+            ranges: Vec::new(),
+            runs: Vec::new(),
+            data: Vec::with_capacity(if copy {
+                (CHUNK_PAGES * PAGE_SIZE) as usize
+            } else {
+                0
+            }),
+            copy,
+            pages: 0,
+            data_pages: 0,
+        }
+    }
+
+    /// Appends the page at `gpa` to the table.
+    fn push_range(&mut self, gpa: u64, zero: bool) {
+        let flags = if zero { RANGE_ZERO } else { 0 };
+        match self.ranges.last_mut() {
+            Some(r) if r.flags == flags && r.gpa + r.pages as u64 * PAGE_SIZE == gpa => {
+                r.pages += 1
+            }
+            _ => self.ranges.push(MemoryRange {
+                gpa,
+                pages: 1,
+                flags,
+            }),
+        }
+        self.pages += 1;
+    }
+
+    /// Appends the non-zero page at `gpa`, mapped at `src`; returns its
+    /// bytes as they will be sent.
+    ///
+    /// # Safety
+    /// `src` maps the page for the VM's lifetime, page-aligned.
+    unsafe fn push_data(&mut self, gpa: u64, src: *const u8) -> &[u8] {
+        let page = PAGE_SIZE as usize;
+        self.push_range(gpa, false);
+        self.data_pages += 1;
+        if self.copy {
+            let at = self.data.len();
+            // SAFETY: `src` per the caller; the destination is reserved
+            // capacity (at most CHUNK_PAGES pages before `full`),
+            // initialized by the copy.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src, self.data.as_mut_ptr().add(at), page);
+                self.data.set_len(at + page);
+            }
+            return &self.data[at..];
+        }
+        let addr = src as usize;
+        match self.runs.last_mut() {
+            Some((start, len)) if *start + *len == addr => *len += page,
+            _ => self.runs.push((addr, page)),
+        }
+        // SAFETY: per the caller.
+        unsafe { std::slice::from_raw_parts(src, page) }
+    }
+
+    fn full(&self) -> bool {
+        self.data_pages >= CHUNK_PAGES || self.pages >= CHUNK_SPAN_PAGES
+    }
+
+    fn clear(&mut self) {
+        self.ranges.clear();
+        self.runs.clear();
+        self.data.clear();
+        self.pages = 0;
+        self.data_pages = 0;
+    }
+}
+
+/// Sends the pages of `dirty`, in messages of up to 4 MiB of data;
+/// all-zero pages go as flags.
 pub(crate) struct Sender<'a> {
     pub ctl: &'a VmControl,
     /// Set by `migrate-cancel`: checked before every message.
@@ -124,6 +215,33 @@ pub(crate) struct Sender<'a> {
     sent_total: u64,
     copy_time: Duration,
     memory_bytes: u64,
+    chunk: Chunk,
+    /// /proc/self/pagemap, to skip pages never populated (`untouched`).
+    pagemap: Option<std::fs::File>,
+}
+
+/// Runs this long or longer are probed in the pagemap before being read.
+const PROBE_MIN_PAGES: u64 = 64;
+
+/// Which of `pages` pages from host address `host` were never populated
+/// (neither present nor swapped out): in guest RAM, a private anonymous
+/// mapping, those read as zero. Reading one would fault in the shared zero
+/// page for nothing; most of a fresh guest's RAM in round 0 is such. A
+/// page populated after the probe is a write the dirty source reports.
+/// `None` if the pagemap cannot be read.
+fn untouched(pagemap: &std::fs::File, host: *const u8, pages: u64) -> Option<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let mut raw = vec![0u8; pages as usize * 8];
+    pagemap
+        .read_exact_at(&mut raw, (host as u64 / PAGE_SIZE) * 8)
+        .ok()?;
+    Some(
+        raw.chunks_exact(8)
+            .map(|e| u64::from_le_bytes(e.try_into().unwrap()) & (PRESENT | SWAPPED) == 0)
+            .collect(),
+    )
 }
 
 impl<'a> Sender<'a> {
@@ -137,7 +255,35 @@ impl<'a> Sender<'a> {
             sent_total,
             copy_time: Duration::ZERO,
             memory_bytes: 0,
+            chunk: Chunk::new(false),
+            pagemap: std::fs::File::open("/proc/self/pagemap").ok(),
         }
+    }
+
+    /// Records a CRC-32 of every page as sent (--verify); pages are then
+    /// copied before they are hashed and sent.
+    pub fn record_hashes(&mut self, hashes: PageHashes) {
+        self.sent_hashes = Some(hashes);
+        self.chunk = Chunk::new(true);
+    }
+
+    /// The host address of `gpa` and the number of pages from it up to
+    /// `end` that lie in the same memslot.
+    fn host_run(&self, gpa: u64, end: u64) -> Result<(*const u8, u64), MigrationError> {
+        let slot = self
+            .ctl
+            .vm
+            .slots
+            .iter()
+            .find(|s| gpa >= s.guest_addr && gpa < s.guest_addr + s.size)
+            .ok_or(vm_memory::GuestMemoryError::InvalidGuestAddress(
+                vm_memory::GuestAddress(gpa),
+            ))?;
+        let pages = (end.min(slot.guest_addr + slot.size) - gpa) / PAGE_SIZE;
+        Ok((
+            (slot.host_addr + (gpa - slot.guest_addr)) as *const u8,
+            pages,
+        ))
     }
 
     /// Sends every page of `dirty`, then a RoundEnd.
@@ -153,32 +299,51 @@ impl<'a> Sender<'a> {
             round,
             ..Default::default()
         };
+        // One pass over guest memory: each page is tested for zero where
+        // it lies, and a non-zero one goes from there to the socket (or is
+        // copied once, with --verify).
         // Scattered dirty runs are packed into full messages: one frame,
-        // one checksum and one range table per 4 MiB, not per run.
-        let chunk = (CHUNK_PAGES * PAGE_SIZE) as usize;
-        let mut buf = vec![0u8; chunk];
-        let mut gpas: Vec<u64> = Vec::with_capacity(CHUNK_PAGES as usize);
+        // one checksum and one range table per message, not per run.
+        let page = PAGE_SIZE as usize;
         for (start, len) in dirty.ranges() {
-            let mut off = 0;
-            while off < len {
-                let fill = gpas.len() * PAGE_SIZE as usize;
-                let n = ((chunk - fill) as u64).min(len - off);
-                let gpa = start + off;
-                self.ctl
-                    .vm
-                    .memory
-                    .read_slice(&mut buf[fill..fill + n as usize], GuestAddress(gpa))?;
-                gpas.extend((0..n / PAGE_SIZE).map(|p| gpa + p * PAGE_SIZE));
-                off += n;
-                if gpas.len() == CHUNK_PAGES as usize {
-                    self.send_chunk(sink, &gpas, &buf, &mut stats)?;
-                    gpas.clear();
+            let end = start + len;
+            let mut gpa = start;
+            while gpa < end {
+                let (host, pages) = self.host_run(gpa, end)?;
+                let never = match &self.pagemap {
+                    Some(m) if pages >= PROBE_MIN_PAGES => untouched(m, host, pages),
+                    _ => None,
+                };
+                for p in 0..pages as usize {
+                    let page_gpa = gpa + (p * page) as u64;
+                    // SAFETY: `host` maps the memslot's pages from `gpa`
+                    // on, `pages` of them (`host_run`), for as long as the
+                    // VM lives; page-aligned. vCPUs may write the page
+                    // meanwhile: then the dirty source reports it again
+                    // and a later round resends it.
+                    let src = unsafe { host.add(p * page) };
+                    let zero = never.as_ref().is_some_and(|n| n[p]) || unsafe { page_is_zero(src) };
+                    if zero {
+                        self.chunk.push_range(page_gpa, true);
+                        if let Some(h) = self.sent_hashes.as_mut() {
+                            h.set_zero(page_gpa)
+                        }
+                    } else {
+                        // SAFETY: as above.
+                        let bytes = unsafe { self.chunk.push_data(page_gpa, src) };
+                        if let Some(h) = self.sent_hashes.as_mut() {
+                            h.set(page_gpa, bytes)
+                        }
+                    }
+                    if self.chunk.full() {
+                        self.send_chunk(sink, &mut stats)?;
+                    }
                 }
+                gpa += pages * PAGE_SIZE;
             }
         }
-        if !gpas.is_empty() {
-            let fill = gpas.len() * PAGE_SIZE as usize;
-            self.send_chunk(sink, &gpas, &buf[..fill], &mut stats)?;
+        if self.chunk.pages > 0 {
+            self.send_chunk(sink, &mut stats)?;
         }
         sink.send(MessageKind::RoundEnd, &round.to_le_bytes())?;
         sink.flush()?;
@@ -190,58 +355,34 @@ impl<'a> Sender<'a> {
         Ok(stats)
     }
 
-    /// One message: the pages of `data`, page i at guest-physical
-    /// `gpas[i]`, as runs of zero and non-zero pages. The non-zero pages
-    /// are copied once, straight into the message.
+    /// Sends the filled chunk as one message: its table, then its data.
     fn send_chunk(
         &mut self,
         sink: &mut dyn FrameSink,
-        gpas: &[u64],
-        data: &[u8],
         stats: &mut RoundStats,
     ) -> Result<(), MigrationError> {
         check_cancel(self.cancel)?;
-        // Each range with the index in `data` of its first page.
-        let mut ranges: Vec<MemoryRange> = Vec::new();
-        let mut firsts: Vec<usize> = Vec::new();
-        for (i, (page, &page_gpa)) in data.chunks_exact(PAGE_SIZE as usize).zip(gpas).enumerate() {
-            let zero = is_zero(page);
-            let flags = if zero { RANGE_ZERO } else { 0 };
-            if let Some(h) = self.sent_hashes.as_mut() {
-                if zero {
-                    h.set_zero(page_gpa)
-                } else {
-                    h.set(page_gpa, page)
-                }
-            }
-            match ranges.last_mut() {
-                Some(r) if r.flags == flags && r.gpa + r.pages as u64 * PAGE_SIZE == page_gpa => {
-                    r.pages += 1
-                }
-                _ => {
-                    ranges.push(MemoryRange {
-                        gpa: page_gpa,
-                        pages: 1,
-                        flags,
-                    });
-                    firsts.push(i);
-                }
-            }
-        }
-        let mut msg = encode_memory_header(&ranges);
-        msg.reserve(data.len());
-        for (r, &first) in ranges.iter().zip(&firsts) {
-            let pages = r.pages as u64;
+        for r in &self.chunk.ranges {
             if r.is_zero() {
-                stats.zero_pages += pages;
-            } else {
-                let off = first * PAGE_SIZE as usize;
-                msg.extend_from_slice(&data[off..off + (pages * PAGE_SIZE) as usize]);
+                stats.zero_pages += r.pages as u64;
             }
-            stats.pages += pages;
         }
-        sink.send(MessageKind::Memory, &msg)?;
-        self.memory_bytes += data.len() as u64;
+        stats.pages += self.chunk.pages;
+        let table = encode_memory_header(&self.chunk.ranges);
+        let data: Vec<&[u8]> = if self.chunk.copy {
+            vec![&self.chunk.data]
+        } else {
+            self.chunk
+                .runs
+                .iter()
+                // SAFETY: runs of guest memory (`push_data`), mapped for
+                // the VM's lifetime.
+                .map(|&(addr, len)| unsafe { std::slice::from_raw_parts(addr as *const u8, len) })
+                .collect()
+        };
+        sink.send_memory(&table, &data)?;
+        self.memory_bytes += self.chunk.pages * PAGE_SIZE;
+        self.chunk.clear();
         self.throttle(sink)?;
         Ok(())
     }
@@ -350,6 +491,7 @@ fn migrate_claimed(
         cpu_profile: ctl.cpu_profile,
         dirty_source: opts.dirty_source,
         verify: opts.verify,
+        binary_state: true,
         snapshot: None,
     };
     conn.send(
@@ -407,7 +549,7 @@ fn run_rounds(
     let mut sender = Sender::new(ctl, opts.bandwidth_limit_mbps, conn.bytes_sent);
     sender.cancel = Some(cancel);
     if opts.verify {
-        sender.sent_hashes = Some(PageHashes::zeroed(&ctl.vm.slots));
+        sender.record_hashes(PageHashes::zeroed(&ctl.vm.slots));
     }
     // Round 0 sends all memory, so what the source reports up to here (all
     // of it with INITIALLY_SET) is covered: drop it, or round 1 resends it.
@@ -499,10 +641,7 @@ fn run_rounds(
     let state = save_machine_state(ctl)?;
     b.state_save_ms = lap.ms();
     let copy_mb_s = sender.memory_bytes as f64 / sender.copy_time.as_secs_f64().max(1e-9) / 1e6;
-    conn.send(
-        MessageKind::State,
-        &serde_json::to_vec(&state).expect("state serializes"),
-    )?;
+    conn.send(MessageKind::State, &state.encode())?;
     conn.flush()?;
     b.state_transfer_ms = lap.ms();
     // What was sent, against what arrived: a stream or apply error aborts.

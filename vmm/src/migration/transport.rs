@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-use ldt_migration::{read_frame, write_frame, Frame, MessageKind, ProtocolError};
+use ldt_migration::{
+    read_frame_rest, read_frame_start, read_unframed, write_frame_parts, Frame, FrameStart,
+    MessageKind, PayloadReader, ProtocolError,
+};
 
 /// A migration endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -193,6 +196,9 @@ impl Read for DeadlineIo {
 impl Write for DeadlineIo {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.call(|s| s.write(buf))
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.call(|s| s.write_vectored(bufs))
     }
     fn flush(&mut self) -> io::Result<()> {
         self.socket.flush()
@@ -447,15 +453,31 @@ impl Socket for TlsSocket {
 
 /// Where frames go: a connection or a snapshot file.
 pub trait FrameSink {
-    fn send(&mut self, kind: MessageKind, payload: &[u8]) -> io::Result<()>;
+    fn send(&mut self, kind: MessageKind, payload: &[u8]) -> io::Result<()> {
+        self.send_parts(kind, &[payload])
+    }
+    /// Sends one frame whose payload is `parts` back to back.
+    fn send_parts(&mut self, kind: MessageKind, parts: &[&[u8]]) -> io::Result<()>;
+    /// Sends memory: a range table (`encode_memory_header`) and the data of
+    /// its non-zero ranges in table order. The data must not change until
+    /// this returns unless the sink reads it only once (a `Pages` stream).
+    fn send_memory(&mut self, table: &[u8], data: &[&[u8]]) -> io::Result<()> {
+        let mut parts = Vec::with_capacity(1 + data.len());
+        parts.push(table);
+        parts.extend_from_slice(data);
+        self.send_parts(MessageKind::Memory, &parts)
+    }
     fn flush(&mut self) -> io::Result<()>;
     /// Bytes written so far, headers included.
     fn bytes_sent(&self) -> u64;
 }
 
 impl FrameSink for Connection {
-    fn send(&mut self, kind: MessageKind, payload: &[u8]) -> io::Result<()> {
-        Connection::send(self, kind, payload)
+    fn send_parts(&mut self, kind: MessageKind, parts: &[&[u8]]) -> io::Result<()> {
+        Connection::send_parts(self, kind, parts)
+    }
+    fn send_memory(&mut self, table: &[u8], data: &[&[u8]]) -> io::Result<()> {
+        Connection::send_pages(self, table, data)
     }
     fn flush(&mut self) -> io::Result<()> {
         Connection::flush(self)
@@ -504,9 +526,15 @@ impl Connection {
 
     /// Sends a frame (buffered; `flush` or `recv` pushes it out).
     pub fn send(&mut self, kind: MessageKind, payload: &[u8]) -> io::Result<()> {
+        self.send_parts(kind, &[payload])
+    }
+
+    /// Sends a frame whose payload is `parts` back to back (large parts go
+    /// from where they are straight to the socket).
+    pub fn send_parts(&mut self, kind: MessageKind, parts: &[&[u8]]) -> io::Result<()> {
         self.arm_writer();
-        self.bytes_sent += payload.len() as u64 + 20;
-        write_frame(&mut self.writer, kind, payload)
+        self.bytes_sent += parts.iter().map(|p| p.len() as u64).sum::<u64>() + 20;
+        write_frame_parts(&mut self.writer, kind, parts)
     }
 
     pub fn flush(&mut self) -> io::Result<()> {
@@ -514,11 +542,61 @@ impl Connection {
         self.writer.flush()
     }
 
+    /// Sends a `Pages` message: the table as a frame, then the data as it
+    /// is, with as few system calls as the socket allows (large runs go
+    /// from where they are, guest memory, straight to the socket).
+    pub fn send_pages(&mut self, table: &[u8], data: &[&[u8]]) -> io::Result<()> {
+        self.send(MessageKind::Pages, table)?;
+        let mut slices: Vec<io::IoSlice<'_>> = data
+            .iter()
+            .filter(|d| !d.is_empty())
+            .map(|d| io::IoSlice::new(d))
+            .collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            match self.writer.write_vectored(rest) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.bytes_sent += n as u64;
+                    io::IoSlice::advance_slices(&mut rest, n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes that follow a frame outside it (a `Pages`
+    /// message's data), within the deadline of that frame's `recv_start`.
+    pub fn recv_unframed(&mut self, buf: &mut [u8]) -> Result<(), ProtocolError> {
+        read_unframed(&mut self.reader, buf)
+    }
+
     /// Flushes, then waits for the next frame.
     pub fn recv(&mut self) -> Result<Frame, ProtocolError> {
+        let start = self.recv_start()?;
+        self.recv_rest(start)
+    }
+
+    /// Flushes, then waits for the next frame's header; its payload follows
+    /// with `recv_rest` or piece by piece from `payload` (one deadline for
+    /// the whole frame).
+    pub fn recv_start(&mut self) -> Result<FrameStart, ProtocolError> {
         self.flush()?;
         self.reader.get_mut().deadline = self.op_deadline();
-        read_frame(&mut self.reader)
+        read_frame_start(&mut self.reader)
+    }
+
+    /// The payload of the frame `start` began, whole.
+    pub fn recv_rest(&mut self, start: FrameStart) -> Result<Frame, ProtocolError> {
+        read_frame_rest(&mut self.reader, start)
+    }
+
+    /// The payload of the frame `start` began, to read in pieces (straight
+    /// into their final place).
+    pub fn payload(&mut self, start: &FrameStart) -> PayloadReader<'_, impl Read> {
+        start.payload(&mut self.reader)
     }
 
     /// Bounds every later send, flush and receive to `t` each (`None`: no
