@@ -37,6 +37,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -49,6 +50,7 @@
 #include <linux/userfaultfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -2478,6 +2480,117 @@ static void test_mremap_logged(void)
 	result(ok, name);
 }
 
+/*
+ * CONFIG_LWDT_DEBUG's hold of a huge PMD zap (mm/lwdt_debug.c): write 1 to
+ * arm it (0 disarms); reads 0 idle, 1 armed, 2 holding, 3 passed.
+ */
+#define ZAP_HOLD	"/sys/kernel/debug/lwdt/pmd_zap_hold"
+#define ZAP_HOLDING	2
+
+struct zap_hold {
+	void *p;
+	int cpu, err;
+	int done;
+};
+
+static void *zap_hold_fn(void *arg)
+{
+	struct zap_hold *z = arg;
+	cpu_set_t set;
+
+	CPU_ZERO(&set);
+	CPU_SET(z->cpu, &set);
+	pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+	z->err = madvise(z->p, THP_SIZE, MADV_DONTNEED) ? errno : 0;
+	__atomic_store_n(&z->done, 1, __ATOMIC_RELEASE);
+	return NULL;
+}
+
+/*
+ * A THP zapped (MADV_DONTNEED) while a harvest walks it: the harvest must
+ * see the PMD or its log entry, never neither.  The zap clears the PMD
+ * under the PMD lock; a harvest that finds it none without taking that
+ * lock, and reads the log before the zap wrote it, reports nothing for the
+ * 2 MiB page, which then reads as zeros.  The window is a few instructions
+ * wide, too narrow to hit reliably by racing, so CONFIG_LWDT_DEBUG's hold
+ * stops the zap (in a thread on another CPU) right after it cleared the
+ * PMD, until a harvest walked past the hole (or two seconds passed); the
+ * harvest runs while the zap holds.  On one CPU nothing can run in that
+ * window (the zap holds a spinlock), so the test is skipped there.
+ */
+static void test_zap_thp_during_harvest(void)
+{
+	const char *name = "zap_thp_during_harvest";
+	size_t npages = THP_SIZE / page_size, reported = 0;
+	cpu_set_t old_set, set;
+	struct zap_hold z = { 0 };
+	bool ok = true;
+	struct area a;
+	long state = -1;
+	pthread_t th;
+
+	if (sysconf(_SC_NPROCESSORS_ONLN) < 2) {
+		skip(name, "one CPU: nothing runs while the zap holds its lock");
+		return;
+	}
+	if (access(ZAP_HOLD, W_OK))
+		mount("debugfs", "/sys/kernel/debug", "debugfs", 0, NULL);
+	if (access(ZAP_HOLD, W_OK)) {
+		skip(name, "no " ZAP_HOLD " (CONFIG_LWDT_DEBUG=n)");
+		return;
+	}
+	if (area_setup(name, &a, THP, THP_SIZE))
+		return;
+	if (thp_pages(a.p, a.len) != (long)npages) {
+		skip(name, "not mapped by one THP");
+		area_unmap(&a);
+		return;
+	}
+	if (sched_getaffinity(0, sizeof(old_set), &old_set) ||
+	    lwdt_start(a.p, a.len)) {
+		result(false, name);
+		area_unmap(&a);
+		return;
+	}
+	/* Clean for the tracker now: the zap alone must be reported. */
+	CPU_ZERO(&set);
+	CPU_SET(0, &set);
+	sched_setaffinity(0, sizeof(set), &set);
+	z.p = a.p;
+	z.cpu = 1;
+	if (write_long(ZAP_HOLD, 1) ||
+	    pthread_create(&th, NULL, zap_hold_fn, &z)) {
+		diag("%s: cannot arm the hold or start the zap", name);
+		write_long(ZAP_HOLD, 0);
+		ok = false;
+		goto out;
+	}
+	/* Harvest while the zap holds the cleared PMD under its lock. */
+	while (!__atomic_load_n(&z.done, __ATOMIC_ACQUIRE) &&
+	       (state = read_long(ZAP_HOLD)) != ZAP_HOLDING)
+		sched_yield();
+	if (state == ZAP_HOLDING) {
+		if (lwdt_collect(a.p, a.len, a.ldt))
+			ok = false;
+		reported = count(a.ldt, npages);
+	}
+	pthread_join(th, NULL);
+	write_long(ZAP_HOLD, 0);
+	if (z.err || state != ZAP_HOLDING) {
+		diag("%s: the zap did not hold (%s)", name, strerror(z.err));
+		ok = false;
+	} else if (reported != npages) {
+		diag("%s: %zu of %zu pages of the zapped THP reported", name,
+		     reported, npages);
+		ok = false;
+	}
+out:
+	sched_setaffinity(0, sizeof(old_set), &old_set);
+	lwdt_stop();
+	area_unmap(&a);
+	result(ok, name);
+}
+
 struct test {
 	const char *name;
 	void (*fn)(void);
@@ -2587,6 +2700,7 @@ static const struct test tests[] = {
 	{ "hugetlb_readonly", test_hugetlb_readonly },
 	{ "foll_force_readonly_anon", test_foll_force },
 	{ "mremap_logged_anon", test_mremap_logged },
+	{ "zap_thp_during_harvest", test_zap_thp_during_harvest },
 };
 
 #ifndef ARRAY_SIZE
