@@ -61,7 +61,8 @@ def line(name, sel):
         return f"soak: {name}: no successful migration"
     d = [float(kv["downtime_ms"]) for kv in ok]
     t = [float(kv["total_ms"]) for kv in ok]
-    return (f"soak: {name}: {len(sel)} migrations, {sum(r != \"ok\" for _, r, _ in sel)} failed; "
+    failed = sum(1 for _, r, _ in sel if r != "ok")
+    return (f"soak: {name}: {len(sel)} migrations, {failed} failed; "
             f"downtime ms p50 {pct(d, .5):.1f} p95 {pct(d, .95):.1f}; "
             f"total ms p50 {pct(t, .5):.0f} p95 {pct(t, .95):.0f}")
 print(line("all", rows))
