@@ -583,6 +583,45 @@ pub fn call(path: &Path, req: &Request) -> anyhow::Result<Response> {
 mod tests {
     use super::*;
 
+    fn finished_job(state: MigrationState) -> Arc<MigrationJob> {
+        Arc::new(MigrationJob {
+            status: Mutex::new((
+                MigrationStatus {
+                    state,
+                    elapsed_ms: 0.0,
+                    progress: None,
+                    report: None,
+                    error: None,
+                },
+                false,
+            )),
+            read: Condvar::new(),
+            cancel: AtomicBool::new(false),
+            started: Instant::now(),
+        })
+    }
+
+    #[test]
+    fn a_final_status_counts_as_read_only_once_it_was_sent() {
+        let jobs = Jobs::default();
+        let job = finished_job(MigrationState::Completed);
+        *jobs.current.lock().unwrap() = Some(job.clone());
+        let (resp, done) = jobs.status();
+        assert!(resp.ok);
+        // Answered but not yet written: the source must not end yet.
+        assert!(!job.status.lock().unwrap().1);
+        let done = done.expect("a completed migration's status is final");
+        Jobs::final_status_sent(&done);
+        assert!(job.status.lock().unwrap().1);
+    }
+
+    #[test]
+    fn a_running_status_is_not_final() {
+        let jobs = Jobs::default();
+        *jobs.current.lock().unwrap() = Some(finished_job(MigrationState::Running));
+        assert!(jobs.status().1.is_none());
+    }
+
     #[test]
     fn requests_round_trip_as_tagged_json() {
         let r = parse_request(r#"{"command":"dirty-start","source":"kvm-ring"}"#).unwrap();
