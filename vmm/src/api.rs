@@ -203,6 +203,26 @@ struct MigrationJob {
     started: std::time::Instant,
 }
 
+impl MigrationJob {
+    fn new(state: MigrationState) -> Self {
+        MigrationJob {
+            status: Mutex::new((
+                MigrationStatus {
+                    state,
+                    elapsed_ms: 0.0,
+                    progress: None,
+                    report: None,
+                    error: None,
+                },
+                false,
+            )),
+            read: Condvar::new(),
+            cancel: AtomicBool::new(false),
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
 /// The API server's migrations: the last one started.
 #[derive(Default)]
 struct Jobs {
@@ -230,21 +250,7 @@ impl Jobs {
                 return Response::err("a migration is already in progress");
             }
         }
-        let job = Arc::new(MigrationJob {
-            status: Mutex::new((
-                MigrationStatus {
-                    state: MigrationState::Running,
-                    elapsed_ms: 0.0,
-                    progress: None,
-                    report: None,
-                    error: None,
-                },
-                false,
-            )),
-            read: Condvar::new(),
-            cancel: AtomicBool::new(false),
-            started: std::time::Instant::now(),
-        });
+        let job = Arc::new(MigrationJob::new(MigrationState::Running));
         let j = job.clone();
         let spawned = std::thread::Builder::new()
             .name("migration".into())
@@ -583,28 +589,10 @@ pub fn call(path: &Path, req: &Request) -> anyhow::Result<Response> {
 mod tests {
     use super::*;
 
-    fn finished_job(state: MigrationState) -> Arc<MigrationJob> {
-        Arc::new(MigrationJob {
-            status: Mutex::new((
-                MigrationStatus {
-                    state,
-                    elapsed_ms: 0.0,
-                    progress: None,
-                    report: None,
-                    error: None,
-                },
-                false,
-            )),
-            read: Condvar::new(),
-            cancel: AtomicBool::new(false),
-            started: Instant::now(),
-        })
-    }
-
     #[test]
     fn a_final_status_counts_as_read_only_once_it_was_sent() {
         let jobs = Jobs::default();
-        let job = finished_job(MigrationState::Completed);
+        let job = Arc::new(MigrationJob::new(MigrationState::Completed));
         *jobs.current.lock().unwrap() = Some(job.clone());
         let (resp, done) = jobs.status();
         assert!(resp.ok);
@@ -618,7 +606,7 @@ mod tests {
     #[test]
     fn a_running_status_is_not_final() {
         let jobs = Jobs::default();
-        *jobs.current.lock().unwrap() = Some(finished_job(MigrationState::Running));
+        *jobs.current.lock().unwrap() = Some(Arc::new(MigrationJob::new(MigrationState::Running)));
         assert!(jobs.status().1.is_none());
     }
 

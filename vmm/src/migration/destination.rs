@@ -206,7 +206,7 @@ pub fn apply_memory_into(
 fn receive_memory(
     machine: &Machine,
     mut payload: PayloadReader<'_, impl std::io::Read>,
-    mut hashes: Option<&mut PageHashes>,
+    hashes: Option<&mut PageHashes>,
 ) -> Result<(), MigrationError> {
     let mut count = [0u8; 4];
     payload.read_exact(&mut count)?;
@@ -214,21 +214,9 @@ fn receive_memory(
     let mut table = vec![0u8; table_len - 4];
     payload.read_exact(&mut table)?;
     let ranges = decode_memory_table(&table, payload.left())?;
-    for r in &ranges {
-        check_in_ram(machine, r)?;
-    }
-    for r in &ranges {
-        if r.is_zero() {
-            apply_zero_range(machine, r, hashes.as_deref_mut())?;
-            continue;
-        }
-        // SAFETY: checked above to be guest RAM; see `guest_bytes`.
-        let bytes = unsafe { guest_bytes(machine, r)? };
-        payload.read_exact(bytes)?;
-        if let Some(h) = hashes.as_mut() {
-            record_pages(h, r.gpa, bytes);
-        }
-    }
+    fill_ranges(machine, &ranges, hashes, |bytes| {
+        Ok(payload.read_exact(bytes)?)
+    })?;
     payload.finish()?;
     Ok(())
 }
@@ -239,21 +227,35 @@ fn receive_pages(
     machine: &Machine,
     conn: &mut Connection,
     table: &[u8],
-    mut hashes: Option<&mut PageHashes>,
+    hashes: Option<&mut PageHashes>,
 ) -> Result<(), MigrationError> {
     let (ranges, _) = ldt_migration::decode_pages_table(table)?;
-    for r in &ranges {
+    fill_ranges(machine, &ranges, hashes, |bytes| {
+        populate(bytes);
+        Ok(conn.recv_unframed(bytes)?)
+    })
+}
+
+/// Applies `ranges` to guest memory, all checked to be guest RAM before
+/// any is touched: a zero range is discarded, every other one filled in
+/// place by `read`, in order; `hashes` records what each page now holds.
+fn fill_ranges(
+    machine: &Machine,
+    ranges: &[MemoryRange],
+    mut hashes: Option<&mut PageHashes>,
+    mut read: impl FnMut(&mut [u8]) -> Result<(), MigrationError>,
+) -> Result<(), MigrationError> {
+    for r in ranges {
         check_in_ram(machine, r)?;
     }
-    for r in &ranges {
+    for r in ranges {
         if r.is_zero() {
             apply_zero_range(machine, r, hashes.as_deref_mut())?;
             continue;
         }
         // SAFETY: checked above to be guest RAM; see `guest_bytes`.
         let bytes = unsafe { guest_bytes(machine, r)? };
-        populate(bytes);
-        conn.recv_unframed(bytes)?;
+        read(bytes)?;
         if let Some(h) = hashes.as_mut() {
             record_pages(h, r.gpa, bytes);
         }
