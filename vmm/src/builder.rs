@@ -13,7 +13,7 @@ use crate::dirty::kvm_ring::{self, RingCollector};
 use crate::dirty::DirtyError;
 use crate::loader::{self, LinuxBoot, LoadError};
 use crate::vm::vcpu::{DirtyRingFull, Vcpu, VcpuError};
-use crate::vm::{Vm, VmError};
+use crate::vm::{MemBacking, Vm, VmError};
 
 /// Most vCPUs the MP table in the EBDA can describe.
 pub const MAX_VCPUS: u8 = 32;
@@ -38,6 +38,9 @@ pub struct VmResources {
     /// Entries per vCPU dirty ring, when the kvm-ring source may be used.
     pub dirty_ring_entries: Option<u32>,
     pub console: ConsoleOut,
+    /// What backs guest RAM here (this host's choice, also for a VM that
+    /// arrives by migration or from a snapshot).
+    pub mem_backing: MemBacking,
 }
 
 /// Errors building a VM.
@@ -89,7 +92,7 @@ pub fn build(res: &VmResources) -> Result<Machine, BuildError> {
     }
     let mem_size = res.mem_mib << 20;
     crate::vm::memory::check_host_can_back(mem_size).map_err(VmError::from)?;
-    let vm = Vm::new(mem_size)?;
+    let vm = Vm::new(mem_size, res.mem_backing)?;
 
     let entry = match &res.boot {
         BootSource::Flat(path) => loader::load_flat(&vm.memory, mem_size, path)?,

@@ -12,6 +12,7 @@ use crate::arch::layout::{FLAT_CMD_ADDR, FLAT_CMD_END, PAGE_SIZE};
 use crate::builder::{self, BootSource, BuildError, Machine, VmResources};
 use crate::devices::console::ConsoleOut;
 use crate::vm::vcpu::{VcpuError, VcpuEvent};
+use crate::vm::MemBacking;
 
 /// The writer payload (see `payloads/writer.S`).
 pub const WRITER_PAYLOAD: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/writer.bin"));
@@ -74,6 +75,15 @@ impl WriterVm {
     /// Boots the writer with `mem_mib` MiB of RAM and runs it to its first
     /// sync point. `dirty_ring` enables KVM's dirty ring with that many entries.
     pub fn new(mem_mib: u64, dirty_ring: Option<u32>) -> Result<Self, FlatError> {
+        Self::with_backing(mem_mib, dirty_ring, MemBacking::Anon)
+    }
+
+    /// `new`, with guest RAM backed as `mem_backing` says.
+    pub fn with_backing(
+        mem_mib: u64,
+        dirty_ring: Option<u32>,
+        mem_backing: MemBacking,
+    ) -> Result<Self, FlatError> {
         let file = payload_file(WRITER_PAYLOAD, "writer")?;
         let (out, console) = ConsoleOut::buffer();
         let res = VmResources {
@@ -83,6 +93,7 @@ impl WriterVm {
             boot: BootSource::Flat(file.path().to_path_buf()),
             dirty_ring_entries: dirty_ring,
             console: out,
+            mem_backing,
         };
         let machine = builder::build(&res)?;
         let mut vm = WriterVm {

@@ -20,6 +20,7 @@ use ldt_vmm::migration::snapshot::{self, SnapshotOptions};
 use ldt_vmm::migration::source::{ConvergencePolicy, MigrateOptions};
 use ldt_vmm::migration::transport::{Endpoint, Listener, TlsFiles};
 use ldt_vmm::runner::{self, VmControl};
+use ldt_vmm::vm::MemBacking;
 
 /// Words every Linux guest gets: serial console, reset through the i8042
 /// (which ends the VM), no PCI or modules to probe.
@@ -118,6 +119,12 @@ struct RunArgs {
     /// host's physical memory plus PERCENT of it (default: no more than the RAM).
     #[arg(long, default_value_t = 0, value_name = "PERCENT")]
     mem_overcommit: u64,
+    /// What backs guest RAM on this host: anon (4 KiB pages), thp (transparent huge
+    /// pages: 2 MiB-aligned, MADV_HUGEPAGE) or hugetlbfs (2 MiB pages reserved from
+    /// /proc/sys/vm/nr_hugepages up front). Also for --incoming and --restore: the
+    /// backing is this host's choice, not the source's.
+    #[arg(long, value_enum, default_value_t = MemBacking::Anon, value_name = "BACKING")]
+    mem_backing: MemBacking,
     /// Serve the JSON control API on this unix socket (created 0600: whoever
     /// may connect controls the VM and may write files as this process).
     #[arg(long, value_name = "SOCKET")]
@@ -370,14 +377,19 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
             &listener,
             ConsoleOut::Stdout,
             args.dirty.dirty_ring,
+            args.mem_backing,
             std::time::Duration::from_secs(args.incoming_timeout),
         )
         .context("incoming migration failed")?;
         VmControl::new(machine, options, hello.cpu_profile, args.paused)?
     } else if !args.restore.is_empty() {
-        let (hello, machine) =
-            snapshot::restore(&args.restore, ConsoleOut::Stdout, args.dirty.dirty_ring)
-                .context("restore failed")?;
+        let (hello, machine) = snapshot::restore(
+            &args.restore,
+            ConsoleOut::Stdout,
+            args.dirty.dirty_ring,
+            args.mem_backing,
+        )
+        .context("restore failed")?;
         VmControl::new(machine, options, hello.cpu_profile, args.paused)?
     } else {
         let machine = builder::build(&resources(&args, profile)?)?;
@@ -431,6 +443,7 @@ fn resources(args: &RunArgs, profile: CpuProfile) -> anyhow::Result<VmResources>
         boot,
         dirty_ring_entries: args.dirty.dirty_ring,
         console: ConsoleOut::Stdout,
+        mem_backing: args.mem_backing,
     })
 }
 

@@ -16,6 +16,7 @@ use super::{parse, Hello, MachineState, MigrationError, Ready};
 use crate::arch::layout::PAGE_SIZE;
 use crate::builder::{self, Machine};
 use crate::devices::console::ConsoleOut;
+use crate::vm::MemBacking;
 
 /// How long the destination waits for any one frame (or for its peer to
 /// take one) once a source connected, unless `run --incoming-timeout` says
@@ -40,6 +41,7 @@ pub fn accept(
     listener: &Listener,
     console: ConsoleOut,
     dirty_ring_entries: Option<u32>,
+    mem_backing: MemBacking,
     frame_timeout: Duration,
 ) -> Result<(Connection, Hello, Machine), MigrationError> {
     let (mut conn, hello) = loop {
@@ -57,7 +59,7 @@ pub fn accept(
             Err(e) => refuse(&mut conn, &format!("not a migration: {e}")),
         }
     };
-    let res = hello.resources(console, dirty_ring_entries);
+    let res = hello.resources(console, dirty_ring_entries, mem_backing);
     match builder::build(&res) {
         Ok(machine) => {
             conn.send(MessageKind::HelloAck, &[])?;
@@ -81,9 +83,16 @@ pub fn incoming(
     listener: &Listener,
     console: ConsoleOut,
     dirty_ring_entries: Option<u32>,
+    mem_backing: MemBacking,
     frame_timeout: Duration,
 ) -> Result<(Hello, Machine), MigrationError> {
-    let (mut conn, hello, machine) = accept(listener, console, dirty_ring_entries, frame_timeout)?;
+    let (mut conn, hello, machine) = accept(
+        listener,
+        console,
+        dirty_ring_entries,
+        mem_backing,
+        frame_timeout,
+    )?;
     let done = AtomicBool::new(false);
     let received = std::thread::scope(|s| {
         s.spawn(|| refuse_while_busy(listener, &done));
@@ -328,7 +337,12 @@ fn apply_zero_range(
     // Dropped, not written: costs nothing where the pages are zero
     // already (most of a fresh destination's RAM, in round 0), and
     // allocates nothing.
-    crate::vm::memory::discard(&machine.vm.memory, r.gpa, r.pages as u64 * PAGE_SIZE)?;
+    crate::vm::memory::discard(
+        &machine.vm.memory,
+        machine.vm.backing,
+        r.gpa,
+        r.pages as u64 * PAGE_SIZE,
+    )?;
     Ok(())
 }
 
@@ -411,7 +425,7 @@ mod tests {
             snapshot: None,
         };
         let (console, _out) = ConsoleOut::buffer();
-        builder::build(&hello.resources(console, None)).unwrap()
+        builder::build(&hello.resources(console, None, MemBacking::Anon)).unwrap()
     }
 
     #[test]

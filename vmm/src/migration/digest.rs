@@ -181,7 +181,8 @@ mod tests {
             snapshot: None,
         };
         let (console, _out) = ConsoleOut::buffer();
-        let m = builder::build(&hello.resources(console, None)).unwrap();
+        let m =
+            builder::build(&hello.resources(console, None, crate::vm::MemBacking::Anon)).unwrap();
         let page = [0x5au8; PAGE_SIZE as usize];
         m.vm.memory
             .write_slice(&page, GuestAddress(0x10_0000))

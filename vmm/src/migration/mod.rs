@@ -47,6 +47,7 @@ use crate::devices::console::ConsoleOut;
 use crate::devices::legacy::DevicesState;
 use crate::dirty::DirtySourceKind;
 use crate::vm::state::{StateError, VcpuState, VmState};
+use crate::vm::MemBacking;
 
 /// The VM configuration the destination needs to build an empty VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,8 +67,15 @@ pub struct Hello {
 }
 
 impl Hello {
-    /// An empty VM of this shape, to be filled from a stream or snapshot.
-    pub fn resources(&self, console: ConsoleOut, dirty_ring_entries: Option<u32>) -> VmResources {
+    /// An empty VM of this shape, to be filled from a stream or snapshot,
+    /// its memory backed as this host chooses (`mem_backing`): the backing
+    /// is not part of the stream, so a guest moves between backings.
+    pub fn resources(
+        &self,
+        console: ConsoleOut,
+        dirty_ring_entries: Option<u32>,
+        mem_backing: MemBacking,
+    ) -> VmResources {
         VmResources {
             mem_mib: self.mem_mib,
             vcpus: self.vcpus,
@@ -75,6 +83,7 @@ impl Hello {
             boot: BootSource::Incoming,
             dirty_ring_entries,
             console,
+            mem_backing,
         }
     }
 }

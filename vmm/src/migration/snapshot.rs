@@ -230,12 +230,13 @@ pub fn restore(
     files: &[PathBuf],
     console: ConsoleOut,
     dirty_ring_entries: Option<u32>,
+    mem_backing: crate::vm::MemBacking,
 ) -> Result<(Hello, Machine), MigrationError> {
     let first = files
         .first()
         .ok_or_else(|| MigrationError::Build("no snapshot file".into()))?;
     let hello = read_hello(first)?;
-    let res = hello.resources(console, dirty_ring_entries);
+    let res = hello.resources(console, dirty_ring_entries, mem_backing);
     let machine = builder::build(&res).map_err(|e| MigrationError::Build(e.to_string()))?;
     let mut expected_base: Option<String> = None;
     let mut last_id = String::new();

@@ -216,33 +216,10 @@ pub(crate) struct Sender<'a> {
     copy_time: Duration,
     memory_bytes: u64,
     chunk: Chunk,
-    /// /proc/self/pagemap, to skip pages never populated (`untouched`).
-    pagemap: Option<std::fs::File>,
 }
 
 /// Runs this long or longer are probed in the pagemap before being read.
 const PROBE_MIN_PAGES: u64 = 64;
-
-/// Which of `pages` pages from host address `host` were never populated
-/// (neither present nor swapped out): in guest RAM, a private anonymous
-/// mapping, those read as zero. Reading one would fault in the shared zero
-/// page for nothing; most of a fresh guest's RAM in round 0 is such. A
-/// page populated after the probe is a write the dirty source reports.
-/// `None` if the pagemap cannot be read.
-fn untouched(pagemap: &std::fs::File, host: *const u8, pages: u64) -> Option<Vec<bool>> {
-    use std::os::unix::fs::FileExt;
-    const PRESENT: u64 = 1 << 63;
-    const SWAPPED: u64 = 1 << 62;
-    let mut raw = vec![0u8; pages as usize * 8];
-    pagemap
-        .read_exact_at(&mut raw, (host as u64 / PAGE_SIZE) * 8)
-        .ok()?;
-    Some(
-        raw.chunks_exact(8)
-            .map(|e| u64::from_le_bytes(e.try_into().unwrap()) & (PRESENT | SWAPPED) == 0)
-            .collect(),
-    )
-}
 
 impl<'a> Sender<'a> {
     pub fn new(ctl: &'a VmControl, limit_mbps: Option<u64>, sent_total: u64) -> Self {
@@ -256,7 +233,6 @@ impl<'a> Sender<'a> {
             copy_time: Duration::ZERO,
             memory_bytes: 0,
             chunk: Chunk::new(false),
-            pagemap: std::fs::File::open("/proc/self/pagemap").ok(),
         }
     }
 
@@ -310,10 +286,13 @@ impl<'a> Sender<'a> {
             let mut gpa = start;
             while gpa < end {
                 let (host, pages) = self.host_run(gpa, end)?;
-                let never = match &self.pagemap {
-                    Some(m) if pages >= PROBE_MIN_PAGES => untouched(m, host, pages),
-                    _ => None,
-                };
+                // Pages never populated read as zero: not read (that would
+                // fault in a page for nothing; most of a fresh guest's RAM
+                // in round 0 is such). A page populated after the probe is
+                // a write the dirty source reports.
+                let never = (pages >= PROBE_MIN_PAGES)
+                    .then(|| crate::vm::memory::untouched_pages(host, pages))
+                    .flatten();
                 for p in 0..pages as usize {
                     let page_gpa = gpa + (p * page) as u64;
                     // SAFETY: `host` maps the memslot's pages from `gpa`

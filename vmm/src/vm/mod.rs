@@ -10,7 +10,7 @@ use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::arch::layout;
-pub use memory::{GuestMemory, MemorySlot};
+pub use memory::{GuestMemory, MemBacking, MemorySlot};
 
 /// Errors creating or configuring the VM.
 #[derive(Debug, thiserror::Error)]
@@ -30,13 +30,15 @@ pub struct Vm {
     pub kvm: Kvm,
     pub fd: Arc<VmFd>,
     pub memory: GuestMemory,
+    /// What backs `memory` on this host.
+    pub backing: MemBacking,
     pub slots: Vec<MemorySlot>,
 }
 
 impl Vm {
     /// Creates a VM with `mem_size` bytes of RAM, an in-kernel irqchip
-    /// (PIC, IOAPIC, LAPICs) and PIT.
-    pub fn new(mem_size: u64) -> Result<Vm, VmError> {
+    /// (PIC, IOAPIC, LAPICs) and PIT, memory backed as `backing` says.
+    pub fn new(mem_size: u64, backing: MemBacking) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let api = kvm.get_api_version();
         if api != 12 {
@@ -55,12 +57,13 @@ impl Vm {
         };
         fd.create_pit2(pit)
             .map_err(|e| VmError::Ioctl("KVM_CREATE_PIT2", e))?;
-        let memory = memory::create(mem_size)?;
+        let memory = memory::create(mem_size, backing)?;
         let slots = memory::slots(&memory);
         let vm = Vm {
             kvm,
             fd: Arc::new(fd),
             memory,
+            backing,
             slots,
         };
         vm.set_dirty_logging(false)?;
