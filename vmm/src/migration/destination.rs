@@ -415,6 +415,10 @@ mod tests {
 
     /// A destination's VM before any memory arrived.
     fn empty_machine(mem_mib: u64) -> Machine {
+        empty_machine_on(mem_mib, MemBacking::Anon)
+    }
+
+    fn empty_machine_on(mem_mib: u64, backing: MemBacking) -> Machine {
         let hello = Hello {
             mem_mib,
             vcpus: 1,
@@ -425,7 +429,7 @@ mod tests {
             snapshot: None,
         };
         let (console, _out) = ConsoleOut::buffer();
-        builder::build(&hello.resources(console, None, MemBacking::Anon)).unwrap()
+        builder::build(&hello.resources(console, None, backing)).unwrap()
     }
 
     #[test]
@@ -498,7 +502,51 @@ mod tests {
 
     #[test]
     fn a_zero_range_over_untouched_memory_costs_no_page_faults() {
-        let machine = empty_machine(64);
+        zero_ranges_over_untouched_memory_cost_no_page_faults(MemBacking::Anon);
+        zero_ranges_over_untouched_memory_cost_no_page_faults(MemBacking::Thp);
+        match crate::vm::memory::HugePagePool::reserve(32) {
+            Ok(_pool) => {
+                zero_ranges_over_untouched_memory_cost_no_page_faults(MemBacking::Hugetlbfs)
+            }
+            Err(e) => eprintln!("hugetlbfs skipped: {e}"),
+        }
+    }
+
+    #[test]
+    fn a_zero_range_clears_pages_on_huge_pages_too() {
+        for backing in [MemBacking::Thp, MemBacking::Hugetlbfs] {
+            let _pool = match backing {
+                MemBacking::Hugetlbfs => match crate::vm::memory::HugePagePool::reserve(2) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        eprintln!("hugetlbfs skipped: {e}");
+                        continue;
+                    }
+                },
+                _ => None,
+            };
+            let machine = empty_machine_on(4, backing);
+            apply_memory(&machine, &message(0x10_0000, 0, 0xab)).unwrap();
+            apply_memory(&machine, &message(0x10_2000, 0, 0xcd)).unwrap();
+            // One of the two written ranges is zero now, inside a huge page.
+            apply_memory(&machine, &message(0x10_0000, RANGE_ZERO, 0)).unwrap();
+            for gpa in [0x10_0000, 0x10_1000] {
+                assert!(
+                    page(&machine, gpa).iter().all(|b| *b == 0),
+                    "{backing} {gpa:#x}"
+                );
+            }
+            for gpa in [0x10_2000, 0x10_3000] {
+                assert!(
+                    page(&machine, gpa).iter().all(|b| *b == 0xcd),
+                    "{backing} {gpa:#x}"
+                );
+            }
+        }
+    }
+
+    fn zero_ranges_over_untouched_memory_cost_no_page_faults(backing: MemBacking) {
+        let machine = empty_machine_on(64, backing);
         // All of RAM above 1 MiB (the builder wrote nothing there), twice:
         // a peer may repeat a range as often as it likes.
         let pages = (63 << 20) / PAGE_SIZE as u32;
@@ -511,7 +559,10 @@ mod tests {
         apply_memory(&machine, &m).unwrap();
         apply_memory(&machine, &m).unwrap();
         let faults = minor_faults() - before;
-        assert!(faults < 16, "{faults} page faults for {pages} zero pages");
+        assert!(
+            faults < 16,
+            "{backing}: {faults} page faults for {pages} zero pages"
+        );
         assert!(page(&machine, 0x20_0000).iter().all(|b| *b == 0));
     }
 }

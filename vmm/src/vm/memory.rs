@@ -401,6 +401,56 @@ pub fn slots(memory: &GuestMemory) -> Vec<MemorySlot> {
         .collect()
 }
 
+/// Raises this host's 2 MiB hugetlbfs pool (`/proc/sys/vm/nr_hugepages`)
+/// by what a test needs, for as long as it lives, and lowers it by as much
+/// again when dropped; one at a time per process (held across the test).
+/// For tests: needs root, and a host with the memory free to make them.
+pub struct HugePagePool {
+    added: u64,
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
+}
+
+impl HugePagePool {
+    const NR: &'static str = "/proc/sys/vm/nr_hugepages";
+
+    /// Makes `pages` more huge pages available, or says why it cannot
+    /// (the pool is left as it was).
+    pub fn reserve(pages: u64) -> Result<HugePagePool, String> {
+        static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let guard = ONE.lock().unwrap_or_else(|e| e.into_inner());
+        let nr = || -> Result<u64, String> {
+            let s = std::fs::read_to_string(Self::NR).map_err(|e| format!("{}: {e}", Self::NR))?;
+            s.trim().parse().map_err(|e| format!("{}: {e}", Self::NR))
+        };
+        let before = available_huge_pages().map_err(|e| format!("{HUGETLB_SYSFS}: {e}"))?;
+        let now = nr()?;
+        std::fs::write(Self::NR, (now + pages).to_string())
+            .map_err(|e| format!("cannot raise {}: {e}", Self::NR))?;
+        let pool = HugePagePool {
+            added: nr()?.saturating_sub(now),
+            _one_at_a_time: guard,
+        };
+        let after = available_huge_pages().map_err(|e| format!("{HUGETLB_SYSFS}: {e}"))?;
+        if after < before + pages {
+            return Err(format!(
+                "the kernel made {} of {pages} huge pages (memory too fragmented or short)",
+                after.saturating_sub(before)
+            ));
+        }
+        Ok(pool)
+    }
+}
+
+impl Drop for HugePagePool {
+    fn drop(&mut self) {
+        if let Ok(s) = std::fs::read_to_string(Self::NR) {
+            if let Ok(nr) = s.trim().parse::<u64>() {
+                let _ = std::fs::write(Self::NR, nr.saturating_sub(self.added).to_string());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -475,5 +525,166 @@ mod tests {
         assert_eq!((s[0].slot, s[0].guest_addr, s[0].size), (0, 0, 64 << 20));
         assert_eq!(s[0].pages(), (64 << 20) / 4096);
         assert_eq!(s[0].kvm_region(true).flags, KVM_MEM_LOG_DIRTY_PAGES);
+    }
+    /// A huge pool for a test, or `None` with the reason printed.
+    fn pool(pages: u64) -> Option<HugePagePool> {
+        match HugePagePool::reserve(pages) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("skipped: no hugetlbfs pages: {e}");
+                None
+            }
+        }
+    }
+
+    /// The `VmFlags` line of the mapping that contains `addr`.
+    fn vm_flags(addr: u64) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((a, b)) = range.split_once('-') {
+                    if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+                    {
+                        inside = (a..b).contains(&addr);
+                        continue;
+                    }
+                }
+            }
+            if inside && line.starts_with("VmFlags:") {
+                return line.to_string();
+            }
+        }
+        panic!("no mapping at {addr:#x}");
+    }
+
+    #[test]
+    fn thp_memory_is_2_mib_aligned_and_advised_huge() {
+        let mem = create(8 << 20, MemBacking::Thp).unwrap();
+        for r in mem.iter() {
+            let addr = r.as_ptr() as u64;
+            assert_eq!(addr % HUGE_PAGE_SIZE, 0, "{addr:#x}");
+            let flags = vm_flags(addr);
+            assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
+        }
+        let anon = create(8 << 20, MemBacking::Anon).unwrap();
+        let flags = vm_flags(anon.iter().next().unwrap().as_ptr() as u64);
+        assert!(
+            !flags.split_whitespace().any(|f| f == "hg"),
+            "anon is unchanged: {flags}"
+        );
+    }
+
+    #[test]
+    fn hugetlbfs_memory_is_refused_up_front_when_the_pool_is_short() {
+        // No other test of this process changes the pool meanwhile.
+        let _lock = HugePagePool::reserve(0);
+        let free = available_huge_pages().unwrap_or(0);
+        let size = (free + 1) * HUGE_PAGE_SIZE;
+        let e = create(size, MemBacking::Hugetlbfs).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "needs {} free 2 MiB huge pages, this host has {free}",
+                free + 1
+            )),
+            "{e}"
+        );
+        assert_eq!(
+            available_huge_pages().unwrap_or(0),
+            free,
+            "nothing reserved"
+        );
+        assert!(matches!(
+            create(3 << 20, MemBacking::Hugetlbfs),
+            Err(MemoryError::BadSize(_))
+        ));
+    }
+
+    /// Fills 6 MiB from 1 MiB with 0x5a, discards `[gpa, gpa + len)` and
+    /// checks that exactly that reads zero.
+    fn discard_zeroes_exactly(mem: &GuestMemory, backing: MemBacking, gpa: u64, len: u64) {
+        let (from, to) = (1u64 << 20, 7u64 << 20);
+        mem.write_slice(&vec![0x5a; (to - from) as usize], GuestAddress(from))
+            .unwrap();
+        discard(mem, backing, gpa, len).unwrap();
+        let mut all = vec![0u8; (to - from) as usize];
+        mem.read_slice(&mut all, GuestAddress(from)).unwrap();
+        for (i, page) in all.chunks(PAGE_SIZE as usize).enumerate() {
+            let at = from + i as u64 * PAGE_SIZE;
+            let want = if (gpa..gpa + len).contains(&at) {
+                0
+            } else {
+                0x5a
+            };
+            assert!(page.iter().all(|b| *b == want), "{backing}: page {at:#x}");
+        }
+    }
+
+    /// Zero ranges inside one huge page, across one, and over whole ones.
+    fn discards_on(backing: MemBacking) {
+        let mem = create(16 << 20, backing).unwrap();
+        discard_zeroes_exactly(&mem, backing, (2 << 20) + 0x1000, 0x1000);
+        discard_zeroes_exactly(&mem, backing, 2 << 20, 0x1000);
+        discard_zeroes_exactly(&mem, backing, (1 << 20) + 0x3000, (3 << 20) + 0x2000);
+        // Whole huge pages dropped are untouched again (checked before
+        // anything reads them): zero ranges over them cost nothing from now on.
+        mem.write_slice(&[0x5a; 0x1000], GuestAddress(3 << 20))
+            .unwrap();
+        discard(&mem, backing, 2 << 20, 4 << 20).unwrap();
+        let host = mem.get_host_address(GuestAddress(2 << 20)).unwrap();
+        let untouched = untouched_pages(host, 1024).unwrap();
+        assert!(
+            untouched.iter().all(|u| *u),
+            "{backing}: 4 MiB from 2 MiB dropped"
+        );
+        assert!(
+            discard(&mem, backing, 15 << 20, 2 << 20).is_err(),
+            "beyond RAM"
+        );
+    }
+
+    #[test]
+    fn discarding_on_thp_zeroes_exactly_the_range() {
+        discards_on(MemBacking::Thp);
+    }
+
+    #[test]
+    fn discarding_on_hugetlbfs_zeroes_exactly_the_range() {
+        let Some(_pool) = pool(8) else { return };
+        let before = available_huge_pages().unwrap();
+        discards_on(MemBacking::Hugetlbfs);
+        assert_eq!(
+            available_huge_pages().unwrap(),
+            before,
+            "every page given back"
+        );
+    }
+
+    #[test]
+    fn a_never_populated_huge_page_reads_as_untouched_and_a_written_one_as_populated() {
+        for backing in [MemBacking::Thp, MemBacking::Hugetlbfs] {
+            let _pool = match backing {
+                MemBacking::Hugetlbfs => match pool(4) {
+                    Some(p) => Some(p),
+                    None => continue,
+                },
+                _ => None,
+            };
+            let mem = create(8 << 20, backing).unwrap();
+            let host = mem.get_host_address(GuestAddress(2 << 20)).unwrap();
+            assert!(
+                untouched_pages(host, 512).unwrap().iter().all(|u| *u),
+                "{backing}"
+            );
+            mem.write_obj(1u8, GuestAddress((2 << 20) + 0x5000))
+                .unwrap();
+            let u = untouched_pages(host, 512).unwrap();
+            if backing == MemBacking::Hugetlbfs {
+                // The whole 2 MiB page is there now, every 4 KiB of it.
+                assert!(u.iter().all(|u| !*u), "{backing}");
+            } else {
+                assert!(!u[5], "{backing}: the written page is populated");
+            }
+        }
     }
 }
