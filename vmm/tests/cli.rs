@@ -360,3 +360,85 @@ fn a_guest_panic_on_the_pvpanic_port_ends_the_vmm_with_status_3() {
     assert!(err.contains("the guest kernel panicked"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn huge_page_backings_refuse_bad_sizes_and_a_short_pool_in_one_line() {
+    use ldt_vmm::vm::memory::{available_huge_pages, HugePagePool};
+    let p = file(HELLO_PAYLOAD, "hello");
+    let flat = p.path().to_str().unwrap();
+    for backing in ["thp", "hugetlbfs"] {
+        let out = run(&[
+            "run",
+            "--flat",
+            flat,
+            "--mem-backing",
+            backing,
+            "--mem",
+            "3",
+        ]);
+        fails_with(
+            &out,
+            "--mem must be at least 2 MiB and a multiple of 2 MiB (got 3 MiB)",
+        );
+    }
+    // No other test of this binary changes the pool meanwhile.
+    let _lock = HugePagePool::reserve(0);
+    let free = available_huge_pages().unwrap_or(0);
+    let mib = ((free + 1) * 2).to_string();
+    let out = run(&[
+        "run",
+        "--flat",
+        flat,
+        "--mem-backing",
+        "hugetlbfs",
+        "--mem",
+        &mib,
+    ]);
+    fails_with(
+        &out,
+        &format!(
+            "--mem-backing hugetlbfs: {mib} MiB of guest memory needs {} free 2 MiB huge pages, this host has {free}",
+            free + 1
+        ),
+    );
+    assert_eq!(
+        text(&out.stderr).lines().count(),
+        1,
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        available_huge_pages().unwrap_or(0),
+        free,
+        "nothing reserved"
+    );
+    let out = run(&["run", "--flat", flat, "--mem-backing", "2M"]);
+    fails_with(&out, "invalid value '2M' for '--mem-backing <BACKING>'");
+}
+
+#[test]
+fn a_flat_guest_runs_on_each_backing() {
+    use ldt_vmm::vm::memory::HugePagePool;
+    let p = file(HELLO_PAYLOAD, "hello");
+    let flat = p.path().to_str().unwrap();
+    let pool = HugePagePool::reserve(8);
+    for backing in ["anon", "thp", "hugetlbfs"] {
+        if backing == "hugetlbfs" {
+            if let Err(e) = &pool {
+                eprintln!("hugetlbfs skipped: {e}");
+                continue;
+            }
+        }
+        let out = run(&[
+            "run",
+            "--flat",
+            flat,
+            "--mem-backing",
+            backing,
+            "--mem",
+            "16",
+        ]);
+        assert!(out.status.success(), "{backing}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "hello from ring 3\n", "{backing}");
+    }
+}

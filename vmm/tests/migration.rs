@@ -111,12 +111,15 @@ fn start_source(s: &Scratch, payload: &[u8], extra: &[&str]) -> SourceVm {
 }
 
 fn start_destination(s: &Scratch, url: &str) -> (Child, PathBuf) {
+    start_destination_on(s, url, &[])
+}
+
+/// `start_destination` with more arguments (`--mem-backing`).
+fn start_destination_on(s: &Scratch, url: &str, extra: &[&str]) -> (Child, PathBuf) {
     let api = s.path("dst.api");
-    let child = spawn(
-        &["run", "--incoming", url, "--api", api.to_str().unwrap()],
-        &s.path("dst.out"),
-        &s.path("dst.err"),
-    );
+    let mut args = vec!["run", "--incoming", url, "--api", api.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let child = spawn(&args, &s.path("dst.out"), &s.path("dst.err"));
     if let Some(p) = url.strip_prefix("unix:") {
         wait_for(Path::new(p));
     } else {
@@ -141,10 +144,24 @@ fn migrate_and_check(
     source_args: &[&str],
     migrate_args: &[&str],
 ) -> serde_json::Value {
+    migrate_and_check_on(name, url_of, source_args, &[], migrate_args, &|_, _| {})
+}
+
+/// `migrate_and_check` with destination arguments; `check(side, pid)` sees
+/// the source VMM running before the migration and the destination after.
+fn migrate_and_check_on(
+    name: &str,
+    url_of: impl Fn(&Scratch) -> String,
+    source_args: &[&str],
+    dest_args: &[&str],
+    migrate_args: &[&str],
+    check: &dyn Fn(&str, u32),
+) -> serde_json::Value {
     let s = Scratch::new(name);
     let url = url_of(&s);
     let mut src = start_source(&s, COUNTER_SLOW_PAYLOAD, source_args);
-    let (mut dst, dst_api) = start_destination(&s, &url);
+    check("source", src.child.id());
+    let (mut dst, dst_api) = start_destination_on(&s, &url, dest_args);
     std::thread::sleep(Duration::from_millis(300));
 
     let mut args = vec!["--verify"];
@@ -193,6 +210,7 @@ fn migrate_and_check(
     // The guest goes on at the destination.
     let before = counters(&std::fs::read(s.path("dst.out")).unwrap()).len();
     advances(&s.path("dst.out"), before + 10);
+    check("destination", dst.id());
     assert_eq!(ctl(&dst_api, &["shutdown"])["ok"], true);
     assert!(wait_exit(&mut dst, Duration::from_secs(10)).success());
 
@@ -1015,4 +1033,133 @@ fn the_destination_memory_is_the_source_memory_exactly() {
     );
     ctl(&dst_api, &["shutdown"]);
     assert!(wait_exit(&mut dst, Duration::from_secs(10)).success());
+}
+
+/// The smaps lines of the read-write mapping of `mib` MiB (guest RAM) in
+/// process `pid`.
+fn guest_ram_smaps(pid: u32, mib: u64) -> String {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut out = String::new();
+    let mut inside = false;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let (head, perms) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        if let Some((a, b)) = head.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                if inside {
+                    break;
+                }
+                inside = b - a == mib << 20 && perms == "rw-p";
+                continue;
+            }
+        }
+        if inside {
+            out += line;
+            out.push('\n');
+        }
+    }
+    assert!(!out.is_empty(), "no {mib} MiB mapping in process {pid}");
+    out
+}
+
+fn smaps_field(smaps: &str, key: &str) -> String {
+    smaps
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Asserts that guest RAM of `pid` is mapped as `backing` says, and prints
+/// how much of it huge pages back.
+fn assert_backed_as(side: &str, pid: u32, backing: &str, mib: u64) {
+    let smaps = guest_ram_smaps(pid, mib);
+    let flags = smaps_field(&smaps, "VmFlags:");
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    match backing {
+        "thp" => assert!(has("hg") && !has("ht"), "{side}: {flags}"),
+        "hugetlbfs" => assert!(has("ht"), "{side}: {flags}"),
+        _ => assert!(!has("hg") && !has("ht"), "{side}: {flags}"),
+    }
+    eprintln!(
+        "{side} ({backing}): AnonHugePages {}, Private_Hugetlb {}",
+        smaps_field(&smaps, "AnonHugePages:"),
+        smaps_field(&smaps, "Private_Hugetlb:")
+    );
+}
+
+/// Migrates with --verify from a `from`-backed source to a `to`-backed
+/// destination (66 MiB guests: no other mapping has that size), checking each side's mapping.
+fn migrate_between_backings(name: &str, from: &'static str, to: &'static str, source: &str) {
+    let pages = [from, to].iter().filter(|b| **b == "hugetlbfs").count() as u64 * 33;
+    let _pool = if pages > 0 {
+        match ldt_vmm::vm::memory::HugePagePool::reserve(pages) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                eprintln!("skipped: no hugetlbfs pages: {e}");
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let mut source_args = vec!["--mem", "66", "--mem-backing", from];
+    if source == "kvm-ring" {
+        source_args.extend(["--dirty-ring", "4096"]);
+    }
+    let r = migrate_and_check_on(
+        name,
+        unix_url,
+        &source_args,
+        &["--mem-backing", to],
+        &["--dirty-source", source],
+        &|side, pid| assert_backed_as(side, pid, if side == "source" { from } else { to }, 66),
+    );
+    assert_eq!(r["dirty_source"], source);
+    assert_eq!(r["verify_mismatch_pages"], 0, "{r}");
+}
+
+#[test]
+fn migrates_a_thp_backed_guest() {
+    migrate_between_backings("thp", "thp", "thp", "kvm-bitmap");
+}
+
+#[test]
+fn migrates_a_hugetlbfs_backed_guest() {
+    migrate_between_backings("hugetlbfs", "hugetlbfs", "hugetlbfs", "kvm-clear");
+}
+
+#[test]
+fn migrates_between_different_backings() {
+    migrate_between_backings("anon-thp", "anon", "thp", "kvm-bitmap");
+    migrate_between_backings("thp-hugetlbfs", "thp", "hugetlbfs", "kvm-ring");
+    migrate_between_backings("hugetlbfs-anon", "hugetlbfs", "anon", "kvm-bitmap");
+}
+
+#[test]
+fn a_destination_short_of_huge_pages_refuses_and_the_source_runs_on() {
+    use ldt_vmm::vm::memory::{available_huge_pages, HugePagePool};
+    // No other test of this binary changes the pool meanwhile.
+    let _lock = HugePagePool::reserve(0);
+    let free = available_huge_pages().unwrap_or(0);
+    if free >= 128 {
+        eprintln!("skipped: this host has {free} free huge pages, a 256 MiB guest fits");
+        return;
+    }
+    let s = Scratch::new("short");
+    let url = unix_url(&s);
+    let mut src = start_source(&s, COUNTER_SLOW_PAYLOAD, &[]);
+    let (mut dst, _) = start_destination_on(&s, &url, &["--mem-backing", "hugetlbfs"]);
+    let out = migrate(&src.api, &url, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("destination cannot build the VM: --mem-backing hugetlbfs: 256 MiB of guest memory needs 128 free 2 MiB huge pages")
+            && err.contains("keeps running here"),
+        "{err}"
+    );
+    assert!(!wait_exit(&mut dst, Duration::from_secs(10)).success());
+    assert_source_alive(&mut src);
+    shutdown(&mut src);
 }
