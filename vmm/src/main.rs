@@ -353,6 +353,19 @@ struct DirtyBenchArgs {
     /// Dirty-ring entries for kvm-ring.
     #[arg(long, default_value_t = 65536)]
     ring_entries: u32,
+    /// Guest RAM backings to compare, side by side (e.g. anon,thp,hugetlbfs;
+    /// hugetlbfs needs free pages in /proc/sys/vm/nr_hugepages).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "anon",
+        value_name = "BACKING,..."
+    )]
+    mem_backing: Vec<MemBacking>,
+    /// Runs of every mode on every backing (interleaved), for p50/p95.
+    #[arg(long, default_value_t = 1)]
+    runs: u32,
     /// Also print one JSON line per mode.
     #[arg(long)]
     json: bool,
@@ -564,7 +577,26 @@ fn bench_dirty(a: DirtyBenchArgs) -> anyhow::Result<i32> {
         rounds: a.rounds,
         seed: a.seed,
         ring_entries: a.ring_entries,
+        mem_backing: a.mem_backing.first().copied().unwrap_or_default(),
     };
+    if a.mem_backing.len() > 1 || a.runs > 1 {
+        let (results, sums) =
+            bench::dirty::compare(&cfg, &a.mem_backing, a.runs).context("dirty benchmark")?;
+        print!("{}", bench::dirty::compare_table(&cfg, a.runs, &sums));
+        if a.json {
+            for r in &sums {
+                println!(
+                    "{}",
+                    serde_json::json!({ "bench": "dirty-backing", "config": cfg, "runs": a.runs, "result": r })
+                );
+            }
+        }
+        return Ok(if results.iter().any(|r| r.missed > 0) {
+            1
+        } else {
+            0
+        });
+    }
     let results = bench::dirty::dirty(&cfg).context("dirty benchmark")?;
     print!("{}", bench::dirty::table(&cfg, &results));
     if a.json {

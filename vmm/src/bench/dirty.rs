@@ -12,6 +12,8 @@ use serde::Serialize;
 use crate::arch::layout::PAGE_SIZE;
 use crate::dirty::{self, DirtyOptions, DirtySourceKind};
 use crate::flat::{FlatError, WriterVm, MAX_PAGES_PER_COMMAND};
+use crate::vm::kvm_stats::{self, MappedPages};
+use crate::vm::MemBacking;
 
 /// First page of the working set (above the payload at 1 MiB).
 pub const WORKING_SET_BASE: u64 = 2 << 20;
@@ -25,12 +27,22 @@ pub struct DirtyBenchConfig {
     pub rounds: u32,
     pub seed: u64,
     pub ring_entries: u32,
+    /// What backs guest RAM.
+    pub mem_backing: MemBacking,
 }
 
 /// Results of one tracking mode.
 #[derive(Debug, Clone, Serialize)]
 pub struct DirtyBenchResult {
     pub mode: String,
+    pub mem_backing: MemBacking,
+    /// Guest RAM backed by huge host pages after the first touch, KiB
+    /// (smaps: AnonHugePages + Private_Hugetlb).
+    pub host_huge_kib: u64,
+    /// Pages KVM mapped at each size after the first touch and after the
+    /// measured rounds (tracking makes KVM map 4 KiB pages), if known.
+    pub kvm_mapped_after_touch: Option<MappedPages>,
+    pub kvm_mapped_after_rounds: Option<MappedPages>,
     pub write_ms_median: f64,
     pub write_ratio_vs_untracked: f64,
     pub harvest_ms_median: f64,
@@ -113,10 +125,13 @@ fn run_mode(
     kind: Option<DirtySourceKind>,
 ) -> anyhow::Result<DirtyBenchResult> {
     let ring = (kind == Some(DirtySourceKind::KvmRing)).then_some(cfg.ring_entries);
-    let mut vm = WriterVm::new(mem_mib_for(cfg.working_set_pages), ring)?;
+    let mut vm = WriterVm::with_backing(mem_mib_for(cfg.working_set_pages), ring, cfg.mem_backing)?;
     let all: Vec<u64> = (0..cfg.working_set_pages).map(working_set_page).collect();
     // First touch, untimed: the guest faults every page in once.
     write_pages(&mut vm, &all, 1, 0xff)?;
+    let ram = vm.machine.vm.slots[0].host_addr;
+    let host_huge_kib = huge_kib_at(ram);
+    let kvm_mapped_after_touch = kvm_stats::mapped_pages(&vm.machine.vm.fd).ok();
 
     let mut source = match kind {
         Some(k) => {
@@ -164,6 +179,7 @@ fn run_mode(
                 .count() as u64;
         }
     }
+    let kvm_mapped_after_rounds = kvm_stats::mapped_pages(&vm.machine.vm.fd).ok();
     if let Some(mut s) = source {
         s.stop(&vm.machine.vm)?;
     }
@@ -173,6 +189,10 @@ fn run_mode(
         mode: kind
             .map(|k| k.name().to_string())
             .unwrap_or_else(|| "untracked".into()),
+        mem_backing: cfg.mem_backing,
+        host_huge_kib,
+        kvm_mapped_after_touch,
+        kvm_mapped_after_rounds,
         write_ms_median: median(&mut writes),
         write_ratio_vs_untracked: 0.0,
         harvest_ms_median: median(&mut harvests),
@@ -196,6 +216,186 @@ pub fn dirty(cfg: &DirtyBenchConfig) -> anyhow::Result<Vec<DirtyBenchResult>> {
         r.write_ratio_vs_untracked = r.write_ms_median / base;
     }
     Ok(results)
+}
+
+/// AnonHugePages + Private_Hugetlb of this process's mapping that holds
+/// `addr`, in KiB (0 if unknown).
+pub fn huge_kib_at(addr: u64) -> u64 {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return 0;
+    };
+    let mut inside = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let head = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = head.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                if inside {
+                    break;
+                }
+                inside = (a..b).contains(&addr);
+                continue;
+            }
+        }
+        if inside {
+            for key in ["AnonHugePages:", "Private_Hugetlb:"] {
+                if let Some(v) = line.strip_prefix(key) {
+                    kib += v
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .unwrap_or(0);
+                }
+            }
+        }
+    }
+    kib
+}
+
+/// Nearest-rank percentile of `v` (ms), `q` in 0..=1.
+fn percentile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1]
+}
+
+/// One mode on one backing over every run.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackingSummary {
+    pub mem_backing: MemBacking,
+    pub mode: String,
+    pub runs: usize,
+    pub write_ms_p50: f64,
+    pub write_ms_p95: f64,
+    /// p50 write time over the untracked p50 on the same backing.
+    pub ratio_vs_untracked: f64,
+    /// p50 write time over the same mode's p50 on `anon`.
+    pub ratio_vs_anon: Option<f64>,
+    pub harvest_ms_p50: f64,
+    pub host_huge_kib: u64,
+    pub kvm_mapped_after_touch: Option<MappedPages>,
+    pub kvm_mapped_after_rounds: Option<MappedPages>,
+    pub missed: u64,
+}
+
+/// Every mode on every backing, `runs` times, the backings interleaved
+/// (anon, thp, hugetlbfs, anon, ...) so that the host's load falls on all.
+pub fn compare(
+    cfg: &DirtyBenchConfig,
+    backings: &[MemBacking],
+    runs: u32,
+) -> anyhow::Result<(Vec<DirtyBenchResult>, Vec<BackingSummary>)> {
+    let mut all = Vec::new();
+    for _ in 0..runs.max(1) {
+        for &b in backings {
+            all.extend(dirty(&DirtyBenchConfig {
+                mem_backing: b,
+                ..*cfg
+            })?);
+        }
+    }
+    let mut sums: Vec<BackingSummary> = Vec::new();
+    for &b in backings {
+        let mut modes: Vec<&str> = Vec::new();
+        for r in all.iter().filter(|r| r.mem_backing == b) {
+            if !modes.contains(&r.mode.as_str()) {
+                modes.push(&r.mode);
+            }
+        }
+        for m in modes {
+            let rs: Vec<&DirtyBenchResult> = all
+                .iter()
+                .filter(|r| r.mem_backing == b && r.mode == m)
+                .collect();
+            let writes: Vec<f64> = rs.iter().flat_map(|r| r.write_ms_rounds.clone()).collect();
+            let harvests: Vec<f64> = rs
+                .iter()
+                .flat_map(|r| r.harvest_ms_rounds.clone())
+                .collect();
+            let last = rs.last().expect("one run at least");
+            sums.push(BackingSummary {
+                mem_backing: b,
+                mode: m.to_string(),
+                runs: rs.len(),
+                write_ms_p50: percentile(&writes, 0.5),
+                write_ms_p95: percentile(&writes, 0.95),
+                ratio_vs_untracked: 0.0,
+                ratio_vs_anon: None,
+                harvest_ms_p50: percentile(&harvests, 0.5),
+                host_huge_kib: rs.iter().map(|r| r.host_huge_kib).min().unwrap_or(0),
+                kvm_mapped_after_touch: last.kvm_mapped_after_touch,
+                kvm_mapped_after_rounds: last.kvm_mapped_after_rounds,
+                missed: rs.iter().map(|r| r.missed).sum(),
+            });
+        }
+    }
+    let p50 = |sums: &[BackingSummary], b: MemBacking, m: &str| {
+        sums.iter()
+            .find(|s| s.mem_backing == b && s.mode == m)
+            .map(|s| s.write_ms_p50.max(1e-6))
+    };
+    let ratios: Vec<(f64, Option<f64>)> = sums
+        .iter()
+        .map(|s| {
+            let untracked = p50(&sums, s.mem_backing, "untracked").unwrap_or(1e-6);
+            let anon = p50(&sums, MemBacking::Anon, &s.mode);
+            (s.write_ms_p50 / untracked, anon.map(|a| s.write_ms_p50 / a))
+        })
+        .collect();
+    for (s, (u, a)) in sums.iter_mut().zip(ratios) {
+        s.ratio_vs_untracked = u;
+        s.ratio_vs_anon = a;
+    }
+    Ok((all, sums))
+}
+
+/// The side-by-side table of `compare`.
+pub fn compare_table(cfg: &DirtyBenchConfig, runs: u32, sums: &[BackingSummary]) -> String {
+    let mut s = format!(
+        "dirty bench by memory backing: {} of {} pages per round, {} byte(s) each, {} rounds x {} runs\n",
+        cfg.write_pages, cfg.working_set_pages, cfg.bytes_per_page, cfg.rounds, runs
+    );
+    s += &format!(
+        "{:<10} {:<11} {:>9} {:>9} {:>8} {:>7} {:>10} {:>9} {:>21} {:>21} {:>6}\n",
+        "backing",
+        "mode",
+        "write p50",
+        "write p95",
+        "x untrk",
+        "x anon",
+        "harvest ms",
+        "huge MiB",
+        "kvm 4k/2m after touch",
+        "kvm 4k/2m after rnds",
+        "missed"
+    );
+    let kvm = |m: &Option<MappedPages>| {
+        m.map(|m| format!("{}/{}", m.pages_4k, m.pages_2m))
+            .unwrap_or_else(|| "-".into())
+    };
+    for r in sums {
+        s += &format!(
+            "{:<10} {:<11} {:>9.3} {:>9.3} {:>8.2} {:>7} {:>10.3} {:>9} {:>21} {:>21} {:>6}\n",
+            r.mem_backing.name(),
+            r.mode,
+            r.write_ms_p50,
+            r.write_ms_p95,
+            r.ratio_vs_untracked,
+            r.ratio_vs_anon
+                .map(|a| format!("{a:.2}"))
+                .unwrap_or_else(|| "-".into()),
+            r.harvest_ms_p50,
+            r.host_huge_kib / 1024,
+            kvm(&r.kvm_mapped_after_touch),
+            kvm(&r.kvm_mapped_after_rounds),
+            r.missed
+        );
+    }
+    s
 }
 
 /// The human-readable table.
