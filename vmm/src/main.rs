@@ -328,6 +328,19 @@ struct MigrateBenchArgs {
     /// Compare plain TCP with TLS (kvm-bitmap, throwaway certificates) instead.
     #[arg(long)]
     tls: bool,
+    /// Guest RAM backings to compare, side by side, on both sides (e.g.
+    /// anon,thp,hugetlbfs; hugetlbfs needs 256 free pages for the two VMs).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "anon",
+        value_name = "BACKING,..."
+    )]
+    mem_backing: Vec<MemBacking>,
+    /// Runs of every source on every backing (interleaved), for p50/p95.
+    #[arg(long, default_value_t = 1)]
+    runs: u32,
     /// Also print one JSON line per mode.
     #[arg(long)]
     json: bool,
@@ -536,7 +549,22 @@ fn bench_migrate(a: MigrateBenchArgs) -> anyhow::Result<i32> {
         bandwidth_limit_mbps: a.bandwidth_limit,
         auto_converge: a.auto_converge,
         tls: a.tls,
+        mem_backing: a.mem_backing.first().copied().unwrap_or_default(),
     };
+    if a.mem_backing.len() > 1 || a.runs > 1 {
+        let (_, sums) =
+            bench::migrate::compare(&cfg, &a.mem_backing, a.runs).context("migration benchmark")?;
+        print!("{}", bench::migrate::compare_table(&cfg, a.runs, &sums));
+        if a.json {
+            for r in &sums {
+                println!(
+                    "{}",
+                    serde_json::json!({ "bench": "migrate-backing", "config": cfg, "runs": a.runs, "result": r })
+                );
+            }
+        }
+        return Ok(0);
+    }
     let results = bench::migrate::migrate(&cfg).context("migration benchmark")?;
     print!("{}", bench::migrate::table(&cfg, &results));
     if a.json {

@@ -43,6 +43,10 @@ pub struct DirtyBenchResult {
     /// measured rounds (tracking makes KVM map 4 KiB pages), if known.
     pub kvm_mapped_after_touch: Option<MappedPages>,
     pub kvm_mapped_after_rounds: Option<MappedPages>,
+    /// One more round of the same writes once the source stopped (a
+    /// cancelled migration): whether the guest gets its speed back.
+    pub write_ms_after_stop: f64,
+    pub kvm_mapped_after_stop: Option<MappedPages>,
     pub write_ms_median: f64,
     pub write_ratio_vs_untracked: f64,
     pub harvest_ms_median: f64,
@@ -130,7 +134,7 @@ fn run_mode(
     // First touch, untimed: the guest faults every page in once.
     write_pages(&mut vm, &all, 1, 0xff)?;
     let ram = vm.machine.vm.slots[0].host_addr;
-    let host_huge_kib = huge_kib_at(ram);
+    let host_huge_kib = super::smaps::huge_kib("self", |a, b, _| (a..b).contains(&ram));
     let kvm_mapped_after_touch = kvm_stats::mapped_pages(&vm.machine.vm.fd).ok();
 
     let mut source = match kind {
@@ -183,6 +187,13 @@ fn run_mode(
     if let Some(mut s) = source {
         s.stop(&vm.machine.vm)?;
     }
+    let pages: Vec<u64> = rng
+        .sample(cfg.working_set_pages, cfg.write_pages)
+        .into_iter()
+        .map(working_set_page)
+        .collect();
+    let after_stop = write_pages(&mut vm, &pages, cfg.bytes_per_page, 0xee)?;
+    let kvm_mapped_after_stop = kvm_stats::mapped_pages(&vm.machine.vm.fd).ok();
     vm.stop()?;
     let (write_ms_rounds, harvest_ms_rounds) = (millis(&writes), millis(&harvests));
     Ok(DirtyBenchResult {
@@ -193,6 +204,8 @@ fn run_mode(
         host_huge_kib,
         kvm_mapped_after_touch,
         kvm_mapped_after_rounds,
+        write_ms_after_stop: after_stop.as_secs_f64() * 1e3,
+        kvm_mapped_after_stop,
         write_ms_median: median(&mut writes),
         write_ratio_vs_untracked: 0.0,
         harvest_ms_median: median(&mut harvests),
@@ -218,43 +231,8 @@ pub fn dirty(cfg: &DirtyBenchConfig) -> anyhow::Result<Vec<DirtyBenchResult>> {
     Ok(results)
 }
 
-/// AnonHugePages + Private_Hugetlb of this process's mapping that holds
-/// `addr`, in KiB (0 if unknown).
-pub fn huge_kib_at(addr: u64) -> u64 {
-    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
-        return 0;
-    };
-    let mut inside = false;
-    let mut kib = 0;
-    for line in smaps.lines() {
-        let head = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = head.split_once('-') {
-            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                if inside {
-                    break;
-                }
-                inside = (a..b).contains(&addr);
-                continue;
-            }
-        }
-        if inside {
-            for key in ["AnonHugePages:", "Private_Hugetlb:"] {
-                if let Some(v) = line.strip_prefix(key) {
-                    kib += v
-                        .trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<u64>()
-                        .unwrap_or(0);
-                }
-            }
-        }
-    }
-    kib
-}
-
 /// Nearest-rank percentile of `v` (ms), `q` in 0..=1.
-fn percentile(v: &[f64], q: f64) -> f64 {
+pub fn percentile(v: &[f64], q: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
@@ -279,6 +257,9 @@ pub struct BackingSummary {
     pub host_huge_kib: u64,
     pub kvm_mapped_after_touch: Option<MappedPages>,
     pub kvm_mapped_after_rounds: Option<MappedPages>,
+    /// p50 of the round written after the source stopped.
+    pub write_ms_after_stop_p50: f64,
+    pub kvm_mapped_after_stop: Option<MappedPages>,
     pub missed: u64,
 }
 
@@ -329,6 +310,11 @@ pub fn compare(
                 host_huge_kib: rs.iter().map(|r| r.host_huge_kib).min().unwrap_or(0),
                 kvm_mapped_after_touch: last.kvm_mapped_after_touch,
                 kvm_mapped_after_rounds: last.kvm_mapped_after_rounds,
+                write_ms_after_stop_p50: percentile(
+                    &rs.iter().map(|r| r.write_ms_after_stop).collect::<Vec<_>>(),
+                    0.5,
+                ),
+                kvm_mapped_after_stop: last.kvm_mapped_after_stop,
                 missed: rs.iter().map(|r| r.missed).sum(),
             });
         }
@@ -360,7 +346,7 @@ pub fn compare_table(cfg: &DirtyBenchConfig, runs: u32, sums: &[BackingSummary])
         cfg.write_pages, cfg.working_set_pages, cfg.bytes_per_page, cfg.rounds, runs
     );
     s += &format!(
-        "{:<10} {:<11} {:>9} {:>9} {:>8} {:>7} {:>10} {:>9} {:>21} {:>21} {:>6}\n",
+        "{:<10} {:<11} {:>9} {:>9} {:>8} {:>7} {:>10} {:>9} {:>11} {:>11} {:>10} {:>11} {:>6}\n",
         "backing",
         "mode",
         "write p50",
@@ -369,8 +355,10 @@ pub fn compare_table(cfg: &DirtyBenchConfig, runs: u32, sums: &[BackingSummary])
         "x anon",
         "harvest ms",
         "huge MiB",
-        "kvm 4k/2m after touch",
-        "kvm 4k/2m after rnds",
+        "kvm 4k/2m",
+        "tracked",
+        "stop write",
+        "stopped",
         "missed"
     );
     let kvm = |m: &Option<MappedPages>| {
@@ -379,7 +367,7 @@ pub fn compare_table(cfg: &DirtyBenchConfig, runs: u32, sums: &[BackingSummary])
     };
     for r in sums {
         s += &format!(
-            "{:<10} {:<11} {:>9.3} {:>9.3} {:>8.2} {:>7} {:>10.3} {:>9} {:>21} {:>21} {:>6}\n",
+            "{:<10} {:<11} {:>9.3} {:>9.3} {:>8.2} {:>7} {:>10.3} {:>9} {:>11} {:>11} {:>10.3} {:>11} {:>6}\n",
             r.mem_backing.name(),
             r.mode,
             r.write_ms_p50,
@@ -392,9 +380,16 @@ pub fn compare_table(cfg: &DirtyBenchConfig, runs: u32, sums: &[BackingSummary])
             r.host_huge_kib / 1024,
             kvm(&r.kvm_mapped_after_touch),
             kvm(&r.kvm_mapped_after_rounds),
+            r.write_ms_after_stop_p50,
+            kvm(&r.kvm_mapped_after_stop),
             r.missed
         );
     }
+    s += "write p50/p95: guest write time of one round (ms), every round of every run; x untrk: p50 over\n\
+          untracked on the same backing; x anon: p50 over the same mode on anon; huge MiB: guest RAM on\n\
+          huge host pages after the first touch (smaps); kvm 4k/2m: pages KVM maps at each size after the\n\
+          first touch, after the tracked rounds, and after one more round once the source stopped\n\
+          (stop write, ms)\n";
     s
 }
 

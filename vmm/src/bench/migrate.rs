@@ -19,6 +19,13 @@ use crate::migration::report::{DowntimeBreakdown, RoundStats};
 use crate::migration::source::{ConvergencePolicy, MigrateOptions};
 use crate::migration::tls_certs;
 use crate::migration::transport::{Endpoint, TlsFiles};
+use crate::vm::MemBacking;
+
+use super::dirty::percentile;
+use super::smaps::guest_ram_huge_kib;
+
+/// Guest RAM of the benchmark's VMs (`run`'s default).
+const GUEST_MIB: u64 = 256;
 
 /// Which counter payload runs in the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -41,6 +48,8 @@ pub struct MigrateBenchConfig {
     /// Instead of every source over a unix socket: kvm-bitmap over plain
     /// TCP and over TCP with TLS, side by side (what TLS costs).
     pub tls: bool,
+    /// What backs guest RAM on both sides.
+    pub mem_backing: MemBacking,
 }
 
 /// How source and destination are connected in one run.
@@ -89,6 +98,11 @@ impl Link {
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrateBenchResult {
     pub mode: String,
+    pub mem_backing: MemBacking,
+    /// Guest RAM on huge host pages (smaps AnonHugePages + Private_Hugetlb,
+    /// KiB): the source's before the migration, the destination's after.
+    pub source_huge_kib: u64,
+    pub destination_huge_kib: u64,
     pub total_ms: f64,
     pub downtime_ms: f64,
     pub rounds: usize,
@@ -174,12 +188,15 @@ fn run_one(
     let src_api = dir.join(format!("{tag}-src.sock"));
     let dst_api = dir.join(format!("{tag}-dst.sock"));
     let mig = dir.join(format!("{tag}-mig.sock"));
+    let backing = cfg.mem_backing.name().to_string();
     let mut src_args = vec![
         "run".to_string(),
         "--flat".into(),
         file.path().display().to_string(),
         "--api".into(),
         src_api.display().to_string(),
+        "--mem-backing".into(),
+        backing.clone(),
     ];
     if kind == DirtySourceKind::KvmRing {
         src_args.extend(["--dirty-ring".into(), "65536".into()]);
@@ -195,6 +212,8 @@ fn run_one(
         },
         "--api".into(),
         dst_api.display().to_string(),
+        "--mem-backing".into(),
+        backing,
     ];
     dst_args.extend(extra);
     let dst = spawn(exe, &dst_args, dir.join(format!("{tag}-dst.out")))?;
@@ -208,6 +227,7 @@ fn run_one(
     std::thread::sleep(Duration::from_millis(1000));
     let (b, tb) = last_counter(&src.out)?;
     let idle_rate = (b - a) as f64 / (tb - ta).as_secs_f64();
+    let source_huge_kib = guest_ram_huge_kib(src.child.id(), GUEST_MIB << 20);
 
     let opts = MigrateOptions {
         to,
@@ -226,6 +246,7 @@ fn run_one(
     let r = resp.result.unwrap_or_default();
     std::thread::sleep(Duration::from_millis(200));
     let (c_pause, _) = last_counter(&src.out)?;
+    let destination_huge_kib = guest_ram_huge_kib(dst.child.id(), GUEST_MIB << 20);
     let _ = api::call(&dst_api, &Request::Shutdown);
     drop(dst);
     drop(src);
@@ -236,6 +257,9 @@ fn run_one(
     let running_s = ((total_ms - downtime_ms) / 1e3).max(1e-3);
     Ok(MigrateBenchResult {
         mode: format!("{}{}", kind.name(), link.name()),
+        mem_backing: cfg.mem_backing,
+        source_huge_kib,
+        destination_huge_kib,
         copy_mb_s: r["copy_mb_s"].as_f64().unwrap_or(0.0),
         total_ms,
         downtime_ms,
@@ -270,6 +294,129 @@ pub fn migrate(cfg: &MigrateBenchConfig) -> anyhow::Result<Vec<MigrateBenchResul
     };
     let _ = std::fs::remove_dir_all(&dir);
     results
+}
+
+/// One source on one backing over every run.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackingSummary {
+    pub mem_backing: MemBacking,
+    pub mode: String,
+    pub runs: usize,
+    pub total_ms_p50: f64,
+    pub downtime_ms_p50: f64,
+    pub downtime_ms_p95: f64,
+    pub guest_rate_vs_idle_p50: f64,
+    pub guest_rate_vs_idle_p95: f64,
+    /// This p50 of the guest's rate over the same source's on anon.
+    pub guest_rate_vs_anon: Option<f64>,
+    pub source_huge_mib: u64,
+    pub destination_huge_mib: u64,
+}
+
+/// Every source on every backing, `runs` times, interleaved.
+pub fn compare(
+    cfg: &MigrateBenchConfig,
+    backings: &[MemBacking],
+    runs: u32,
+) -> anyhow::Result<(Vec<MigrateBenchResult>, Vec<BackingSummary>)> {
+    let mut all = Vec::new();
+    for _ in 0..runs.max(1) {
+        for &b in backings {
+            all.extend(migrate(&MigrateBenchConfig {
+                mem_backing: b,
+                ..cfg.clone()
+            })?);
+        }
+    }
+    let mut sums: Vec<BackingSummary> = Vec::new();
+    for &b in backings {
+        let mut modes: Vec<String> = Vec::new();
+        for r in all.iter().filter(|r| r.mem_backing == b) {
+            if !modes.contains(&r.mode) {
+                modes.push(r.mode.clone());
+            }
+        }
+        for m in modes {
+            let rs: Vec<&MigrateBenchResult> = all
+                .iter()
+                .filter(|r| r.mem_backing == b && r.mode == m)
+                .collect();
+            let of =
+                |f: fn(&MigrateBenchResult) -> f64| rs.iter().map(|r| f(r)).collect::<Vec<_>>();
+            let (total, down, rate) = (
+                of(|r| r.total_ms),
+                of(|r| r.downtime_ms),
+                of(|r| r.guest_rate_vs_idle),
+            );
+            sums.push(BackingSummary {
+                mem_backing: b,
+                mode: m,
+                runs: rs.len(),
+                total_ms_p50: percentile(&total, 0.5),
+                downtime_ms_p50: percentile(&down, 0.5),
+                downtime_ms_p95: percentile(&down, 0.95),
+                guest_rate_vs_idle_p50: percentile(&rate, 0.5),
+                guest_rate_vs_idle_p95: percentile(&rate, 0.95),
+                guest_rate_vs_anon: None,
+                source_huge_mib: rs.iter().map(|r| r.source_huge_kib).min().unwrap_or(0) >> 10,
+                destination_huge_mib: rs.iter().map(|r| r.destination_huge_kib).min().unwrap_or(0)
+                    >> 10,
+            });
+        }
+    }
+    let anon: Vec<(String, f64)> = sums
+        .iter()
+        .filter(|s| s.mem_backing == MemBacking::Anon)
+        .map(|s| (s.mode.clone(), s.guest_rate_vs_idle_p50))
+        .collect();
+    for s in &mut sums {
+        s.guest_rate_vs_anon = anon
+            .iter()
+            .find(|(m, _)| *m == s.mode)
+            .map(|(_, a)| s.guest_rate_vs_idle_p50 / a.max(1e-9));
+    }
+    Ok((all, sums))
+}
+
+/// The side-by-side table of `compare`.
+pub fn compare_table(cfg: &MigrateBenchConfig, runs: u32, sums: &[BackingSummary]) -> String {
+    let mut s = format!(
+        "migrate bench by memory backing: {:?} counter workload, downtime target {} ms, {} runs\n",
+        cfg.workload, cfg.downtime_ms, runs
+    );
+    s += &format!(
+        "{:<10} {:<11} {:>9} {:>14} {:>16} {:>7} {:>9} {:>9}\n",
+        "backing",
+        "mode",
+        "total p50",
+        "down p50/p95",
+        "x idle p50/p95",
+        "x anon",
+        "src huge",
+        "dst huge"
+    );
+    for r in sums {
+        s += &format!(
+            "{:<10} {:<11} {:>9.0} {:>14} {:>16} {:>7} {:>8}M {:>8}M\n",
+            r.mem_backing.name(),
+            r.mode,
+            r.total_ms_p50,
+            format!("{:.1}/{:.1}", r.downtime_ms_p50, r.downtime_ms_p95),
+            format!(
+                "{:.2}/{:.2}",
+                r.guest_rate_vs_idle_p50, r.guest_rate_vs_idle_p95
+            ),
+            r.guest_rate_vs_anon
+                .map(|a| format!("{a:.2}"))
+                .unwrap_or_else(|| "-".into()),
+            r.source_huge_mib,
+            r.destination_huge_mib
+        );
+    }
+    s += "x idle: the guest's counter rate while migrating over its rate just before (p50/p95 over the\n\
+          runs); x anon: that p50 over the same source's on anon; src/dst huge: guest RAM on huge host\n\
+          pages, the source's before and the destination's after the migration (smaps)\n";
+    s
 }
 
 /// The human-readable table.

@@ -3,6 +3,7 @@
 
 pub mod dirty;
 pub mod migrate;
+pub mod smaps;
 
 pub use dirty::{
     mem_mib_for, working_set_page, DirtyBenchConfig, DirtyBenchResult, Rng, WORKING_SET_BASE,
