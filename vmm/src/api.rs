@@ -107,6 +107,7 @@ pub fn handle(req: &Request, ctl: &VmControl) -> Response {
                 "state": ctl.state(),
                 "vcpus": ctl.vcpu_count,
                 "mem_mib": ctl.vm.mem_size() >> 20,
+                "mem_backing": ctl.vm.backing,
                 "uptime_s": ctl.started.elapsed().as_secs_f64(),
                 "dirty_source": d.source.as_ref().map(|s| s.kind()),
             }))

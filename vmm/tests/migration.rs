@@ -211,6 +211,15 @@ fn migrate_and_check_on(
     let before = counters(&std::fs::read(s.path("dst.out")).unwrap()).len();
     advances(&s.path("dst.out"), before + 10);
     check("destination", dst.id());
+    let status = ctl(&dst_api, &["status"]);
+    let dest_backing = dest_args
+        .windows(2)
+        .find(|w| w[0] == "--mem-backing")
+        .map_or("anon", |w| w[1]);
+    assert_eq!(
+        status["result"]["mem_backing"], dest_backing,
+        "the destination's own backing: {status}"
+    );
     assert_eq!(ctl(&dst_api, &["shutdown"])["ok"], true);
     assert!(wait_exit(&mut dst, Duration::from_secs(10)).success());
 

@@ -37,6 +37,11 @@ fn finish(mut child: Child, sock: &Path) {
 /// Restores `files` paused, checks the memory digest through the API, then
 /// lets the guest run and returns the counters it printed.
 fn restore_and_check(dir: &Path, files: &[&Path], id: &str) -> Vec<u64> {
+    restore_and_check_on(dir, files, id, &[])
+}
+
+/// `restore_and_check` with more `run` arguments (`--mem-backing`).
+fn restore_and_check_on(dir: &Path, files: &[&Path], id: &str, extra: &[&str]) -> Vec<u64> {
     let sock = dir.join("restored.sock");
     let out = dir.join("restored.out");
     let mut args = vec![
@@ -44,8 +49,9 @@ fn restore_and_check(dir: &Path, files: &[&Path], id: &str) -> Vec<u64> {
         "--api".into(),
         sock.display().to_string(),
         "--paused".into(),
-        "--restore".into(),
     ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args.push("--restore".into());
     args.extend(files.iter().map(|f| f.display().to_string()));
     let child = bin()
         .args(&args)
@@ -151,5 +157,53 @@ fn full_and_diff_snapshots_restore_to_the_exact_memory() {
     bad(&[&full, &corrupt], "checksum mismatch");
     std::fs::write(&corrupt, &std::fs::read(&d1).unwrap()[..n - 5000]).unwrap();
     bad(&[&full, &corrupt], "truncated");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn snapshots_of_a_thp_guest_restore_on_every_backing() {
+    let dir = std::env::temp_dir().join(format!("ldt-snap-huge-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let payload = TempPath::create(COUNTER_SLOW_PAYLOAD, "snap-huge").unwrap();
+    let sock = dir.join("src.sock");
+    let src = bin()
+        .args([
+            "run",
+            "--flat",
+            payload.path().to_str().unwrap(),
+            "--api",
+            sock.to_str().unwrap(),
+            "--mem",
+            "66",
+            "--mem-backing",
+            "thp",
+        ])
+        .stdout(std::fs::File::create(dir.join("src.out")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for(&sock);
+    std::thread::sleep(Duration::from_millis(200));
+    let full = dir.join("full.snap");
+    let d1 = dir.join("d1.snap");
+    snapshot(&sock, &full, None).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let r1 = snapshot(&sock, &d1, Some(&full)).unwrap();
+    finish(src, &sock);
+    // 33 pages for the restored VM (one at a time).
+    let pool = ldt_vmm::vm::memory::HugePagePool::reserve(33);
+    for backing in ["anon", "thp", "hugetlbfs"] {
+        if let (true, Err(e)) = (backing == "hugetlbfs", &pool) {
+            eprintln!("hugetlbfs skipped: {e}");
+            continue;
+        }
+        // The chain: the diff's zero ranges land inside huge pages.
+        let v = restore_and_check_on(
+            &dir,
+            &[full.as_path(), d1.as_path()],
+            r1["id"].as_str().unwrap(),
+            &["--mem-backing", backing],
+        );
+        assert!(v.len() > 10, "{backing}: restored guest runs: {}", v.len());
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
