@@ -8,7 +8,10 @@ use std::collections::BTreeSet;
 use ldt_vmm::arch::layout::PAGE_SIZE;
 use ldt_vmm::bench::{working_set_page, Rng};
 use ldt_vmm::dirty::{self, DirtyOptions, DirtySource, DirtySourceKind};
-use ldt_vmm::flat::WriterVm;
+use ldt_vmm::flat::{WriterVm, MAX_PAGES_PER_COMMAND};
+use ldt_vmm::vm::kvm_stats::mapped_pages;
+use ldt_vmm::vm::memory::HugePagePool;
+use ldt_vmm::vm::MemBacking;
 use vm_memory::{Bytes, GuestAddress};
 
 const WORKING_SET: u64 = 4096;
@@ -21,8 +24,30 @@ struct Outcome {
 }
 
 fn writer_with(kind: DirtySourceKind, options: DirtyOptions) -> (WriterVm, Box<dyn DirtySource>) {
+    writer_on(kind, options, MemBacking::Anon)
+}
+
+/// `writer_with` on `backing`; on a huge backing the guest first writes its
+/// whole working set, untracked, so that KVM maps it with huge pages
+/// before the source starts and must split them.
+fn writer_on(
+    kind: DirtySourceKind,
+    options: DirtyOptions,
+    backing: MemBacking,
+) -> (WriterVm, Box<dyn DirtySource>) {
     let ring = (kind == DirtySourceKind::KvmRing).then_some(options.ring_entries);
-    let vm = WriterVm::new(MEM_MIB, ring).expect("writer VM boots to its first sync point");
+    let mut vm = WriterVm::with_backing(MEM_MIB, ring, backing)
+        .expect("writer VM boots to its first sync point");
+    if backing.is_huge() {
+        let all: Vec<u64> = (0..WORKING_SET).map(working_set_page).collect();
+        for chunk in all.chunks(MAX_PAGES_PER_COMMAND) {
+            vm.write_round(chunk, 1, 0x11).unwrap();
+        }
+        eprintln!(
+            "{kind} on {backing}: KVM maps {:?} before tracking",
+            mapped_pages(&vm.machine.vm.fd).ok()
+        );
+    }
     let mut source = dirty::create(kind, options, vm.machine.ring.clone()).unwrap();
     dirty::reset_vmm_writes(&vm.machine.vm);
     source.start(&vm.machine.vm).unwrap();
@@ -48,7 +73,18 @@ fn never_misses_in(
     per_round: u64,
     bytes: u32,
 ) -> (Option<u64>, Outcome) {
-    let (mut vm, mut source) = writer_with(kind, options);
+    never_misses_on(kind, options, rounds, per_round, bytes, MemBacking::Anon)
+}
+
+fn never_misses_on(
+    kind: DirtySourceKind,
+    options: DirtyOptions,
+    rounds: u32,
+    per_round: u64,
+    bytes: u32,
+    backing: MemBacking,
+) -> (Option<u64>, Outcome) {
+    let (mut vm, mut source) = writer_on(kind, options, backing);
     // The first harvest may report everything (INITIALLY_SET); start clean.
     dirty::harvest(source.as_mut(), &vm.machine.vm).unwrap();
     let mut rng = Rng::new(0x1d7 + kind as u64);
@@ -222,4 +258,20 @@ fn kvm_ring_cannot_be_created_without_an_enabled_ring() {
         .err()
         .expect("kvm-ring without a ring is an error");
     assert!(err.to_string().contains("dirty ring"), "{err}");
+}
+
+#[test]
+fn every_source_reports_every_page_written_over_huge_host_pages() {
+    // 16 huge pages for the 32 MiB writer, one VM at a time.
+    let pool = HugePagePool::reserve(16);
+    for backing in [MemBacking::Thp, MemBacking::Hugetlbfs] {
+        if let (MemBacking::Hugetlbfs, Err(e)) = (backing, &pool) {
+            eprintln!("hugetlbfs skipped: {e}");
+            continue;
+        }
+        for kind in DirtySourceKind::available() {
+            let (_, o) = never_misses_on(kind, DirtyOptions::default(), 4, 1500, 1, backing);
+            assert_eq!(o.rounds, 4, "{kind} on {backing}");
+        }
+    }
 }
