@@ -108,7 +108,8 @@ nested_fault_digest() {
 # (CR3) of the last exception before the shutdown is among the roots
 # ldt-vmm's fault scan (LDT_VMM_FAULT_SCAN, vmm/src/vm/fault_scan.rs) found
 # intact in its memory: yes means the level-2 guest read the root through a
-# stale translation, no means the memory behind it lost the root.
+# stale translation, no means the memory behind it lost the root (zeroed,
+# or reused by the level-2 kernel).
 nested_fault_root_verdict() {
 	local log=$1 out=$2 at cr3 root scan
 	[ -s "$log" ] || return 0
@@ -123,7 +124,15 @@ nested_fault_root_verdict() {
 	elif printf '%s\n' "$scan" | tr ' ' '\n' | grep -qx "$root"; then
 		echo "fault root: CR3 $root IS intact in ldt-vmm's memory (a stale translation)"
 	else
-		echo "fault root: CR3 $root is NOT among the roots in ldt-vmm's memory (the memory lost it)"
+		local zero=no r gfn=$((root >> 12))
+		for r in $(grep -a 'fault scan: all-zero guest frames' "$out" | tail -n1 |
+			tr -d '\r' | sed 's/.*frames://'); do
+			if [ $((${r%-*})) -le "$gfn" ] && [ "$gfn" -le $((${r#*-})) ]; then
+				zero=yes
+				break
+			fi
+		done
+		echo "fault root: CR3 $root is NOT among the roots in ldt-vmm's memory; all zeros there: $zero"
 	fi
 	grep -a 'fault scan: host page moves' "$out" | tail -n1 | tr -d '\r'
 }

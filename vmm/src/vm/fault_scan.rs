@@ -92,6 +92,25 @@ pub fn page_table_roots(memory: &GuestMemory, slots: &[MemorySlot]) -> (u64, Vec
         .unwrap_or((0, Vec::new()))
 }
 
+/// The guest frames that read as all zeros, as inclusive ranges.
+pub fn zero_ranges(memory: &GuestMemory, slots: &[MemorySlot]) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut page = [0u8; PAGE as usize];
+    for slot in slots {
+        for gpa in (slot.guest_addr..slot.guest_addr + slot.size).step_by(PAGE as usize) {
+            let zero = memory.read_slice(&mut page, GuestAddress(gpa)).is_ok()
+                && page.iter().all(|&b| b == 0);
+            let frame = gpa / PAGE;
+            match ranges.last_mut() {
+                Some((_, end)) if zero && *end + 1 == frame => *end = frame,
+                _ if zero => ranges.push((frame, frame)),
+                _ => {}
+            }
+        }
+    }
+    ranges
+}
+
 /// The lines the scan prints: the roots found and the host's page moves
 /// since `before`.
 pub fn report(memory: &GuestMemory, slots: &[MemorySlot], before: &HashMap<String, u64>) -> String {
@@ -108,11 +127,17 @@ pub fn report(memory: &GuestMemory, slots: &[MemorySlot], before: &HashMap<Strin
     if moves.is_empty() {
         moves.push("no /proc/vmstat".into());
     }
+    let zeros: Vec<String> = zero_ranges(memory, slots)
+        .iter()
+        .map(|(a, b)| format!("{a:#x}-{b:#x}"))
+        .collect();
     format!(
         "ldt-vmm: fault scan: {} page-table roots in guest memory (PGD[{KERNEL_SLOT}] = {value:#x}): {}\n\
+         ldt-vmm: fault scan: all-zero guest frames: {}\n\
          ldt-vmm: fault scan: host page moves while the VM ran: {}",
         roots.len(),
         frames.join(" "),
+        zeros.join(" "),
         moves.join(", ")
     )
 }
@@ -153,6 +178,15 @@ mod tests {
         let mut roots = roots;
         roots.sort();
         assert_eq!(roots, vec![0x100, 0x130, 0x300]);
+    }
+
+    #[test]
+    fn zero_frames_come_as_ranges() {
+        let (m, slots) = memory(2 << 20);
+        m.write_slice(&[1], GuestAddress(0x3000)).unwrap();
+        m.write_slice(&[1], GuestAddress(0x4fff)).unwrap();
+        m.write_slice(&[1], GuestAddress(0x1f_f000)).unwrap();
+        assert_eq!(zero_ranges(&m, &slots), vec![(0, 2), (5, 0x1fe)]);
     }
 
     #[test]
