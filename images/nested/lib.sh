@@ -82,6 +82,7 @@ nested_boot() {
 	echo "$tag: QEMU exited with $NESTED_RC after $(($(date +%s) - t0)) s"
 	if grep -q 'guest triple fault' "$out"; then
 		nested_fault_digest "$qlog" | sed "s/^/$tag: /"
+		nested_fault_root_verdict "$qlog" "$out" | sed "s/^/$tag: /"
 	fi
 	rm -f "$qlog"
 }
@@ -101,6 +102,39 @@ nested_fault_digest() {
 	fi
 	echo "QEMU's exception log up to the shutdown (line $at of $(wc -l <"$log")):"
 	head -n "$at" "$log" | tail -n 90
+}
+
+# nested_fault_root_verdict QEMU-INT-LOG OUT: whether the page-table root
+# (CR3) of the last exception before the shutdown is among the roots
+# ldt-vmm's fault scan (LDT_VMM_FAULT_SCAN, vmm/src/vm/fault_scan.rs) found
+# intact in its memory: yes means the level-2 guest read the root through a
+# stale translation, no means the memory behind it lost the root (zeroed,
+# or reused by the level-2 kernel).
+nested_fault_root_verdict() {
+	local log=$1 out=$2 at cr3 root scan
+	[ -s "$log" ] || return 0
+	at=$(grep -n 'check_exception old: 0x8 new' "$log" | tail -n1 | cut -d: -f1)
+	[ -n "$at" ] || return 0
+	cr3=$(head -n "$at" "$log" | grep -o 'CR3=[0-9a-f]*' | tail -n1 | cut -d= -f2)
+	[ -n "$cr3" ] || return 0
+	root=$(printf '%#x' $((0x$cr3 & 0x000ffffffffff000)))
+	scan=$(grep -a 'fault scan: .*page-table roots' "$out" | tail -n1 | tr -d '\r')
+	if [ -z "$scan" ]; then
+		echo "fault root: CR3 $root; ldt-vmm printed no fault scan"
+	elif printf '%s\n' "$scan" | tr ' ' '\n' | grep -qx "$root"; then
+		echo "fault root: CR3 $root IS intact in ldt-vmm's memory (a stale translation)"
+	else
+		local zero=no r gfn=$((root >> 12))
+		for r in $(grep -a 'fault scan: all-zero guest frames' "$out" | tail -n1 |
+			tr -d '\r' | sed 's/.*frames://'); do
+			if [ $((${r%-*})) -le "$gfn" ] && [ "$gfn" -le $((${r#*-})) ]; then
+				zero=yes
+				break
+			fi
+		done
+		echo "fault root: CR3 $root is NOT among the roots in ldt-vmm's memory; all zeros there: $zero"
+	fi
+	grep -a 'fault scan: host page moves' "$out" | tail -n1 | tr -d '\r'
 }
 
 # nested_last_line OUT: the last non-empty console line (for timeouts).

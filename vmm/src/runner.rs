@@ -97,6 +97,9 @@ pub struct VmControl {
     /// The one user of the dirty log, if any (see `TrackingUser`).
     tracking_user: Mutex<Option<TrackingUser>>,
     pub started: Instant,
+    /// Host page-move counters at the start, for the triple-fault scan
+    /// (`vm::fault_scan`; empty unless it is enabled).
+    vmstat_at_start: std::collections::HashMap<String, u64>,
     pub vcpu_count: usize,
     shared: Mutex<Shared>,
     changed: Condvar,
@@ -130,6 +133,11 @@ impl VmControl {
             snapshots: Mutex::new(None),
             tracking_user: Mutex::new(None),
             started: Instant::now(),
+            vmstat_at_start: if crate::vm::fault_scan::enabled() {
+                crate::vm::fault_scan::vmstat()
+            } else {
+                Default::default()
+            },
             shared: Mutex::new(Shared {
                 state: if start_paused {
                     RunState::Paused
@@ -345,6 +353,15 @@ fn vcpu_thread(vcpu: Arc<Mutex<Vcpu>>, ctl: Arc<VmControl>) {
             Ok(VcpuEvent::FlatSync(_)) | Ok(VcpuEvent::Kicked) => {}
             Err(e) => {
                 eprintln!("ldt-vmm: {e}");
+                if matches!(e, crate::vm::vcpu::VcpuError::TripleFault { .. })
+                    && crate::vm::fault_scan::enabled()
+                {
+                    let vm = &ctl.vm;
+                    eprintln!(
+                        "{}",
+                        crate::vm::fault_scan::report(&vm.memory, &vm.slots, &ctl.vmstat_at_start)
+                    );
+                }
                 ctl.stop(1);
             }
         }

@@ -1,5 +1,6 @@
 //! KVM objects: the VM with its memory slots and in-kernel irqchip, and vCPUs.
 
+pub mod fault_scan;
 pub mod kvm_stats;
 pub mod memory;
 pub mod state;

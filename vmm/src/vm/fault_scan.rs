@@ -1,0 +1,205 @@
+//! What a triple fault leaves to look at: KVM resets the vCPU before it
+//! returns `KVM_EXIT_SHUTDOWN` (on SVM), so the guest's registers are gone,
+//! but its memory is not. With `LDT_VMM_FAULT_SCAN=1` in the environment the
+//! VMM prints, on a triple fault, the x86-64 page-table roots it finds in
+//! guest memory and how this host's memory management moved pages while the
+//! VM ran. Compared with a CR3 taken elsewhere (an emulator's log), this
+//! tells whether the root the guest faulted on still holds its entries in
+//! the VMM's memory (then the translation of that page was stale) or not
+//! (then the memory itself lost them). A debugging aid for issue #13.12,
+//! off unless asked for.
+
+use std::collections::HashMap;
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::memory::{GuestMemory, MemorySlot};
+
+/// The environment variable that turns the scan on.
+pub const ENV: &str = "LDT_VMM_FAULT_SCAN";
+
+/// The /proc/vmstat counters of page moves that could leave a stale mapping.
+const VMSTAT_KEYS: &[&str] = &[
+    "thp_collapse_alloc",
+    "thp_fault_alloc",
+    "thp_split_pmd",
+    "thp_migration_success",
+    "pgmigrate_success",
+    "compact_success",
+    "compact_isolated",
+    "pswpin",
+    "pswpout",
+    "ksm_swpin_copy",
+    "numa_pte_updates",
+];
+
+const PAGE: u64 = 4096;
+/// PGD slot of the kernel image mapping (`__START_KERNEL_map`), the same
+/// page-directory-pointer page in every root of a 4-level Linux guest.
+const KERNEL_SLOT: usize = 511;
+
+/// Whether the scan was asked for.
+pub fn enabled() -> bool {
+    std::env::var_os(ENV).is_some_and(|v| v != "0")
+}
+
+/// The counters of `VMSTAT_KEYS` now (absent ones are left out).
+pub fn vmstat() -> HashMap<String, u64> {
+    parse_vmstat(&std::fs::read_to_string("/proc/vmstat").unwrap_or_default())
+}
+
+fn parse_vmstat(text: &str) -> HashMap<String, u64> {
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            VMSTAT_KEYS
+                .contains(&k)
+                .then(|| Some((k.to_string(), v.trim().parse().ok()?)))?
+        })
+        .collect()
+}
+
+/// Guest frames that look like page-table roots of a 4-level Linux guest:
+/// pages whose kernel-image slot holds the value most such pages share
+/// (present, pointing into guest RAM). Returns that value and the frames.
+pub fn page_table_roots(memory: &GuestMemory, slots: &[MemorySlot]) -> (u64, Vec<u64>) {
+    let ram_end: u64 = slots
+        .iter()
+        .map(|s| s.guest_addr + s.size)
+        .max()
+        .unwrap_or(0);
+    let mut by_value: HashMap<u64, Vec<u64>> = HashMap::new();
+    let mut page = [0u8; PAGE as usize];
+    for slot in slots {
+        for gpa in (slot.guest_addr..slot.guest_addr + slot.size).step_by(PAGE as usize) {
+            if memory.read_slice(&mut page, GuestAddress(gpa)).is_err() {
+                continue;
+            }
+            let entry = |i: usize| u64::from_le_bytes(page[i * 8..i * 8 + 8].try_into().unwrap());
+            let k = entry(KERNEL_SLOT);
+            let target = k & 0x000f_ffff_ffff_f000;
+            // Present, a table (not a 1 GiB leaf at PGD level, which x86
+            // does not have), inside RAM.
+            if k & 1 == 1 && k & 0x80 == 0 && target != 0 && target < ram_end {
+                by_value.entry(k).or_default().push(gpa / PAGE);
+            }
+        }
+    }
+    by_value
+        .into_iter()
+        .filter(|(_, frames)| frames.len() >= 2)
+        .max_by_key(|(_, frames)| frames.len())
+        .unwrap_or((0, Vec::new()))
+}
+
+/// The guest frames that read as all zeros, as inclusive ranges.
+pub fn zero_ranges(memory: &GuestMemory, slots: &[MemorySlot]) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut page = [0u8; PAGE as usize];
+    for slot in slots {
+        for gpa in (slot.guest_addr..slot.guest_addr + slot.size).step_by(PAGE as usize) {
+            let zero = memory.read_slice(&mut page, GuestAddress(gpa)).is_ok()
+                && page.iter().all(|&b| b == 0);
+            let frame = gpa / PAGE;
+            match ranges.last_mut() {
+                Some((_, end)) if zero && *end + 1 == frame => *end = frame,
+                _ if zero => ranges.push((frame, frame)),
+                _ => {}
+            }
+        }
+    }
+    ranges
+}
+
+/// The lines the scan prints: the roots found and the host's page moves
+/// since `before`.
+pub fn report(memory: &GuestMemory, slots: &[MemorySlot], before: &HashMap<String, u64>) -> String {
+    let (value, roots) = page_table_roots(memory, slots);
+    let frames: Vec<String> = roots.iter().map(|f| format!("{:#x}", f * PAGE)).collect();
+    let now = vmstat();
+    let mut moves: Vec<String> = VMSTAT_KEYS
+        .iter()
+        .filter_map(|k| {
+            let (a, b) = (before.get(*k)?, now.get(*k)?);
+            Some(format!("{k} +{}", b.saturating_sub(*a)))
+        })
+        .collect();
+    if moves.is_empty() {
+        moves.push("no /proc/vmstat".into());
+    }
+    let zeros: Vec<String> = zero_ranges(memory, slots)
+        .iter()
+        .map(|(a, b)| format!("{a:#x}-{b:#x}"))
+        .collect();
+    format!(
+        "ldt-vmm: fault scan: {} page-table roots in guest memory (PGD[{KERNEL_SLOT}] = {value:#x}): {}\n\
+         ldt-vmm: fault scan: all-zero guest frames: {}\n\
+         ldt-vmm: fault scan: host page moves while the VM ran: {}",
+        roots.len(),
+        frames.join(" "),
+        zeros.join(" "),
+        moves.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory(size: u64) -> (GuestMemory, Vec<MemorySlot>) {
+        let m = super::super::memory::create(size, super::super::MemBacking::Anon).unwrap();
+        let s = super::super::memory::slots(&m);
+        (m, s)
+    }
+
+    fn set_entry(m: &GuestMemory, table_gpa: u64, slot: usize, value: u64) {
+        m.write_slice(
+            &value.to_le_bytes(),
+            GuestAddress(table_gpa + slot as u64 * 8),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn finds_the_pages_that_share_a_kernel_slot_and_nothing_else() {
+        let (m, slots) = memory(4 << 20);
+        let kernel_pud = 0x20_0000u64;
+        for root in [0x10_0000u64, 0x13_0000, 0x30_0000] {
+            set_entry(&m, root, KERNEL_SLOT, kernel_pud | 0x63);
+            set_entry(&m, root, 0, 0x12_3000 | 0x67);
+        }
+        // A lone page with a different value there is not a root, nor is a
+        // non-present entry or one pointing outside RAM.
+        set_entry(&m, 0x31_0000, KERNEL_SLOT, 0x25_0000 | 0x63);
+        set_entry(&m, 0x32_0000, KERNEL_SLOT, kernel_pud);
+        set_entry(&m, 0x33_0000, KERNEL_SLOT, (8 << 20) | 0x63);
+        let (value, roots) = page_table_roots(&m, &slots);
+        assert_eq!(value, kernel_pud | 0x63);
+        let mut roots = roots;
+        roots.sort();
+        assert_eq!(roots, vec![0x100, 0x130, 0x300]);
+    }
+
+    #[test]
+    fn zero_frames_come_as_ranges() {
+        let (m, slots) = memory(2 << 20);
+        m.write_slice(&[1], GuestAddress(0x3000)).unwrap();
+        m.write_slice(&[1], GuestAddress(0x4fff)).unwrap();
+        m.write_slice(&[1], GuestAddress(0x1f_f000)).unwrap();
+        assert_eq!(zero_ranges(&m, &slots), vec![(0, 2), (5, 0x1fe)]);
+    }
+
+    #[test]
+    fn memory_without_roots_reports_none() {
+        let (m, slots) = memory(2 << 20);
+        assert_eq!(page_table_roots(&m, &slots), (0, Vec::new()));
+    }
+
+    #[test]
+    fn vmstat_keeps_only_the_page_move_counters() {
+        let v = parse_vmstat("nr_free_pages 12\nthp_collapse_alloc 3\npswpout 7\nbogus x\n");
+        assert_eq!(v.len(), 2);
+        assert_eq!(v["thp_collapse_alloc"], 3);
+        assert_eq!(v["pswpout"], 7);
+    }
+}
