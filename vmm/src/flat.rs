@@ -27,6 +27,25 @@ pub const COUNTER_FAST_PAYLOAD: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/counter-fast.bin"));
 /// A payload that finds the pvpanic port in CPUID and reports a panic.
 pub const PVPANIC_PAYLOAD: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pvpanic.bin"));
+/// The ldt-pv guest driver (`payloads/ldt-pv.S`): announces, answers
+/// every request, keeps writing its working set.
+pub const LDT_PV_PAYLOAD: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ldt-pv.bin"));
+/// The ldt-pv driver writing the pages the harness lists (like `writer`).
+pub const LDT_PV_HARNESS_PAYLOAD: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/ldt-pv-harness.bin"));
+/// The ldt-pv driver's failure modes: never announces; never answers
+/// HARVEST; answers it with a wrong sequence number; with an error status;
+/// leaves (ANNOUNCE 0) after its second harvest.
+pub const LDT_PV_NOANNOUNCE_PAYLOAD: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/ldt-pv-noannounce.bin"));
+pub const LDT_PV_NOHARVEST_PAYLOAD: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/ldt-pv-noharvest.bin"));
+pub const LDT_PV_BADSEQ_PAYLOAD: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/ldt-pv-badseq.bin"));
+pub const LDT_PV_BADSTATUS_PAYLOAD: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/ldt-pv-badstatus.bin"));
+pub const LDT_PV_WITHDRAW_PAYLOAD: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/ldt-pv-withdraw.bin"));
 /// A payload that triple-faults.
 pub const TRIPLE_FAULT_PAYLOAD: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/triple-fault.bin"));
@@ -83,6 +102,7 @@ impl WriterVm {
             boot: BootSource::Flat(file.path().to_path_buf()),
             dirty_ring_entries: dirty_ring,
             console: out,
+            ldt_pv: false,
         };
         let machine = builder::build(&res)?;
         let mut vm = WriterVm {

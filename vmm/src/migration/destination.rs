@@ -358,6 +358,17 @@ pub fn restore_state(
     for (i, s) in state.vcpus.iter().enumerate() {
         s.check(i)?;
     }
+    match (&machine.vm.ldt_pv, &state.ldt_pv) {
+        (Some(d), Some(s)) => d.restore(s),
+        (None, Some(_)) => {
+            return Err(MigrationError::BadMessage(
+                "State",
+                "ldt-pv device state for a VM without the device".into(),
+            ))
+        }
+        // A device the source's state does not mention has no driver yet.
+        _ => {}
+    }
     state.vm.restore(&machine.vm.fd)?;
     for (v, s) in machine.vcpus.iter().zip(&state.vcpus) {
         s.restore(&v.fd)?;
@@ -409,6 +420,7 @@ mod tests {
             verify: false,
             binary_state: true,
             snapshot: None,
+            ldt_pv: false,
         };
         let (console, _out) = ConsoleOut::buffer();
         builder::build(&hello.resources(console, None)).unwrap()

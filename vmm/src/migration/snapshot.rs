@@ -185,6 +185,7 @@ fn write_snapshot(
             id: id.clone(),
             base: base_id.clone(),
         }),
+        ldt_pv: ctl.vm.ldt_pv.is_some(),
     };
     // Written beside the target and renamed, so a failure leaves no half file.
     let tmp = opts.to.with_extension("partial");

@@ -10,6 +10,7 @@ use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::arch::layout;
+use crate::devices::ldt_pv::LdtPv;
 pub use memory::{GuestMemory, MemorySlot};
 
 /// Errors creating or configuring the VM.
@@ -31,6 +32,9 @@ pub struct Vm {
     pub fd: Arc<VmFd>,
     pub memory: GuestMemory,
     pub slots: Vec<MemorySlot>,
+    /// The ldt-pv device (`run --ldt-pv`): its bitmap is a memslot of its
+    /// own, not in `slots`, so no dirty source, migration or digest sees it.
+    pub ldt_pv: Option<Arc<LdtPv>>,
 }
 
 impl Vm {
@@ -62,6 +66,7 @@ impl Vm {
             fd: Arc::new(fd),
             memory,
             slots,
+            ldt_pv: None,
         };
         vm.set_dirty_logging(false)?;
         Ok(vm)

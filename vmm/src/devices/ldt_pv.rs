@@ -1,0 +1,358 @@
+//! `ldt-pv`: the paravirtual dirty-tracking device through which a guest
+//! kernel reports the guest-physical frames it wrote (the `guest-ldt` dirty
+//! source). Protocol version 1, documented in the README ("The ldt-pv
+//! device"); the guest finds it in the platform CPUID leaf
+//! (`arch::cpuid::LDT_PV_LEAF`).
+//!
+//! The VMM posts a request (START, HARVEST, STOP) in the REQUEST register
+//! and pulses an ISA IRQ; the guest carries it out and writes COMPLETE with
+//! the request's sequence number. For HARVEST that means: every frame the
+//! guest wrote since the previous harvest (or START) is ORed into the
+//! bitmap, one bit per 4 KiB frame, frame 0 in bit 0 of the first byte.
+//! The bitmap is a memslot of its own in the MMIO hole (e820-reserved),
+//! outside guest RAM: nothing of it migrates, a destination starts with
+//! zeroes. The VMM reads and clears it after COMPLETE, before its next
+//! request; the guest touches it only while a request is pending.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use vm_memory::MmapRegion;
+
+use crate::arch::cpuid::LdtPvLeaf;
+use crate::arch::layout;
+
+/// The protocol version this VMM speaks (CPUID EAX, highest ANNOUNCE accepted).
+pub const LDT_PV_VERSION: u32 = 1;
+/// First of the device's three 32-bit registers.
+pub const LDT_PV_PORT: u16 = 0x520;
+/// Read: `seq << 8 | cmd` of the pending request (cmd 0 when none).
+pub const REG_REQUEST: u16 = 0;
+/// Write: `seq << 8 | status` (0 = done) of the request the guest carried out.
+pub const REG_COMPLETE: u16 = 4;
+/// Write: the guest driver's protocol version (ready), or 0 (gone).
+/// Read: the VMM's protocol version.
+pub const REG_ANNOUNCE: u16 = 8;
+/// Ports the device decodes from `LDT_PV_PORT`.
+pub const LDT_PV_PORTS: u16 = 12;
+/// The ISA IRQ pulsed when a request is posted (a hint: guests may poll).
+pub const LDT_PV_IRQ: u8 = 5;
+/// KVM memslot of the bitmap (RAM uses 0 and 1).
+pub const LDT_PV_SLOT: u32 = 16;
+/// Sequence numbers are 24 bits wide (`seq << 8` in a 32-bit register).
+const SEQ_MASK: u32 = 0x00ff_ffff;
+
+/// A request the VMM posts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Command {
+    /// Start tracking every write to guest RAM; nothing to report yet.
+    Start = 1,
+    /// OR every frame written since the previous harvest (or START) into the bitmap.
+    Harvest = 2,
+    /// Stop tracking.
+    Stop = 3,
+}
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Start => "START",
+            Command::Harvest => "HARVEST",
+            Command::Stop => "STOP",
+        })
+    }
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LdtPvError {
+    #[error(
+        "the guest did not announce guest-ldt (this VM has no ldt-pv device: run it with --ldt-pv)"
+    )]
+    NoDevice,
+    #[error("the guest did not announce guest-ldt (no driver wrote ANNOUNCE to the ldt-pv port {LDT_PV_PORT:#x})")]
+    NotAnnounced,
+    #[error("guest-ldt: the guest did not complete {cmd} (seq {seq}) within {secs} s")]
+    Timeout { cmd: Command, seq: u32, secs: u64 },
+    #[error("guest-ldt: the guest completed seq {got} while {cmd} seq {want} was pending")]
+    WrongSeq { cmd: Command, want: u32, got: u32 },
+    #[error("guest-ldt: the guest failed {cmd} (seq {seq}) with status {status}")]
+    Status { cmd: Command, seq: u32, status: u8 },
+    #[error("guest-ldt: the guest driver left or re-announced (ANNOUNCE {value}) while tracking")]
+    Withdrawn { value: u32 },
+    #[error("guest-ldt: pulsing IRQ {LDT_PV_IRQ} failed: {0}")]
+    Irq(String),
+}
+
+/// Device state that migrates with the VM (the bitmap does not).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LdtPvState {
+    /// The protocol version the guest driver announced; 0: none.
+    pub driver: u32,
+    /// Counts ANNOUNCE writes: a tracking session belongs to one epoch.
+    pub epoch: u32,
+    /// The last sequence number used.
+    pub seq: u32,
+}
+
+struct Inner {
+    state: LdtPvState,
+    /// The last value written to ANNOUNCE.
+    announced_value: u32,
+    pending: Option<Command>,
+    /// (seq, status) the guest wrote to COMPLETE for the pending request.
+    completion: Option<(u32, u8)>,
+}
+
+/// The device: registers, the bitmap memslot and the IRQ line.
+pub struct LdtPv {
+    inner: Mutex<Inner>,
+    changed: Condvar,
+    vm_fd: Arc<VmFd>,
+    bitmap: MmapRegion<()>,
+    frames: u64,
+}
+
+/// Errors creating the device.
+#[derive(Debug, thiserror::Error)]
+pub enum LdtPvSetupError {
+    #[error("--ldt-pv: {0} MiB of RAM needs a dirty-frame bitmap larger than the {max} MiB window", max = layout::LDT_PV_BITMAP_MAX >> 20)]
+    TooMuchMemory(u64),
+    #[error("--ldt-pv: cannot map the dirty-frame bitmap: {0}")]
+    Mmap(vm_memory::mmap::MmapRegionError),
+    #[error("--ldt-pv: KVM_SET_USER_MEMORY_REGION for the bitmap failed: {0}")]
+    Memslot(kvm_ioctls::Error),
+}
+
+impl LdtPv {
+    /// Maps the bitmap for `mem_size` bytes of RAM into the guest at
+    /// `LDT_PV_BITMAP_ADDR` (own memslot, zero-filled).
+    pub fn new(vm_fd: Arc<VmFd>, mem_size: u64) -> Result<Self, LdtPvSetupError> {
+        let (frames, bytes) = layout::ldt_pv_bitmap(mem_size)
+            .ok_or(LdtPvSetupError::TooMuchMemory(mem_size >> 20))?;
+        let bitmap = MmapRegion::new(bytes as usize).map_err(LdtPvSetupError::Mmap)?;
+        let region = kvm_userspace_memory_region {
+            slot: LDT_PV_SLOT,
+            flags: 0,
+            guest_phys_addr: layout::LDT_PV_BITMAP_ADDR,
+            memory_size: bytes,
+            userspace_addr: bitmap.as_ptr() as u64,
+        };
+        // SAFETY: `bitmap` is a mapping of `bytes` bytes owned by the
+        // device, which the VM fd (and so the memslot) never outlives: the
+        // device holds the fd.
+        unsafe { vm_fd.set_user_memory_region(region) }.map_err(LdtPvSetupError::Memslot)?;
+        Ok(LdtPv {
+            inner: Mutex::new(Inner {
+                state: LdtPvState::default(),
+                announced_value: 0,
+                pending: None,
+                completion: None,
+            }),
+            changed: Condvar::new(),
+            vm_fd,
+            bitmap,
+            frames,
+        })
+    }
+
+    /// What the CPUID leaf tells the guest.
+    pub fn leaf(&self) -> LdtPvLeaf {
+        LdtPvLeaf {
+            version: LDT_PV_VERSION,
+            bitmap_gpa: layout::LDT_PV_BITMAP_ADDR,
+            frames: self.frames as u32,
+            port: LDT_PV_PORT,
+            irq: LDT_PV_IRQ,
+        }
+    }
+
+    /// Frames the bitmap covers.
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+
+    /// Whether `port` is one of the device's.
+    pub fn decodes(port: u16) -> bool {
+        (LDT_PV_PORT..LDT_PV_PORT + LDT_PV_PORTS).contains(&port)
+    }
+
+    /// An `in` from one of the device's ports.
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        let inner = self.inner.lock().unwrap();
+        let value = match port - LDT_PV_PORT {
+            REG_REQUEST => inner.state.seq << 8 | inner.pending.map_or(0, |c| c as u32),
+            REG_ANNOUNCE => LDT_PV_VERSION,
+            _ => 0,
+        };
+        let bytes = value.to_le_bytes();
+        for (d, b) in data
+            .iter_mut()
+            .zip(bytes.iter().chain(std::iter::repeat(&0)))
+        {
+            *d = *b;
+        }
+    }
+
+    /// An `out` to one of the device's ports.
+    pub fn pio_write(&self, port: u16, data: &[u8]) {
+        let mut v = [0u8; 4];
+        let n = data.len().min(4);
+        v[..n].copy_from_slice(&data[..n]);
+        let value = u32::from_le_bytes(v);
+        let mut inner = self.inner.lock().unwrap();
+        match port - LDT_PV_PORT {
+            REG_COMPLETE if inner.pending.is_some() => {
+                inner.completion = Some((value >> 8, value as u8));
+                inner.pending = None;
+            }
+            REG_COMPLETE => {
+                // Nothing pending (a late answer to a request given up on):
+                // ignored, the guest learns from REQUEST that none is due.
+            }
+            REG_ANNOUNCE => {
+                inner.announced_value = value;
+                inner.state.driver = if (1..=LDT_PV_VERSION).contains(&value) {
+                    value
+                } else {
+                    0
+                };
+                inner.state.epoch = inner.state.epoch.wrapping_add(1);
+                inner.pending = None;
+            }
+            _ => return,
+        }
+        drop(inner);
+        self.changed.notify_all();
+    }
+
+    /// The epoch of the guest driver's announcement, if it announced.
+    pub fn announced(&self) -> Result<u32, LdtPvError> {
+        let inner = self.inner.lock().unwrap();
+        if inner.state.driver == 0 {
+            return Err(LdtPvError::NotAnnounced);
+        }
+        Ok(inner.state.epoch)
+    }
+
+    /// Posts `cmd`, pulses the IRQ and waits (at most `deadline`) for the
+    /// guest's COMPLETE. `epoch` is the announcement the caller's session
+    /// belongs to: a guest that left or re-announced since fails it. On any
+    /// failure no request is left pending.
+    pub fn request(&self, cmd: Command, epoch: u32, deadline: Duration) -> Result<(), LdtPvError> {
+        let until = Instant::now() + deadline;
+        let seq = {
+            let mut inner = self.inner.lock().unwrap();
+            check_epoch(&inner, epoch)?;
+            let mut seq = inner.state.seq.wrapping_add(1) & SEQ_MASK;
+            if seq == 0 {
+                seq = 1;
+            }
+            inner.state.seq = seq;
+            inner.pending = Some(cmd);
+            inner.completion = None;
+            seq
+        };
+        // The IRQ is edge-like: raise and lower the line.
+        let pulse = self
+            .vm_fd
+            .set_irq_line(LDT_PV_IRQ as u32, true)
+            .and_then(|()| self.vm_fd.set_irq_line(LDT_PV_IRQ as u32, false));
+        let mut inner = self.inner.lock().unwrap();
+        if let Err(e) = pulse {
+            inner.pending = None;
+            return Err(LdtPvError::Irq(e.to_string()));
+        }
+        loop {
+            if let Err(e) = check_epoch(&inner, epoch) {
+                inner.pending = None;
+                return Err(e);
+            }
+            if let Some((got, status)) = inner.completion.take() {
+                return match (got == seq, status) {
+                    (true, 0) => Ok(()),
+                    (true, status) => Err(LdtPvError::Status { cmd, seq, status }),
+                    (false, _) => Err(LdtPvError::WrongSeq {
+                        cmd,
+                        want: seq,
+                        got,
+                    }),
+                };
+            }
+            let now = Instant::now();
+            if now >= until {
+                inner.pending = None;
+                return Err(LdtPvError::Timeout {
+                    cmd,
+                    seq,
+                    secs: deadline.as_secs(),
+                });
+            }
+            inner = self.changed.wait_timeout(inner, until - now).unwrap().0;
+        }
+    }
+
+    /// Posts STOP without waiting (after a failure: the guest may not answer).
+    pub fn post_stop(&self) {
+        let mut inner = self.inner.lock().unwrap();
+        let seq = inner.state.seq.wrapping_add(1) & SEQ_MASK;
+        inner.state.seq = seq.max(1);
+        inner.pending = Some(Command::Stop);
+        inner.completion = None;
+        drop(inner);
+        let _ = self.vm_fd.set_irq_line(LDT_PV_IRQ as u32, true);
+        let _ = self.vm_fd.set_irq_line(LDT_PV_IRQ as u32, false);
+    }
+
+    /// Reads and clears `words` 64-bit words of the bitmap from word
+    /// `first` (frame `first * 64`); words past the bitmap read as zero.
+    pub fn take_words(&self, first: u64, words: u64) -> Vec<u64> {
+        let total = self.bitmap.size() as u64 / 8;
+        let base = self.bitmap.as_ptr() as *const AtomicU64;
+        (first..first + words)
+            .map(|i| {
+                if i >= total {
+                    return 0;
+                }
+                // SAFETY: word `i` lies within the mapping (checked above),
+                // which lives as long as `self`; 8-byte aligned (page
+                // aligned base). The guest writes it only while a request
+                // is pending, the VMM only between requests.
+                unsafe { (*base.add(i as usize)).swap(0, Ordering::AcqRel) }
+            })
+            .collect()
+    }
+
+    /// Clears the whole bitmap.
+    pub fn clear(&self) {
+        self.take_words(0, self.bitmap.size() as u64 / 8);
+    }
+
+    /// State that migrates.
+    pub fn save(&self) -> LdtPvState {
+        self.inner.lock().unwrap().state
+    }
+
+    /// Restores what `save` returned (on a destination: no request pending).
+    pub fn restore(&self, state: &LdtPvState) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.state = *state;
+        inner.announced_value = state.driver;
+        inner.pending = None;
+        inner.completion = None;
+    }
+}
+
+fn check_epoch(inner: &Inner, epoch: u32) -> Result<(), LdtPvError> {
+    if inner.state.driver == 0 || inner.state.epoch != epoch {
+        return Err(LdtPvError::Withdrawn {
+            value: inner.announced_value,
+        });
+    }
+    Ok(())
+}
