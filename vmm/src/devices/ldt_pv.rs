@@ -269,10 +269,7 @@ impl LdtPv {
             return Err(LdtPvError::Irq(e.to_string()));
         }
         loop {
-            if let Err(e) = check_epoch(&inner, epoch) {
-                inner.pending = None;
-                return Err(e);
-            }
+            // An answer first: a driver may leave right after answering.
             if let Some((got, status)) = inner.completion.take() {
                 return match (got == seq, status) {
                     (true, 0) => Ok(()),
@@ -283,6 +280,10 @@ impl LdtPv {
                         got,
                     }),
                 };
+            }
+            if let Err(e) = check_epoch(&inner, epoch) {
+                inner.pending = None;
+                return Err(e);
             }
             let now = Instant::now();
             if now >= until {
@@ -355,4 +356,122 @@ fn check_epoch(inner: &Inner, epoch: u32) -> Result<(), LdtPvError> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device() -> Arc<LdtPv> {
+        let vm = crate::vm::Vm::new(32 << 20).unwrap();
+        Arc::new(LdtPv::new(vm.fd.clone(), 32 << 20).unwrap())
+    }
+
+    fn read(d: &LdtPv, reg: u16) -> u32 {
+        let mut b = [0u8; 4];
+        d.pio_read(LDT_PV_PORT + reg, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn write(d: &LdtPv, reg: u16, v: u32) {
+        d.pio_write(LDT_PV_PORT + reg, &v.to_le_bytes());
+    }
+
+    /// A guest on another thread answering the next request with `answer(request)`.
+    fn guest(d: &Arc<LdtPv>, answer: fn(u32) -> u32) -> std::thread::JoinHandle<()> {
+        let d = d.clone();
+        std::thread::spawn(move || loop {
+            let r = read(&d, REG_REQUEST);
+            if r & 0xff != 0 {
+                return write(&d, REG_COMPLETE, answer(r));
+            }
+            std::thread::yield_now();
+        })
+    }
+
+    #[test]
+    fn requests_need_an_announcement_and_complete_by_sequence_number() {
+        let d = device();
+        assert_eq!(d.announced(), Err(LdtPvError::NotAnnounced));
+        assert_eq!(read(&d, REG_ANNOUNCE), LDT_PV_VERSION);
+        write(&d, REG_ANNOUNCE, 1);
+        let epoch = d.announced().unwrap();
+        assert_eq!(read(&d, REG_REQUEST), 0, "nothing pending");
+        let g = guest(&d, |r| r & !0xff);
+        d.request(Command::Start, epoch, Duration::from_secs(30))
+            .unwrap();
+        g.join().unwrap();
+        assert_eq!(read(&d, REG_REQUEST), 1 << 8, "seq 1 done, none pending");
+        let g = guest(&d, |r| (r & !0xff) + 0x100);
+        let e = d
+            .request(Command::Harvest, epoch, Duration::from_secs(30))
+            .unwrap_err();
+        assert_eq!(
+            e,
+            LdtPvError::WrongSeq {
+                cmd: Command::Harvest,
+                want: 2,
+                got: 3
+            }
+        );
+        g.join().unwrap();
+        let g = guest(&d, |r| (r & !0xff) | 7);
+        let e = d
+            .request(Command::Harvest, epoch, Duration::from_secs(30))
+            .unwrap_err();
+        assert!(matches!(e, LdtPvError::Status { status: 7, .. }), "{e}");
+        g.join().unwrap();
+    }
+
+    #[test]
+    fn a_silent_guest_times_out_and_leaves_nothing_pending() {
+        let d = device();
+        write(&d, REG_ANNOUNCE, 1);
+        let epoch = d.announced().unwrap();
+        let e = d
+            .request(Command::Harvest, epoch, Duration::from_millis(50))
+            .unwrap_err();
+        assert!(matches!(e, LdtPvError::Timeout { .. }), "{e}");
+        assert_eq!(read(&d, REG_REQUEST) & 0xff, 0);
+        // A late answer is ignored.
+        write(&d, REG_COMPLETE, 1 << 8);
+        assert_eq!(read(&d, REG_REQUEST) & 0xff, 0);
+    }
+
+    #[test]
+    fn leaving_or_reannouncing_ends_a_session_and_bad_versions_do_not_announce() {
+        let d = device();
+        write(&d, REG_ANNOUNCE, LDT_PV_VERSION + 1);
+        assert_eq!(d.announced(), Err(LdtPvError::NotAnnounced));
+        write(&d, REG_ANNOUNCE, 1);
+        let epoch = d.announced().unwrap();
+        write(&d, REG_ANNOUNCE, 1);
+        let e = d
+            .request(Command::Harvest, epoch, Duration::from_secs(1))
+            .unwrap_err();
+        assert_eq!(e, LdtPvError::Withdrawn { value: 1 });
+        write(&d, REG_ANNOUNCE, 0);
+        assert_eq!(d.announced(), Err(LdtPvError::NotAnnounced));
+    }
+
+    #[test]
+    fn the_bitmap_is_read_and_cleared_word_by_word_and_state_round_trips() {
+        let d = device();
+        assert_eq!(d.frames(), (32 << 20) / 4096);
+        let base = d.bitmap.as_ptr() as *mut u64;
+        // SAFETY: words 0 and 3 of the device's own mapping.
+        unsafe {
+            base.write_volatile(0b101);
+            base.add(3).write_volatile(1 << 63);
+        }
+        assert_eq!(d.take_words(0, 4), vec![0b101, 0, 0, 1 << 63]);
+        assert_eq!(d.take_words(0, 4), vec![0; 4], "cleared");
+        assert_eq!(d.take_words(1 << 20, 1), vec![0], "past the end");
+        write(&d, REG_ANNOUNCE, 1);
+        let saved = d.save();
+        let other = device();
+        other.restore(&saved);
+        assert_eq!(other.save(), saved);
+        assert!(other.announced().is_ok());
+    }
 }

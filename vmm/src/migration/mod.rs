@@ -251,6 +251,54 @@ mod tests {
     }
 
     #[test]
+    fn the_binary_state_without_ldt_pv_is_the_old_encoding_and_with_it_round_trips() {
+        let vm = crate::vm::Vm::new(4 << 20).unwrap();
+        let state = MachineState {
+            vm: VmState::save(&vm.fd).unwrap(),
+            vcpus: Vec::new(),
+            devices: DevicesState {
+                serial_regs: [1; 9],
+                serial_input: vec![2],
+                pending_input: vec![3],
+                exit_status: Some(4),
+            },
+            ldt_pv: None,
+        };
+        #[derive(Serialize)]
+        struct Old<'a> {
+            vm: &'a VmState,
+            vcpus: &'a Vec<VcpuState>,
+            devices: &'a DevicesState,
+        }
+        let old = postcard::to_stdvec(&Old {
+            vm: &state.vm,
+            vcpus: &state.vcpus,
+            devices: &state.devices,
+        })
+        .unwrap();
+        assert_eq!(state.encode(), old, "a VM without ldt-pv encodes as before");
+        assert!(MachineState::decode(&old, true).unwrap().ldt_pv.is_none());
+        let with = MachineState {
+            ldt_pv: Some(LdtPvState {
+                driver: 1,
+                epoch: 3,
+                seq: 99,
+            }),
+            ..state
+        };
+        let back = MachineState::decode(&with.encode(), true).unwrap();
+        assert_eq!(back.ldt_pv, with.ldt_pv);
+        let mut junk = with.encode();
+        junk.push(0);
+        assert!(MachineState::decode(&junk, true).is_err());
+        let json = serde_json::to_vec(&with).unwrap();
+        assert_eq!(
+            MachineState::decode(&json, false).unwrap().ldt_pv,
+            with.ldt_pv
+        );
+    }
+
+    #[test]
     fn a_page_is_zero_only_when_every_byte_is() {
         let mut page = vec![0u64; PAGE_SIZE as usize / 8];
         assert!(unsafe { page_is_zero(page.as_ptr().cast()) });
