@@ -207,14 +207,14 @@ impl LdtPv {
         let value = u32::from_le_bytes(v);
         let mut inner = self.inner.lock().unwrap();
         match port - LDT_PV_PORT {
-            REG_COMPLETE if inner.pending.is_some() => {
+            // An answer to an earlier request (one given up on, or replaced
+            // by a STOP) is ignored, as is one when nothing is pending: the
+            // guest learns from REQUEST what is due.
+            REG_COMPLETE if inner.pending.is_some() && !stale(value >> 8, inner.state.seq) => {
                 inner.completion = Some((value >> 8, value as u8));
                 inner.pending = None;
             }
-            REG_COMPLETE => {
-                // Nothing pending (a late answer to a request given up on):
-                // ignored, the guest learns from REQUEST that none is due.
-            }
+            REG_COMPLETE => return,
             REG_ANNOUNCE => {
                 inner.announced_value = value;
                 inner.state.driver = if (1..=LDT_PV_VERSION).contains(&value) {
@@ -249,20 +249,9 @@ impl LdtPv {
         let seq = {
             let mut inner = self.inner.lock().unwrap();
             check_epoch(&inner, epoch)?;
-            let mut seq = inner.state.seq.wrapping_add(1) & SEQ_MASK;
-            if seq == 0 {
-                seq = 1;
-            }
-            inner.state.seq = seq;
-            inner.pending = Some(cmd);
-            inner.completion = None;
-            seq
+            post(&mut inner, cmd)
         };
-        // The IRQ is edge-like: raise and lower the line.
-        let pulse = self
-            .vm_fd
-            .set_irq_line(LDT_PV_IRQ as u32, true)
-            .and_then(|()| self.vm_fd.set_irq_line(LDT_PV_IRQ as u32, false));
+        let pulse = self.pulse();
         let mut inner = self.inner.lock().unwrap();
         if let Err(e) = pulse {
             inner.pending = None;
@@ -300,14 +289,16 @@ impl LdtPv {
 
     /// Posts STOP without waiting (after a failure: the guest may not answer).
     pub fn post_stop(&self) {
-        let mut inner = self.inner.lock().unwrap();
-        let seq = inner.state.seq.wrapping_add(1) & SEQ_MASK;
-        inner.state.seq = seq.max(1);
-        inner.pending = Some(Command::Stop);
-        inner.completion = None;
-        drop(inner);
-        let _ = self.vm_fd.set_irq_line(LDT_PV_IRQ as u32, true);
-        let _ = self.vm_fd.set_irq_line(LDT_PV_IRQ as u32, false);
+        post(&mut self.inner.lock().unwrap(), Command::Stop);
+        // Best effort: a guest that polls sees it anyway.
+        let _ = self.pulse();
+    }
+
+    /// Raises and lowers the IRQ line (an edge for the PIC and IOAPIC).
+    fn pulse(&self) -> Result<(), kvm_ioctls::Error> {
+        self.vm_fd
+            .set_irq_line(LDT_PV_IRQ as u32, true)
+            .and_then(|()| self.vm_fd.set_irq_line(LDT_PV_IRQ as u32, false))
     }
 
     /// Reads and clears `words` 64-bit words of the bitmap from word
@@ -347,6 +338,25 @@ impl LdtPv {
         inner.pending = None;
         inner.completion = None;
     }
+}
+
+/// Makes `cmd` the pending request with the next sequence number (never 0).
+fn post(inner: &mut Inner, cmd: Command) -> u32 {
+    let mut seq = inner.state.seq.wrapping_add(1) & SEQ_MASK;
+    if seq == 0 {
+        seq = 1;
+    }
+    inner.state.seq = seq;
+    inner.pending = Some(cmd);
+    inner.completion = None;
+    seq
+}
+
+/// Whether `got` is a sequence number from before `current` (24-bit
+/// serial-number arithmetic: up to 2^23 behind).
+fn stale(got: u32, current: u32) -> bool {
+    let behind = current.wrapping_sub(got) & SEQ_MASK;
+    behind != 0 && behind < 1 << 23
 }
 
 fn check_epoch(inner: &Inner, epoch: u32) -> Result<(), LdtPvError> {
@@ -420,6 +430,26 @@ mod tests {
             .request(Command::Harvest, epoch, Duration::from_secs(30))
             .unwrap_err();
         assert!(matches!(e, LdtPvError::Status { status: 7, .. }), "{e}");
+        g.join().unwrap();
+    }
+
+    #[test]
+    fn answers_to_earlier_requests_are_ignored() {
+        assert!(
+            stale(4, 5) && stale(SEQ_MASK, 1),
+            "behind, also across the wrap"
+        );
+        assert!(!stale(5, 5) && !stale(6, 5), "current or ahead: not stale");
+        let d = device();
+        write(&d, REG_ANNOUNCE, 1);
+        let epoch = d.announced().unwrap();
+        d.post_stop(); // seq 1, then replaced by the request below (seq 2)
+        let g = guest(&d, |r| (r & !0xff) - 0x100);
+        let e = d
+            .request(Command::Start, epoch, Duration::from_millis(300))
+            .unwrap_err();
+        // The late answer for seq 1 did not complete seq 2.
+        assert!(matches!(e, LdtPvError::Timeout { seq: 2, .. }), "{e}");
         g.join().unwrap();
     }
 

@@ -378,7 +378,14 @@ pub fn restore_state(
         .lock()
         .unwrap()
         .restore(&state.devices)
-        .map_err(|e| MigrationError::Build(e.to_string()))
+        .map_err(|e| MigrationError::Build(e.to_string()))?;
+    // The session that tracked the guest for the source (migration or
+    // snapshot chain) ended there: the guest's driver is told to stop
+    // (pending when it first runs here; a new session starts with START).
+    if let Some(d) = machine.vm.ldt_pv.as_ref().filter(|d| d.announced().is_ok()) {
+        d.post_stop();
+    }
+    Ok(())
 }
 
 #[cfg(test)]

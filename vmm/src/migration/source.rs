@@ -425,6 +425,14 @@ impl Lap {
     }
 }
 
+/// The pages of the guest areas KVM writes through MSR registrations
+/// (kvmclock, steal time, PV EOI, async PF); the VM must be paused.
+pub(crate) fn kvm_msr_areas(ctl: &VmControl) -> Result<Vec<u64>, dirty::DirtyError> {
+    let vcpus: Vec<_> = ctl.vcpus.iter().map(|v| v.lock().unwrap()).collect();
+    let fds: Vec<_> = vcpus.iter().map(|v| &v.fd).collect();
+    guest_ldt::kvm_msr_area_pages(&fds)
+}
+
 /// Saves VM, vCPU and device state; the VM must be paused.
 pub(crate) fn save_machine_state(ctl: &VmControl) -> Result<MachineState, MigrationError> {
     let msr_indices = msr_index_list(&ctl.vm.kvm)?;
@@ -668,9 +676,7 @@ fn run_rounds(
     if let Some(g) = guest_final.as_mut() {
         g.kvm_pages = paused_set.count();
         g.kvm_only_pages = paused_set.pages().filter(|&p| !last.is_dirty(p)).count() as u64;
-        let vcpus: Vec<_> = ctl.vcpus.iter().map(|v| v.lock().unwrap()).collect();
-        let fds: Vec<_> = vcpus.iter().map(|v| &v.fd).collect();
-        let areas = guest_ldt::kvm_msr_area_pages(&fds)?;
+        let areas = kvm_msr_areas(ctl)?;
         g.msr_area_pages = areas.len() as u64;
         for gpa in areas {
             last.set(gpa);
