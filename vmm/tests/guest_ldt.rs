@@ -113,8 +113,16 @@ fn assert_running(api: &Path) {
 /// the migrate output and the destination (still running) with its
 /// scratch directory (which holds its API socket).
 fn migrate_ldt_pv(name: &str, env: &[(&str, &str)]) -> (Output, KillOnDrop, PathBuf, Scratch) {
+    migrate_ldt_pv_with(name, &["--ldt-pv"], env)
+}
+
+fn migrate_ldt_pv_with(
+    name: &str,
+    run_args: &[&str],
+    env: &[(&str, &str)],
+) -> (Output, KillOnDrop, PathBuf, Scratch) {
     let s = Scratch::new("guest-ldt", name);
-    let mut src = start(&s, flat::LDT_PV_PAYLOAD, &["--ldt-pv"], env);
+    let mut src = start(&s, flat::LDT_PV_PAYLOAD, run_args, env);
     wait_announced(&src.api);
     let (dst, dst_api, url) = start_destination(&s);
     let out = migrate(&src.api, &url);
@@ -173,6 +181,23 @@ fn the_final_rounds_kvm_log_catches_writes_after_the_last_guest_harvest() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(r["verify_mismatch_pages"].as_u64().unwrap() >= 1, "{r}");
     assert_eq!(r["guest_ldt_final"]["kvm_pages"], 0);
+}
+
+/// On a VM with KVM's dirty ring (which then has no dirty bitmap) the
+/// final interval is logged by the ring.
+#[test]
+fn on_a_dirty_ring_vm_the_final_round_uses_the_ring() {
+    let gap = [("LDT_VMM_TEST_FINAL_GAP_MS", "300")];
+    let args = ["--ldt-pv", "--dirty-ring", "4096"];
+    let (out, _dst, _, _s) = migrate_ldt_pv_with("final-ring", &args, &gap);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "migrate failed: {err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["verify_mismatch_pages"], 0, "{r}");
+    assert!(
+        r["guest_ldt_final"]["kvm_only_pages"].as_u64().unwrap() >= 1,
+        "{r}"
+    );
 }
 
 fn migrate_fails_up_front(name: &str, payload: &[u8], extra: &[&str]) {

@@ -15,7 +15,8 @@ use std::time::Duration;
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuFd;
 
-use super::kvm_bitmap::get_dirty_logs;
+use super::kvm_bitmap::KvmBitmap;
+use super::kvm_ring::{KvmRing, RingCollector};
 use super::{DirtyBitmap, DirtyError, DirtySource, DirtySourceKind};
 use crate::arch::layout::PAGE_SIZE;
 use crate::devices::ldt_pv::{Command, LdtPv, LdtPvError};
@@ -27,7 +28,10 @@ pub const GUEST_DEADLINE: Duration = Duration::from_secs(10);
 
 pub struct GuestLdt {
     session: Option<Session>,
-    /// KVM's dirty log is armed for the final round.
+    /// KVM's log for the final interval: kvm-ring on a VM with the dirty
+    /// ring (KVM then has no bitmap), kvm-bitmap otherwise.
+    final_log: Box<dyn DirtySource>,
+    /// `final_log` is armed.
     kvm_armed: bool,
 }
 
@@ -39,17 +43,17 @@ struct Session {
 }
 
 impl GuestLdt {
-    pub fn new() -> Self {
+    /// `ring`: the VM's dirty-ring collector, if it has the ring.
+    pub fn new(ring: Option<Arc<RingCollector>>) -> Self {
+        let final_log: Box<dyn DirtySource> = match ring {
+            Some(r) => Box::new(KvmRing::new(r)),
+            None => Box::new(KvmBitmap::new()),
+        };
         GuestLdt {
             session: None,
+            final_log,
             kvm_armed: false,
         }
-    }
-}
-
-impl Default for GuestLdt {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -129,7 +133,7 @@ impl DirtySource for GuestLdt {
         if final_kvm_log_disabled_for_test() {
             return Ok(());
         }
-        vm.set_dirty_logging(true)?;
+        self.final_log.start(vm)?;
         self.kvm_armed = true;
         Ok(())
     }
@@ -139,12 +143,12 @@ impl DirtySource for GuestLdt {
             // Only the test switch gets here: no host record of the interval.
             return Ok(DirtyBitmap::empty(&vm.slots));
         }
-        get_dirty_logs(vm)
+        self.final_log.harvest_guest_writes(vm)
     }
 
     fn end_final_round(&mut self, vm: &Vm) -> Result<(), DirtyError> {
         if std::mem::take(&mut self.kvm_armed) {
-            vm.set_dirty_logging(false)?;
+            self.final_log.stop(vm)?;
         }
         Ok(())
     }

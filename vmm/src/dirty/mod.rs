@@ -207,7 +207,7 @@ pub fn create(
         DirtySourceKind::KvmBitmap => Box::new(kvm_bitmap::KvmBitmap::new()),
         DirtySourceKind::KvmClear => Box::new(kvm_clear::KvmClear::new(options)?),
         DirtySourceKind::HostLdt => Box::new(host_ldt::HostLdt::new()),
-        DirtySourceKind::GuestLdt => Box::new(guest_ldt::GuestLdt::new()),
+        DirtySourceKind::GuestLdt => Box::new(guest_ldt::GuestLdt::new(ring)),
         DirtySourceKind::KvmRing => Box::new(kvm_ring::KvmRing::new(ring.ok_or_else(|| {
             DirtyError::Config(
                 "kvm-ring needs the dirty ring enabled before the vCPUs are created".into(),
