@@ -12,10 +12,11 @@
 #     it writes page POST_BASE + (k mod 16), a page written at no other
 #     time: after the last harvest before a pause only KVM's final-round
 #     log can see that write.
-#   - HARNESS=1 instead: carries out the commands the test writes at 0x80000
-#     (u32 gen, u32 op (0 stop, 1 write), u32 count, u32 value, u32 pfn[]):
-#     writes the value's low byte at the start of each listed page, then
-#     signals `out %eax, 0x510` with EAX = gen.
+#   - HARNESS=1 instead: carries out the commands the VMM writes at 0x80000
+#     (`flat::LdtPvWriterVm`: u32 gen, then as the writer payload's block
+#     u32 op (0 stop, 1 write), u32 count, u32 bytes, u32 value, u32 pfn[]):
+#     when gen changes, writes `bytes` bytes of the value at the start of
+#     each listed page, then signals `out %eax, 0x510` with EAX = gen.
 # Faults on purpose (`as --defsym`): NOANNOUNCE=1 never announces,
 # NOHARVEST=1 never answers HARVEST, BADSEQ=1 answers it with seq + 1,
 # BADSTATUS=1 with status 1, WITHDRAW=N writes ANNOUNCE=0 after harvest N.
@@ -44,7 +45,7 @@
 .ifndef WITHDRAW
 .set WITHDRAW, 0
 .endif
-.set RECORD, 0x200000
+.set RECORD, 0x180000       # up to 512 KiB: 16 GiB of frames
 .set WS_BASE, 0x400000
 .set WS_PAGES, 64
 .set POST_BASE, 0x600000
@@ -191,15 +192,16 @@ idle:
   test %eax, %eax
   jz stop
   mov 8(%rsi), %r10d        # count
-  mov 12(%rsi), %eax        # value (AL)
-  lea 16(%rsi), %r8
+  lea 20(%rsi), %r8         # next pfn
 6:
   test %r10d, %r10d
   jz 7f
   mov (%r8), %edi
   mov %rdi, %rbx
   shl $12, %rdi
-  mov %al, (%rdi)
+  mov 12(%rsi), %ecx        # bytes
+  mov 16(%rsi), %eax        # value (AL)
+  rep stosb
   bts %rbx, RECORD
   add $4, %r8
   dec %r10d

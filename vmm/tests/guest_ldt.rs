@@ -6,24 +6,18 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 mod common;
 
 use common::{ctl, vmm as bin, wait_exit, wait_for, KillOnDrop, Scratch};
-use ldt_vmm::arch::layout::PAGE_SIZE;
-use ldt_vmm::bench::Rng;
-use ldt_vmm::builder::{self, BootSource, VmResources};
-use ldt_vmm::devices::console::ConsoleOut;
+use ldt_vmm::bench::{working_set_page, Rng};
 use ldt_vmm::dirty::{self, DirtyOptions, DirtySourceKind};
-use ldt_vmm::flat::{self, tempfile_path::TempPath};
-use ldt_vmm::vm::vcpu::VcpuEvent;
-use vm_memory::{Bytes, GuestAddress};
+use ldt_vmm::flat::{self, tempfile_path::TempPath, LdtPvWriterVm};
 
 const MEM: &str = "32";
 /// The payload's own record of the frames it wrote (one page for 32 MiB).
-const RECORD_PAGE: u64 = 0x200000;
+const RECORD_PAGE: u64 = ldt_vmm::flat::LDT_PV_RECORD_ADDR;
 
 struct Vmm {
     child: KillOnDrop,
@@ -303,99 +297,43 @@ fn a_wrong_sequence_number_an_error_status_or_a_driver_leaving_fail_clearly() {
 fn guest_ldt_harvests_report_exactly_the_pages_the_guest_wrote() {
     const ROUNDS: u32 = 6;
     const PER_ROUND: u64 = 300;
-    const CMD: u64 = 0x80000;
-    let file = flat::payload_file(flat::LDT_PV_HARNESS_PAYLOAD, "ldt-pv-harness").unwrap();
-    let (out, _console) = ConsoleOut::buffer();
-    let machine = builder::build(&VmResources {
-        mem_mib: 32,
-        vcpus: 1,
-        cpu_profile: ldt_vmm::arch::cpuid::CpuProfile::detect(),
-        boot: BootSource::Flat(file.path().to_path_buf()),
-        dirty_ring_entries: None,
-        console: out,
-        ldt_pv: true,
-    })
-    .unwrap();
-    let vm = machine.vm.clone();
-    let device = vm.ldt_pv.clone().unwrap();
-    let mut vcpu = machine.vcpus.into_iter().next().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let runner = std::thread::spawn(move || loop {
-        match vcpu.run() {
-            Ok(VcpuEvent::FlatSync(g)) => tx.send(Ok(g)).unwrap(),
-            Ok(VcpuEvent::Kicked) => {}
-            Ok(VcpuEvent::Reset) => return,
-            other => return tx.send(Err(format!("{other:?}"))).unwrap(),
-        }
-    });
-    let t = Instant::now();
-    while device.announced().is_err() {
-        assert!(t.elapsed() < Duration::from_secs(30), "never announced");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut guest = LdtPvWriterVm::new(32).unwrap();
+    let vm = guest.vm.clone();
     let mut source =
         dirty::create(DirtySourceKind::GuestLdt, DirtyOptions::default(), None).unwrap();
     dirty::reset_vmm_writes(&vm);
     source.start(&vm).unwrap();
 
     let mut rng = Rng::new(0x1d7);
-    let mut false_positives = 0;
-    for gen in 1..=ROUNDS {
-        // Pages from 4 MiB up (past the payload, its record and the block).
+    let mut extras = 0;
+    for round in 0..ROUNDS {
         let pages: Vec<u64> = rng
             .sample(4096, PER_ROUND)
             .into_iter()
-            .map(|i| (0x400000 / PAGE_SIZE + i) * PAGE_SIZE)
+            .map(working_set_page)
             .collect();
-        let mut block = Vec::new();
-        for w in [gen, 1, pages.len() as u32, 0x40 + gen] {
-            block.extend_from_slice(&w.to_le_bytes());
-        }
-        for p in &pages {
-            block.extend_from_slice(&((p / PAGE_SIZE) as u32).to_le_bytes());
-        }
-        // The generation word last: the payload acts when it changes.
-        vm.memory
-            .write_slice(&block[4..], GuestAddress(CMD + 4))
-            .unwrap();
-        vm.memory
-            .write_slice(&block[..4], GuestAddress(CMD))
-            .unwrap();
-        let done = rx.recv_timeout(Duration::from_secs(60)).unwrap().unwrap();
-        assert_eq!(done, gen);
+        guest.write_round(&pages, 1, 0x40 + round as u8).unwrap();
         let harvested = dirty::harvest(source.as_mut(), &vm).unwrap();
 
         let written: BTreeSet<u64> = pages.iter().copied().collect();
-        let cmd_end = CMD + block.len() as u64;
-        let named: BTreeSet<u64> = (CMD..cmd_end)
-            .step_by(PAGE_SIZE as usize)
-            .chain([RECORD_PAGE])
-            .collect();
+        let named: BTreeSet<u64> = guest.named_pages(pages.len()).into_iter().collect();
+        assert!(named.contains(&RECORD_PAGE));
         let got: BTreeSet<u64> = harvested.pages().collect();
         let missed: Vec<_> = written.difference(&got).collect();
-        assert!(missed.is_empty(), "round {gen}: missed {missed:#x?}");
+        assert!(missed.is_empty(), "round {round}: missed {missed:#x?}");
         let unexplained: Vec<_> = got
             .difference(&written)
             .filter(|p| !named.contains(p))
             .collect();
         assert!(
             unexplained.is_empty(),
-            "round {gen}: unexplained {unexplained:#x?}"
+            "round {round}: unexplained {unexplained:#x?}"
         );
-        false_positives += got.len() - written.len();
+        extras += got.len() - written.len();
     }
-    eprintln!(
-        "guest-ldt: {ROUNDS} rounds of {PER_ROUND} pages, 0 missed, {false_positives} named extras"
-    );
+    eprintln!("guest-ldt: {ROUNDS} rounds of {PER_ROUND} pages, 0 missed, {extras} named extras");
     source.stop(&vm).unwrap();
-    // Stop the payload (op 0): it resets the VM and the thread ends.
-    vm.memory
-        .write_slice(&[0u8; 4], GuestAddress(CMD + 4))
-        .unwrap();
-    vm.memory
-        .write_slice(&(ROUNDS + 1).to_le_bytes(), GuestAddress(CMD))
-        .unwrap();
-    runner.join().unwrap();
+    guest.stop().unwrap();
 }
 
 fn snapshot(api: &Path, to: &Path, base: Option<&Path>) -> serde_json::Value {
