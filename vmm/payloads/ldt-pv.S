@@ -17,6 +17,9 @@
 #     u32 op (0 stop, 1 write), u32 count, u32 bytes, u32 value, u32 pfn[]):
 #     when gen changes, writes `bytes` bytes of the value at the start of
 #     each listed page, then signals `out %eax, 0x510` with EAX = gen.
+#   - AUTO also registers a kvmclock area at KVMCLOCK (MSR_KVM_SYSTEM_TIME_NEW,
+#     when KVM's leaf 0x40000001 offers it): a page KVM writes, never the
+#     payload, which the final round must send as one of KVM's MSR areas.
 # Faults on purpose (`as --defsym`): NOANNOUNCE=1 never announces,
 # NOHARVEST=1 never answers HARVEST, BADSEQ=1 answers it with seq + 1,
 # BADSTATUS=1 with status 1, WITHDRAW=N writes ANNOUNCE=0 after harvest N.
@@ -50,6 +53,7 @@
 .set WS_PAGES, 64
 .set POST_BASE, 0x600000
 .set CMD, 0x80000
+.set KVMCLOCK, 0x700000
 .globl _start
 _start:
   # CPUID in ring 0, as a kernel does (on PVM hosts ring-3 CPUID is not
@@ -70,6 +74,21 @@ _start:
   shl $12, %r15             # r15: bitmap GPA
   mov %ecx, %r14d           # r14: frames
   movzwl %dx, %r13d         # r13: port base
+.if AUTO
+  mov $0x40000000, %eax
+  cpuid
+  cmp $0x4b4d564b, %ebx     # "KVMK"
+  jne 9f
+  mov $0x40000001, %eax
+  cpuid
+  test $8, %eax             # KVM_FEATURE_CLOCKSOURCE2
+  jz 9f
+  mov $0x4b564d01, %ecx     # MSR_KVM_SYSTEM_TIME_NEW
+  mov $(KVMCLOCK | 1), %eax
+  xor %edx, %edx
+  wrmsr
+9:
+.endif
   enter_ring3 user
 user:
   xor %r12d, %r12d          # r12: counter

@@ -98,6 +98,18 @@ fn wait_announced(api: &Path) {
     }
 }
 
+/// Whether KVM's paravirtual leaf offers kvmclock (KVM_FEATURE_CLOCKSOURCE2),
+/// as the payload checks before registering its area.
+fn kvm_offers_kvmclock() -> bool {
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .unwrap();
+    let leaf = |f: u32| cpuid.as_slice().iter().find(|e| e.function == f).copied();
+    leaf(0x4000_0000).is_some_and(|e| e.ebx == 0x4b4d_564b)
+        && leaf(0x4000_0001).is_some_and(|e| e.eax & (1 << 3) != 0)
+}
+
 fn assert_running(api: &Path) {
     let st = ctl(api, &["status"]);
     assert_eq!(st["result"]["state"], "running", "{st}");
@@ -136,6 +148,9 @@ fn a_guest_ldt_migration_verifies_and_the_destination_keeps_the_device() {
     let f = &r["guest_ldt_final"];
     // The payload writes its 64-page working set all the time.
     assert!(f["guest_pages"].as_u64().unwrap() >= 1, "{f}");
+    // Its kvmclock area (registered where KVM offers it) went as KVM's.
+    let kvmclock = f["msr_area_pages"].as_u64().unwrap();
+    assert_eq!(kvmclock, u64::from(kvm_offers_kvmclock()), "{f}");
     // The device and the guest's announcement came along: the migrated
     // guest answers a new session on the destination.
     wait_for(&dst_api);
