@@ -24,6 +24,14 @@ fn main() {
         ("counter-slow", "counter", &["PAGES=16", "SPIN=200000"]),
         // 4096 pages per line, no pause: dirties faster than a throttled link sends.
         ("counter-fast", "counter", &["PAGES=4096", "SPIN=1"]),
+        // The ldt-pv guest driver, well behaved and in its failure modes.
+        ("ldt-pv", "ldt-pv", &[]),
+        ("ldt-pv-harness", "ldt-pv", &["AUTO=0", "HARNESS=1"]),
+        ("ldt-pv-noannounce", "ldt-pv", &["NOANNOUNCE=1"]),
+        ("ldt-pv-noharvest", "ldt-pv", &["NOHARVEST=1"]),
+        ("ldt-pv-badseq", "ldt-pv", &["BADSEQ=1"]),
+        ("ldt-pv-badstatus", "ldt-pv", &["BADSTATUS=1"]),
+        ("ldt-pv-withdraw", "ldt-pv", &["WITHDRAW=2"]),
     ];
     println!("cargo:rerun-if-changed=payloads/ring3.inc");
     for (name, source, defs) in payloads {

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 
 use crate::arch::cpuid::{self, CpuProfile};
+use crate::arch::layout;
 use crate::devices::console::ConsoleOut;
+use crate::devices::ldt_pv::LdtPv;
 use crate::devices::{self, LegacyDevices};
 use crate::dirty::kvm_ring::{self, RingCollector};
 use crate::dirty::DirtyError;
@@ -41,6 +43,8 @@ pub struct VmResources {
     /// What backs guest RAM here (this host's choice, also for a VM that
     /// arrives by migration or from a snapshot).
     pub mem_backing: MemBacking,
+    /// The ldt-pv paravirtual dirty-tracking device (`--ldt-pv`).
+    pub ldt_pv: bool,
 }
 
 /// Errors building a VM.
@@ -66,6 +70,8 @@ pub enum BuildError {
     Cpuid(kvm_ioctls::Error),
     #[error("{0} CPUID entries, more than the {KVM_MAX_CPUID_ENTRIES} KVM_SET_CPUID2 takes here")]
     CpuidTooLarge(usize),
+    #[error(transparent)]
+    LdtPv(#[from] devices::ldt_pv::LdtPvSetupError),
     #[error("registering the COM1 irqfd failed: {0}")]
     Irqfd(kvm_ioctls::Error),
 }
@@ -92,15 +98,29 @@ pub fn build(res: &VmResources) -> Result<Machine, BuildError> {
     }
     let mem_size = res.mem_mib << 20;
     crate::vm::memory::check_host_can_back(mem_size).map_err(VmError::from)?;
-    let vm = Vm::new(mem_size, res.mem_backing)?;
+    let mut vm = Vm::new(mem_size, res.mem_backing)?;
+    if res.ldt_pv {
+        vm.ldt_pv = Some(Arc::new(LdtPv::new(vm.fd.clone(), mem_size)?));
+    }
+    // The bitmap is e820-reserved, so a kernel never takes it for RAM.
+    let reserved: Vec<(u64, u64)> = layout::ldt_pv_bitmap(mem_size)
+        .filter(|_| res.ldt_pv)
+        .map(|(_, bytes)| (layout::LDT_PV_BITMAP_ADDR, bytes))
+        .into_iter()
+        .collect();
 
     let entry = match &res.boot {
         BootSource::Flat(path) => loader::load_flat(&vm.memory, mem_size, path)?,
-        BootSource::Linux(spec) => loader::load_linux(&vm.memory, mem_size, res.vcpus, spec)?,
+        BootSource::Linux(spec) => {
+            loader::load_linux(&vm.memory, mem_size, res.vcpus, spec, &reserved)?
+        }
         BootSource::Incoming => kvm_bindings::kvm_regs::default(),
     };
 
     let devices = Arc::new(Mutex::new(LegacyDevices::new(res.console.clone())?));
+    if let Some(d) = &vm.ldt_pv {
+        devices.lock().unwrap().attach_ldt_pv(d.clone());
+    }
     vm.fd
         .register_irqfd(devices.lock().unwrap().serial_irq(), devices::COM1_IRQ)
         .map_err(BuildError::Irqfd)?;
@@ -121,7 +141,7 @@ pub fn build(res: &VmResources) -> Result<Machine, BuildError> {
         .as_slice()
         .to_vec();
     cpuid::filter(&mut base_cpuid, res.cpu_profile);
-    cpuid::add_platform_leaves(&mut base_cpuid);
+    cpuid::add_platform_leaves(&mut base_cpuid, vm.ldt_pv.as_ref().map(|d| d.leaf()));
     let base_cpuid = CpuId::from_entries(&base_cpuid)
         .map_err(|_| BuildError::CpuidTooLarge(base_cpuid.len()))?;
 

@@ -67,7 +67,8 @@ fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
     }
 }
 
-/// Writes the GDT, TSS and identity-mapping page tables.
+/// Writes the GDT, TSS and identity-mapping page tables (RAM, and at
+/// least the first 4 GiB).
 pub fn write_boot_tables(mem: &GuestMemory, mem_size: u64) -> Result<(), LoadError> {
     let end = layout::ram_ranges(mem_size)
         .last()
@@ -76,6 +77,8 @@ pub fn write_boot_tables(mem: &GuestMemory, mem_size: u64) -> Result<(), LoadErr
     if end > paging::max_mapped_end() {
         return Err(LoadError::TooMuchMemory(mem_size));
     }
+    // At least the 32-bit space: the ldt-pv bitmap is in the MMIO hole.
+    let end = end.max(layout::MMIO_GAP_END);
     for (i, d) in gdt::table(TSS_ADDR).iter().enumerate() {
         mem.write_obj(*d, GuestAddress(GDT_ADDR + i as u64 * 8))?;
     }
@@ -131,6 +134,7 @@ pub fn load_linux(
     mem_size: u64,
     vcpus: u8,
     spec: &LinuxBoot,
+    reserved: &[(u64, u64)],
 ) -> Result<kvm_regs, LoadError> {
     let path = spec.kernel.as_path();
     // A kernel larger than guest RAM cannot be loaded into it.
@@ -202,6 +206,7 @@ pub fn load_linux(
         mem_size,
         cmdline_len: spec.cmdline.len(),
         initrd,
+        reserved,
     });
     mem.write_obj(params, GuestAddress(ZERO_PAGE_ADDR))?;
     // The boot stack only has to last until the kernel sets up its own.

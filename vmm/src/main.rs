@@ -132,6 +132,11 @@ struct RunArgs {
     /// Close an API connection that sends no complete request for this long.
     #[arg(long, default_value_t = 60, value_name = "S")]
     api_idle_timeout_s: u64,
+    /// Give the guest the ldt-pv paravirtual dirty-tracking device (platform
+    /// CPUID leaf 0x40000102), so a guest driver can feed `--dirty-source
+    /// guest-ldt`. A VM migrated or restored keeps it (it is VM config).
+    #[arg(long, conflicts_with_all = ["incoming", "restore"])]
+    ldt_pv: bool,
     /// CPU features: `compat` hides what this project's PVM hosts cannot emulate.
     /// Default: compat where /sys/module/kvm_pvm exists, host elsewhere.
     #[arg(long, value_enum)]
@@ -470,6 +475,7 @@ fn resources(args: &RunArgs, profile: CpuProfile) -> anyhow::Result<VmResources>
         dirty_ring_entries: args.dirty.dirty_ring,
         console: ConsoleOut::Stdout,
         mem_backing: args.mem_backing,
+        ldt_pv: args.ldt_pv,
     })
 }
 

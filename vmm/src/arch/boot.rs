@@ -20,8 +20,9 @@ const LOADED_HIGH: u8 = 1;
 pub type E820Entry = (u64, u64, u32);
 
 /// The memory map for `mem_size` bytes of RAM: conventional memory below the
-/// EBDA, the EBDA..1 MiB area reserved, then RAM from 1 MiB around the MMIO hole.
-pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
+/// EBDA, the EBDA..1 MiB area reserved, then RAM from 1 MiB around the MMIO
+/// hole, and the `reserved` (start, length) ranges (the ldt-pv bitmap), sorted.
+pub fn e820_map(mem_size: u64, reserved: &[(u64, u64)]) -> Vec<E820Entry> {
     let mut map = vec![
         (0, EBDA_START, E820_RAM),
         (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
@@ -34,6 +35,8 @@ pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
         };
         map.push((s, l, E820_RAM));
     }
+    map.extend(reserved.iter().map(|&(s, l)| (s, l, E820_RESERVED)));
+    map.sort_by_key(|e| e.0);
     map
 }
 
@@ -53,7 +56,7 @@ pub fn initrd_address(mem_size: u64, initrd_size: u64, initrd_addr_max: u32) -> 
 
 /// Inputs for the zero page.
 #[derive(Debug, Clone, Copy)]
-pub struct BootParamsSpec {
+pub struct BootParamsSpec<'a> {
     /// Setup header from a bzImage, or `None` for an ELF vmlinux.
     pub header: Option<setup_header>,
     pub mem_size: u64,
@@ -61,6 +64,8 @@ pub struct BootParamsSpec {
     pub cmdline_len: usize,
     /// Initrd (address, size).
     pub initrd: Option<(u64, u64)>,
+    /// Reserved ranges besides the legacy ones (the ldt-pv bitmap).
+    pub reserved: &'a [(u64, u64)],
 }
 
 /// Builds the zero page.
@@ -82,7 +87,7 @@ pub fn boot_params(spec: &BootParamsSpec) -> boot_params {
         p.hdr.ramdisk_image = addr as u32;
         p.hdr.ramdisk_size = size as u32;
     }
-    let map = e820_map(spec.mem_size);
+    let map = e820_map(spec.mem_size, spec.reserved);
     for (i, &(addr, size, type_)) in map.iter().enumerate() {
         p.e820_table[i] = boot_e820_entry {
             addr,
@@ -105,7 +110,7 @@ mod tests {
 
     #[test]
     fn e820_covers_ram_and_reserves_the_legacy_hole() {
-        let map = e820_map(256 << 20);
+        let map = e820_map(256 << 20, &[]);
         assert_eq!(map[0], (0, EBDA_START, E820_RAM));
         assert_eq!(map[1].2, E820_RESERVED);
         assert_eq!(map[2], (HIMEM_START, (256 << 20) - HIMEM_START, E820_RAM));
@@ -114,7 +119,7 @@ mod tests {
 
     #[test]
     fn e820_entries_are_sorted_and_disjoint_with_the_mmio_hole() {
-        let map = e820_map(5 << 30);
+        let map = e820_map(5 << 30, &[]);
         for w in map.windows(2) {
             assert!(w[0].0 + w[0].1 <= w[1].0, "{map:?}");
         }
@@ -126,12 +131,26 @@ mod tests {
     }
 
     #[test]
+    fn the_ldt_pv_bitmap_is_reserved_in_the_hole_in_address_order() {
+        let bitmap = (MMIO_GAP_START, 0x2000);
+        let map = e820_map(5 << 30, &[bitmap]);
+        let i = map.iter().position(|e| e.0 == MMIO_GAP_START).unwrap();
+        assert_eq!(map[i], (MMIO_GAP_START, 0x2000, E820_RESERVED));
+        assert_eq!(map[i + 1].0, MMIO_GAP_END);
+        for w in map.windows(2) {
+            assert!(w[0].0 + w[0].1 <= w[1].0, "{map:?}");
+        }
+        assert_eq!(ram_total(&map), ram_total(&e820_map(5 << 30, &[])));
+    }
+
+    #[test]
     fn zero_page_points_at_cmdline_initrd_and_map() {
         let p = boot_params(&BootParamsSpec {
             header: None,
             mem_size: 128 << 20,
             cmdline_len: 42,
             initrd: Some((0x700_0000, 0x1234)),
+            reserved: &[],
         });
         let hdr = p.hdr;
         assert_eq!({ hdr.boot_flag }, 0xaa55);

@@ -145,36 +145,70 @@ pub fn filter(entries: &mut Vec<kvm_cpuid_entry2>, profile: CpuProfile) {
 
 /// First of ldt-vmm's own hypervisor CPUID leaves (after KVM's at
 /// 0x40000000), by which the guest finds the devices ACPI would describe
-/// elsewhere (README "Guest-visible platform leaf"):
+/// elsewhere (README "Guest panics: pvpanic and the platform CPUID leaf"):
 /// `PLATFORM_LEAF`: EAX = highest leaf of the range, EBX/ECX/EDX = the
 /// signature; `PLATFORM_LEAF + 1`: EAX = `PLATFORM_VERSION`, EBX = feature
-/// bits, ECX[15:0] = the pvpanic port when `FEATURE_PVPANIC`.
+/// bits, ECX[15:0] = the pvpanic port when `FEATURE_PVPANIC`;
+/// `LDT_PV_LEAF`: the ldt-pv device (`devices::ldt_pv`), all zero without it.
 pub const PLATFORM_LEAF: u32 = 0x4000_0100;
+/// The ldt-pv leaf: EAX = protocol version, EBX = bitmap GPA >> 12, ECX =
+/// frames the bitmap covers, EDX[15:0] = port base, EDX[23:16] = ISA IRQ.
+pub const LDT_PV_LEAF: u32 = PLATFORM_LEAF + 2;
+/// The highest leaf of the range.
+pub const PLATFORM_MAX_LEAF: u32 = LDT_PV_LEAF;
 /// In EBX, ECX, EDX of `PLATFORM_LEAF`, little-endian, 4 bytes each.
 pub const PLATFORM_SIGNATURE: &[u8; 12] = b"ldt-vmm-plat";
 /// Version of the feature word; new features take new bits, never new meanings.
 pub const PLATFORM_VERSION: u32 = 1;
 /// Feature bit: a pvpanic device at the port in ECX[15:0].
 pub const FEATURE_PVPANIC: u32 = 1 << 0;
-// Bit 1 is kept for the paravirtual dirty-tracking device (ldt-pv).
+/// Feature bit: the ldt-pv paravirtual dirty-tracking device (`LDT_PV_LEAF`).
+pub const FEATURE_LDT_PV: u32 = 1 << 1;
 
-/// Adds the platform leaves (replacing any KVM reported there).
-pub fn add_platform_leaves(entries: &mut Vec<kvm_cpuid_entry2>) {
-    entries.retain(|e| !(PLATFORM_LEAF..=PLATFORM_LEAF + 1).contains(&e.function));
+/// What the ldt-pv leaf announces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LdtPvLeaf {
+    pub version: u32,
+    pub bitmap_gpa: u64,
+    pub frames: u32,
+    pub port: u16,
+    pub irq: u8,
+}
+
+/// Adds the platform leaves (replacing any KVM reported there), with the
+/// ldt-pv leaf filled in when the VM has the device.
+pub fn add_platform_leaves(entries: &mut Vec<kvm_cpuid_entry2>, ldt_pv: Option<LdtPvLeaf>) {
+    entries.retain(|e| !(PLATFORM_LEAF..=PLATFORM_MAX_LEAF).contains(&e.function));
     let word = |i: usize| u32::from_le_bytes(PLATFORM_SIGNATURE[i..i + 4].try_into().unwrap());
     entries.push(kvm_cpuid_entry2 {
         function: PLATFORM_LEAF,
-        eax: PLATFORM_LEAF + 1,
+        eax: PLATFORM_MAX_LEAF,
         ebx: word(0),
         ecx: word(4),
         edx: word(8),
         ..Default::default()
     });
+    let features = FEATURE_PVPANIC | if ldt_pv.is_some() { FEATURE_LDT_PV } else { 0 };
     entries.push(kvm_cpuid_entry2 {
         function: PLATFORM_LEAF + 1,
         eax: PLATFORM_VERSION,
-        ebx: FEATURE_PVPANIC,
+        ebx: features,
         ecx: crate::devices::pvpanic::PVPANIC_PORT as u32,
+        ..Default::default()
+    });
+    let l = ldt_pv.unwrap_or(LdtPvLeaf {
+        version: 0,
+        bitmap_gpa: 0,
+        frames: 0,
+        port: 0,
+        irq: 0,
+    });
+    entries.push(kvm_cpuid_entry2 {
+        function: LDT_PV_LEAF,
+        eax: l.version,
+        ebx: (l.bitmap_gpa >> 12) as u32,
+        ecx: l.frames,
+        edx: l.port as u32 | (l.irq as u32) << 16,
         ..Default::default()
     });
 }
@@ -276,5 +310,30 @@ mod tests {
         assert_eq!((v[0].ebx >> 16) & 0xff, 4);
         assert_eq!(v[0].ebx & 0xffff, 0x0800);
         assert_eq!(v[1].edx, 3);
+    }
+
+    #[test]
+    fn the_ldt_pv_leaf_is_announced_only_with_the_device() {
+        let mut v = Vec::new();
+        add_platform_leaves(&mut v, None);
+        assert_eq!(find(&v, PLATFORM_LEAF, 0).unwrap().eax, LDT_PV_LEAF);
+        assert_eq!(find(&v, PLATFORM_LEAF + 1, 0).unwrap().ebx, FEATURE_PVPANIC);
+        let l = find(&v, LDT_PV_LEAF, 0).unwrap();
+        assert_eq!((l.eax, l.ebx, l.ecx, l.edx), (0, 0, 0, 0));
+        let mut v = Vec::new();
+        let leaf = LdtPvLeaf {
+            version: 1,
+            bitmap_gpa: 0xc000_0000,
+            frames: 65536,
+            port: 0x520,
+            irq: 5,
+        };
+        add_platform_leaves(&mut v, Some(leaf));
+        assert_eq!(
+            find(&v, PLATFORM_LEAF + 1, 0).unwrap().ebx,
+            FEATURE_PVPANIC | FEATURE_LDT_PV
+        );
+        let l = find(&v, LDT_PV_LEAF, 0).unwrap();
+        assert_eq!((l.eax, l.ebx, l.ecx, l.edx), (1, 0xc0000, 65536, 0x05_0520));
     }
 }

@@ -53,6 +53,13 @@ pub const APIC_ADDR: u64 = 0xfee0_0000;
 /// I/O APIC base.
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 
+/// ldt-pv: where the dirty-frame bitmap lives (its own memslot at the
+/// start of the 32-bit MMIO hole, e820-reserved; never guest RAM, so
+/// migration, snapshots and digests never see it).
+pub const LDT_PV_BITMAP_ADDR: u64 = MMIO_GAP_START;
+/// ldt-pv: the most bytes of bitmap the hole gives it (2^31 frames, 8 TiB).
+pub const LDT_PV_BITMAP_MAX: u64 = 256 << 20;
+
 // The reserved low-memory areas must not overlap.
 const _: () = {
     assert!(GDT_ADDR + 8 * 8 <= TSS_ADDR);
@@ -76,6 +83,20 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
     }
 }
 
+/// The ldt-pv bitmap for `mem_size` bytes of RAM: (frames it covers,
+/// bytes), one bit per 4 KiB frame from GPA 0 to the end of the highest
+/// RAM range (frames in the MMIO hole included, never set), the size
+/// rounded up to whole pages. `None` if it would not fit its window.
+pub fn ldt_pv_bitmap(mem_size: u64) -> Option<(u64, u64)> {
+    let end = ram_ranges(mem_size)
+        .last()
+        .map(|&(start, len)| start + len)?;
+    let frames = end / PAGE_SIZE;
+    let bytes = frames.div_ceil(8).next_multiple_of(PAGE_SIZE);
+    (bytes <= LDT_PV_BITMAP_MAX && LDT_PV_BITMAP_ADDR + bytes <= IOAPIC_ADDR)
+        .then_some((frames, bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +111,18 @@ mod tests {
         let r = ram_ranges(4 << 30);
         assert_eq!(r, vec![(0, MMIO_GAP_START), (MMIO_GAP_END, 1 << 30)]);
         assert_eq!(r.iter().map(|x| x.1).sum::<u64>(), 4 << 30);
+    }
+
+    #[test]
+    fn the_ldt_pv_bitmap_covers_every_ram_frame_and_fits_the_hole() {
+        assert_eq!(ldt_pv_bitmap(256 << 20), Some((65536, 8192)));
+        // Above the hole the frames of the hole are covered too.
+        let (frames, bytes) = ldt_pv_bitmap(5 << 30).unwrap();
+        assert_eq!(frames, (MMIO_GAP_END + (2 << 30)) / PAGE_SIZE);
+        assert!(bytes * 8 >= frames && bytes % PAGE_SIZE == 0);
+        assert!(
+            ldt_pv_bitmap(8 << 40).is_none(),
+            "8 TiB + the hole is too much"
+        );
     }
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::arch::layout::PAGE_SIZE;
 use crate::dirty::{self, DirtyOptions, DirtySourceKind};
-use crate::flat::{FlatError, WriterVm, MAX_PAGES_PER_COMMAND};
+use crate::flat::{FlatError, LdtPvWriterVm, WriterVm, MAX_PAGES_PER_COMMAND};
 use crate::vm::kvm_stats::{self, MappedPages};
 use crate::vm::MemBacking;
 
@@ -123,27 +123,95 @@ fn write_pages(
     Ok(t)
 }
 
-/// Runs one mode (`None` = untracked).
+fn write_pages_ldt_pv(
+    vm: &mut LdtPvWriterVm,
+    pages: &[u64],
+    bytes: u32,
+    value: u8,
+) -> Result<Duration, FlatError> {
+    let mut t = Duration::ZERO;
+    for chunk in pages.chunks(LdtPvWriterVm::MAX_PAGES) {
+        t += vm.write_round(chunk, bytes, value)?;
+    }
+    Ok(t)
+}
+
+/// Runs one mode (`None` = untracked) with the writer payload.
 fn run_mode(
     cfg: &DirtyBenchConfig,
     kind: Option<DirtySourceKind>,
 ) -> anyhow::Result<DirtyBenchResult> {
     let ring = (kind == Some(DirtySourceKind::KvmRing)).then_some(cfg.ring_entries);
     let mut vm = WriterVm::with_backing(mem_mib_for(cfg.working_set_pages), ring, cfg.mem_backing)?;
+    let machine_vm = vm.machine.vm.clone();
+    let ring = vm.machine.ring.clone();
+    let mode = kind.map_or("untracked".into(), |k| k.name().to_string());
+    let result = measure(
+        cfg,
+        &machine_vm,
+        &mut |pages, bytes, value| write_pages(&mut vm, pages, bytes, value),
+        &|n| WriterVm::command_pages(n.min(MAX_PAGES_PER_COMMAND)),
+        kind,
+        ring,
+        mode,
+    )?;
+    vm.stop()?;
+    Ok(result)
+}
+
+/// guest-ldt (or, untracked, its baseline) with the ldt-pv harness
+/// payload, whose driver keeps its own record of every frame it writes.
+fn run_mode_ldt_pv(cfg: &DirtyBenchConfig, tracked: bool) -> anyhow::Result<DirtyBenchResult> {
+    let mut vm = LdtPvWriterVm::new(mem_mib_for(cfg.working_set_pages))?;
+    let machine_vm = vm.vm.clone();
+    let frames = vm.vm.ldt_pv.as_ref().map_or(0, |d| d.frames());
+    let kind = tracked.then_some(DirtySourceKind::GuestLdt);
+    let mode = if tracked {
+        "guest-ldt".to_string()
+    } else {
+        "untracked (ldt-pv payload)".to_string()
+    };
+    let result = measure(
+        cfg,
+        &machine_vm,
+        &mut |pages, bytes, value| write_pages_ldt_pv(&mut vm, pages, bytes, value),
+        &|n| LdtPvWriterVm::named_pages_for(frames, n.min(LdtPvWriterVm::MAX_PAGES)),
+        kind,
+        None,
+        mode,
+    )?;
+    vm.stop()?;
+    Ok(result)
+}
+
+type WriteRound<'a> = dyn FnMut(&[u64], u32, u8) -> Result<Duration, FlatError> + 'a;
+
+/// The rounds of one mode: `write` has the guest write the pages, `named`
+/// gives the pages a harvest may hold besides them (the VMM's command
+/// block, the payload's own record).
+fn measure(
+    cfg: &DirtyBenchConfig,
+    vm: &crate::vm::Vm,
+    write: &mut WriteRound,
+    named: &dyn Fn(usize) -> Vec<u64>,
+    kind: Option<DirtySourceKind>,
+    ring: Option<std::sync::Arc<crate::dirty::kvm_ring::RingCollector>>,
+    mode: String,
+) -> anyhow::Result<DirtyBenchResult> {
     let all: Vec<u64> = (0..cfg.working_set_pages).map(working_set_page).collect();
     // First touch, untimed: the guest faults every page in once.
-    write_pages(&mut vm, &all, 1, 0xff)?;
-    let ram = vm.machine.vm.slots[0].host_addr;
+    write(&all, 1, 0xff)?;
+    let ram = vm.slots[0].host_addr;
     let host_huge_kib = super::smaps::huge_kib("self", |a, b, _| (a..b).contains(&ram));
-    let kvm_mapped_after_touch = kvm_stats::mapped_pages(&vm.machine.vm.fd).ok();
+    let kvm_mapped_after_touch = kvm_stats::mapped_pages(&vm.fd).ok();
 
     let mut source = match kind {
         Some(k) => {
-            let mut s = dirty::create(k, DirtyOptions::default(), vm.machine.ring.clone())?;
-            dirty::reset_vmm_writes(&vm.machine.vm);
-            s.start(&vm.machine.vm)?;
+            let mut s = dirty::create(k, DirtyOptions::default(), ring)?;
+            dirty::reset_vmm_writes(vm);
+            s.start(vm)?;
             // Drop whatever start reports (INITIALLY_SET reports everything).
-            dirty::harvest(s.as_mut(), &vm.machine.vm)?;
+            dirty::harvest(s.as_mut(), vm)?;
             Some(s)
         }
         None => None,
@@ -158,48 +226,38 @@ fn run_mode(
             .into_iter()
             .map(working_set_page)
             .collect();
-        writes.push(write_pages(
-            &mut vm,
-            &pages,
-            cfg.bytes_per_page,
-            round as u8,
-        )?);
+        writes.push(write(&pages, cfg.bytes_per_page, round as u8)?);
         written += pages.len() as u64;
         if let Some(s) = source.as_mut() {
             let t = Instant::now();
-            let bitmap = dirty::harvest(s.as_mut(), &vm.machine.vm)?;
+            let bitmap = dirty::harvest(s.as_mut(), vm)?;
             harvests.push(t.elapsed());
             reported += bitmap.count();
             missed += pages.iter().filter(|p| !bitmap.is_dirty(**p)).count() as u64;
-            // Extra pages, not counting the command block the VMM wrote.
+            // Extra pages, not counting the named ones.
             let written: HashSet<u64> = pages.iter().copied().collect();
-            let named: HashSet<u64> =
-                WriterVm::command_pages(pages.len().min(MAX_PAGES_PER_COMMAND))
-                    .into_iter()
-                    .collect();
+            let named: HashSet<u64> = named(pages.len()).into_iter().collect();
             fps += bitmap
                 .pages()
                 .filter(|p| !written.contains(p) && !named.contains(p))
                 .count() as u64;
         }
     }
-    let kvm_mapped_after_rounds = kvm_stats::mapped_pages(&vm.machine.vm.fd).ok();
+    let kvm_mapped_after_rounds = kvm_stats::mapped_pages(&vm.fd).ok();
     if let Some(mut s) = source {
-        s.stop(&vm.machine.vm)?;
+        s.stop(vm)?;
     }
     let pages: Vec<u64> = rng
         .sample(cfg.working_set_pages, cfg.write_pages)
         .into_iter()
         .map(working_set_page)
         .collect();
-    let after_stop = write_pages(&mut vm, &pages, cfg.bytes_per_page, 0xee)?;
-    let kvm_mapped_after_stop = kvm_stats::mapped_pages(&vm.machine.vm.fd).ok();
-    vm.stop()?;
+    let after_stop = write(&pages, cfg.bytes_per_page, 0xee)?;
+    let kvm_mapped_after_stop = kvm_stats::mapped_pages(&vm.fd).ok();
     let (write_ms_rounds, harvest_ms_rounds) = (millis(&writes), millis(&harvests));
     Ok(DirtyBenchResult {
-        mode: kind
-            .map(|k| k.name().to_string())
-            .unwrap_or_else(|| "untracked".into()),
+        mode,
+        // The ldt-pv harness runs only when comparing on anon (`dirty`).
         mem_backing: cfg.mem_backing,
         host_huge_kib,
         kvm_mapped_after_touch,
@@ -228,6 +286,19 @@ pub fn dirty(cfg: &DirtyBenchConfig) -> anyhow::Result<Vec<DirtyBenchResult>> {
     for r in &mut results {
         r.write_ratio_vs_untracked = r.write_ms_median / base;
     }
+    // (Its harness VM is anon-backed: rows only when comparing on anon.)
+    if cfg.mem_backing != MemBacking::Anon {
+        return Ok(results);
+    }
+    // guest-ldt needs a guest driver: the ldt-pv payload plays it, and its
+    // ratio is against that payload untracked (its rounds cost a thread
+    // hand-off and the driver's own record, which the writer has not).
+    let mut ldt = vec![run_mode_ldt_pv(cfg, false)?, run_mode_ldt_pv(cfg, true)?];
+    let base = ldt[0].write_ms_median.max(1e-6);
+    for r in &mut ldt {
+        r.write_ratio_vs_untracked = r.write_ms_median / base;
+    }
+    results.extend(ldt);
     Ok(results)
 }
 
@@ -400,12 +471,12 @@ pub fn table(cfg: &DirtyBenchConfig, results: &[DirtyBenchResult]) -> String {
         cfg.write_pages, cfg.working_set_pages, cfg.bytes_per_page, cfg.rounds
     );
     s += &format!(
-        "{:<11} {:>12} {:>10} {:>12} {:>9} {:>9} {:>6} {:>6}\n",
+        "{:<26} {:>12} {:>10} {:>12} {:>9} {:>9} {:>6} {:>6}\n",
         "mode", "write ms", "x untrk", "harvest ms", "written", "reported", "missed", "fp"
     );
     for r in results {
         s += &format!(
-            "{:<11} {:>12.3} {:>10.2} {:>12.3} {:>9} {:>9} {:>6} {:>6}\n",
+            "{:<26} {:>12.3} {:>10.2} {:>12.3} {:>9} {:>9} {:>6} {:>6}\n",
             r.mode,
             r.write_ms_median,
             r.write_ratio_vs_untracked,

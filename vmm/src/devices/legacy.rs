@@ -3,7 +3,10 @@
 use vm_superio::{I8042Device, Serial, Trigger};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use std::sync::Arc;
+
 use super::console::ConsoleOut;
+use super::ldt_pv::LdtPv;
 use super::pvpanic::{self, PVPANIC_PORT};
 use super::{COM1_PORT, EXIT_STATUS_PORT, FLAT_SYNC_PORT, I8042_PORT};
 
@@ -37,6 +40,9 @@ pub struct LegacyDevices {
     pub exit_status: Option<u8>,
     /// Bytes received on stdin that did not fit the UART FIFO yet.
     pending_input: Vec<u8>,
+    /// The ldt-pv device, when the VM has it (its own lock: the migration
+    /// thread waits on it without holding this bus).
+    ldt_pv: Option<Arc<LdtPv>>,
 }
 
 /// Device state that migrates with the VM.
@@ -62,7 +68,13 @@ impl LegacyDevices {
             i8042: I8042Device::new(EventFdTrigger(reset)),
             exit_status: None,
             pending_input: Vec::new(),
+            ldt_pv: None,
         })
+    }
+
+    /// Puts the ldt-pv device on the bus.
+    pub fn attach_ldt_pv(&mut self, dev: Arc<LdtPv>) {
+        self.ldt_pv = Some(dev);
     }
 
     /// The eventfd the UART signals its interrupt with (an irqfd for GSI 4).
@@ -123,6 +135,9 @@ impl LegacyDevices {
 
     /// Handles an `in` from `port`.
     pub fn pio_read(&mut self, port: u16, data: &mut [u8]) {
+        if let Some(d) = self.ldt_pv.as_ref().filter(|_| LdtPv::decodes(port)) {
+            return d.pio_read(port, data);
+        }
         let value = match port {
             p if (COM1_PORT..COM1_PORT + 8).contains(&p) => {
                 let v = self.serial.read((p - COM1_PORT) as u8);
@@ -141,6 +156,10 @@ impl LegacyDevices {
 
     /// Handles an `out` of `data` to `port`.
     pub fn pio_write(&mut self, port: u16, data: &[u8]) -> PioAction {
+        if let Some(d) = self.ldt_pv.as_ref().filter(|_| LdtPv::decodes(port)) {
+            d.pio_write(port, data);
+            return PioAction::Continue;
+        }
         let byte = data.first().copied().unwrap_or(0);
         match port {
             p if (COM1_PORT..COM1_PORT + 8).contains(&p) => {

@@ -1,7 +1,8 @@
 //! Port-I/O devices: the COM1 UART, the i8042 (reset line), the exit-status
-//! port, the flat-payload sync port and pvpanic.
+//! port, the flat-payload sync port, pvpanic and ldt-pv.
 
 pub mod console;
+pub mod ldt_pv;
 pub mod legacy;
 pub mod pvpanic;
 

@@ -7,6 +7,7 @@
 //! counted by the tests and benchmarks.
 
 pub mod bitmap;
+pub mod guest_ldt;
 pub mod host_ldt;
 pub mod kvm_bitmap;
 pub mod kvm_clear;
@@ -34,6 +35,8 @@ pub enum DirtySourceKind {
     KvmRing,
     /// The ldt_kvm host module: TDP (NPT/EPT) dirty bits, no write faults.
     HostLdt,
+    /// The guest kernel's own record, through the ldt-pv device (`run --ldt-pv`).
+    GuestLdt,
 }
 
 impl DirtySourceKind {
@@ -60,6 +63,7 @@ impl DirtySourceKind {
             DirtySourceKind::KvmClear => "kvm-clear",
             DirtySourceKind::KvmRing => "kvm-ring",
             DirtySourceKind::HostLdt => "host-ldt",
+            DirtySourceKind::GuestLdt => "guest-ldt",
         }
     }
 }
@@ -81,6 +85,8 @@ pub enum DirtyError {
     Config(String),
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error(transparent)]
+    LdtPv(#[from] crate::devices::ldt_pv::LdtPvError),
 }
 
 /// A way of learning which guest pages were written.
@@ -100,11 +106,49 @@ pub trait DirtySource: Send {
 
     /// Disables tracking.
     fn stop(&mut self, vm: &Vm) -> Result<(), DirtyError>;
+
+    /// Whether a harvest needs the guest's vCPUs running (guest-ldt): its
+    /// last harvest before a pause then comes first, with the vCPUs
+    /// running, between `begin_final_round` and the pause, and
+    /// `harvest_paused` covers the rest.
+    fn needs_running_guest(&self) -> bool {
+        false
+    }
+
+    /// Called while the guest runs, right before its last harvest before a
+    /// pause: arms whatever covers the writes from then until the pause.
+    fn begin_final_round(&mut self, _vm: &Vm) -> Result<(), DirtyError> {
+        Ok(())
+    }
+
+    /// The harvest with every vCPU paused. For the KVM sources a plain
+    /// harvest; guest-ldt returns KVM's log since `begin_final_round`.
+    fn harvest_paused(&mut self, vm: &Vm) -> Result<DirtyBitmap, DirtyError> {
+        self.harvest_guest_writes(vm)
+    }
+
+    /// Disarms what `begin_final_round` armed (tracking goes on).
+    fn end_final_round(&mut self, _vm: &Vm) -> Result<(), DirtyError> {
+        Ok(())
+    }
+
+    /// `stop` for a VM whose vCPUs will not run here again (it migrated):
+    /// nothing may wait for the guest.
+    fn stop_paused(&mut self, vm: &Vm) -> Result<(), DirtyError> {
+        self.stop(vm)
+    }
 }
 
 /// One round: the guest's writes from `source` OR'ed with the VMM's own.
 pub fn harvest(source: &mut dyn DirtySource, vm: &Vm) -> Result<DirtyBitmap, DirtyError> {
     let mut dirty = source.harvest_guest_writes(vm)?;
+    or_vmm_writes(&mut dirty, vm);
+    Ok(dirty)
+}
+
+/// `harvest` with every vCPU paused (`DirtySource::harvest_paused`).
+pub fn harvest_paused(source: &mut dyn DirtySource, vm: &Vm) -> Result<DirtyBitmap, DirtyError> {
+    let mut dirty = source.harvest_paused(vm)?;
     or_vmm_writes(&mut dirty, vm);
     Ok(dirty)
 }
@@ -163,6 +207,7 @@ pub fn create(
         DirtySourceKind::KvmBitmap => Box::new(kvm_bitmap::KvmBitmap::new()),
         DirtySourceKind::KvmClear => Box::new(kvm_clear::KvmClear::new(options)?),
         DirtySourceKind::HostLdt => Box::new(host_ldt::HostLdt::new()),
+        DirtySourceKind::GuestLdt => Box::new(guest_ldt::GuestLdt::new(ring)),
         DirtySourceKind::KvmRing => Box::new(kvm_ring::KvmRing::new(ring.ok_or_else(|| {
             DirtyError::Config(
                 "kvm-ring needs the dirty ring enabled before the vCPUs are created".into(),

@@ -372,6 +372,17 @@ pub fn restore_state(
     for (i, s) in state.vcpus.iter().enumerate() {
         s.check(i)?;
     }
+    match (&machine.vm.ldt_pv, &state.ldt_pv) {
+        (Some(d), Some(s)) => d.restore(s),
+        (None, Some(_)) => {
+            return Err(MigrationError::BadMessage(
+                "State",
+                "ldt-pv device state for a VM without the device".into(),
+            ))
+        }
+        // A device the source's state does not mention has no driver yet.
+        _ => {}
+    }
     state.vm.restore(&machine.vm.fd)?;
     for (v, s) in machine.vcpus.iter().zip(&state.vcpus) {
         s.restore(&v.fd)?;
@@ -381,7 +392,14 @@ pub fn restore_state(
         .lock()
         .unwrap()
         .restore(&state.devices)
-        .map_err(|e| MigrationError::Build(e.to_string()))
+        .map_err(|e| MigrationError::Build(e.to_string()))?;
+    // The session that tracked the guest for the source (migration or
+    // snapshot chain) ended there: the guest's driver is told to stop
+    // (pending when it first runs here; a new session starts with START).
+    if let Some(d) = machine.vm.ldt_pv.as_ref().filter(|d| d.announced().is_ok()) {
+        d.post_stop();
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -427,6 +445,7 @@ mod tests {
             verify: false,
             binary_state: true,
             snapshot: None,
+            ldt_pv: false,
         };
         let (console, _out) = ConsoleOut::buffer();
         builder::build(&hello.resources(console, None, backing)).unwrap()

@@ -179,6 +179,7 @@ mod tests {
             verify: true,
             binary_state: true,
             snapshot: None,
+            ldt_pv: false,
         };
         let (console, _out) = ConsoleOut::buffer();
         let m =

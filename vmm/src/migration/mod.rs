@@ -44,6 +44,7 @@ use crate::arch::cpuid::CpuProfile;
 use crate::arch::layout::PAGE_SIZE;
 use crate::builder::{BootSource, VmResources};
 use crate::devices::console::ConsoleOut;
+use crate::devices::ldt_pv::LdtPvState;
 use crate::devices::legacy::DevicesState;
 use crate::dirty::DirtySourceKind;
 use crate::vm::state::{StateError, VcpuState, VmState};
@@ -64,6 +65,9 @@ pub struct Hello {
     /// Set in snapshot files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<snapshot::SnapshotInfo>,
+    /// The VM has the ldt-pv device (`run --ldt-pv`); absent: it has not.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ldt_pv: bool,
 }
 
 impl Hello {
@@ -84,6 +88,7 @@ impl Hello {
             dirty_ring_entries,
             console,
             mem_backing,
+            ldt_pv: self.ldt_pv,
         }
     }
 }
@@ -94,23 +99,56 @@ pub struct MachineState {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub devices: DevicesState,
+    /// The ldt-pv device's registers, when the VM has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ldt_pv: Option<LdtPvState>,
 }
+
+/// The binary form of the fields every version has, in order.
+#[derive(Serialize)]
+struct CoreRef<'a>(&'a VmState, &'a Vec<VcpuState>, &'a DevicesState);
+#[derive(Deserialize)]
+struct Core(VmState, Vec<VcpuState>, DevicesState);
 
 impl MachineState {
     /// The compact binary form (postcard: a few KiB per vCPU, no text to
     /// print or parse in the downtime), versioned by the protocol version.
+    /// The ldt-pv state, when there is one, follows the fields every
+    /// version has, so a VM without the device encodes exactly as before.
     pub fn encode(&self) -> Vec<u8> {
-        postcard::to_stdvec(self).expect("state serializes")
+        let mut out = postcard::to_stdvec(&CoreRef(&self.vm, &self.vcpus, &self.devices))
+            .expect("state serializes");
+        if let Some(d) = &self.ldt_pv {
+            out.extend(postcard::to_stdvec(d).expect("ldt-pv state serializes"));
+        }
+        out
     }
 
     /// Decodes a State message: binary if the Hello said so, else JSON.
     pub fn decode(payload: &[u8], binary: bool) -> Result<Self, MigrationError> {
-        if binary {
-            postcard::from_bytes(payload)
-                .map_err(|e| MigrationError::BadMessage("State", e.to_string()))
-        } else {
-            parse("State", payload)
+        if !binary {
+            return parse("State", payload);
         }
+        let bad = |e: postcard::Error| MigrationError::BadMessage("State", e.to_string());
+        let (Core(vm, vcpus, devices), rest) = postcard::take_from_bytes(payload).map_err(bad)?;
+        let ldt_pv = if rest.is_empty() {
+            None
+        } else {
+            let (d, rest) = postcard::take_from_bytes(rest).map_err(bad)?;
+            if !rest.is_empty() {
+                return Err(MigrationError::BadMessage(
+                    "State",
+                    format!("{} bytes after the end", rest.len()),
+                ));
+            }
+            Some(d)
+        };
+        Ok(MachineState {
+            vm,
+            vcpus,
+            devices,
+            ldt_pv,
+        })
     }
 }
 
@@ -208,6 +246,7 @@ mod tests {
             verify: false,
             binary_state: true,
             snapshot: None,
+            ldt_pv: false,
         };
         let mut v: serde_json::Value = serde_json::to_value(&h).unwrap();
         v.as_object_mut().unwrap().remove("binary_state");
@@ -218,6 +257,54 @@ mod tests {
             let e = MachineState::decode(b"\xff\xff", binary).unwrap_err();
             assert!(e.to_string().starts_with("bad State message"), "{e}");
         }
+    }
+
+    #[test]
+    fn the_binary_state_without_ldt_pv_is_the_old_encoding_and_with_it_round_trips() {
+        let vm = crate::vm::Vm::new(4 << 20, crate::vm::MemBacking::Anon).unwrap();
+        let state = MachineState {
+            vm: VmState::save(&vm.fd).unwrap(),
+            vcpus: Vec::new(),
+            devices: DevicesState {
+                serial_regs: [1; 9],
+                serial_input: vec![2],
+                pending_input: vec![3],
+                exit_status: Some(4),
+            },
+            ldt_pv: None,
+        };
+        #[derive(Serialize)]
+        struct Old<'a> {
+            vm: &'a VmState,
+            vcpus: &'a Vec<VcpuState>,
+            devices: &'a DevicesState,
+        }
+        let old = postcard::to_stdvec(&Old {
+            vm: &state.vm,
+            vcpus: &state.vcpus,
+            devices: &state.devices,
+        })
+        .unwrap();
+        assert_eq!(state.encode(), old, "a VM without ldt-pv encodes as before");
+        assert!(MachineState::decode(&old, true).unwrap().ldt_pv.is_none());
+        let with = MachineState {
+            ldt_pv: Some(LdtPvState {
+                driver: 1,
+                epoch: 3,
+                seq: 99,
+            }),
+            ..state
+        };
+        let back = MachineState::decode(&with.encode(), true).unwrap();
+        assert_eq!(back.ldt_pv, with.ldt_pv);
+        let mut junk = with.encode();
+        junk.push(0);
+        assert!(MachineState::decode(&junk, true).is_err());
+        let json = serde_json::to_vec(&with).unwrap();
+        assert_eq!(
+            MachineState::decode(&json, false).unwrap().ldt_pv,
+            with.ldt_pv
+        );
     }
 
     #[test]

@@ -120,6 +120,27 @@ pub struct MigrationReport {
     /// (writes the dirty source missed); must be 0.
     #[serde(default)]
     pub verify_mismatch_pages: u64,
+    /// guest-ldt only: what its final round was made of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_ldt_final: Option<GuestLdtFinal>,
+}
+
+/// The final round of a guest-ldt migration: the guest's last harvest
+/// (vCPUs running, KVM's log armed), then with the vCPUs paused KVM's log
+/// for that interval and the pages of KVM's MSR-registered areas.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GuestLdtFinal {
+    /// The guest's last harvest (it runs before the pause, outside the downtime).
+    pub guest_harvest_ms: f64,
+    /// Pages the guest's last harvest reported (with the VMM's own writes).
+    pub guest_pages: u64,
+    /// Pages KVM's log saw from its arming to the pause.
+    pub kvm_pages: u64,
+    /// Of those, pages the guest's set did not have: writes after its
+    /// last harvest (or before it, that it had not reported yet).
+    pub kvm_only_pages: u64,
+    /// Pages of KVM's MSR-registered areas (kvmclock, steal time, PV EOI, async PF).
+    pub msr_area_pages: u64,
 }
 
 /// Measures memcpy over 64 MiB (median of 3).

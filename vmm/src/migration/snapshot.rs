@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::destination::{apply_memory, restore_state};
 use super::digest::memory_digest;
-use super::source::{save_machine_state, Sender};
+use super::source::{kvm_msr_areas, save_machine_state, Sender};
 use super::transport::FrameSink;
 use super::{parse, Hello, MigrationError};
 use crate::builder::{self, Machine};
@@ -122,10 +122,36 @@ pub fn take(ctl: &VmControl, opts: &SnapshotOptions) -> Result<SnapshotReport, M
         }
     }
     let t = Instant::now();
+    // A source the guest answers (guest-ldt) is started, or harvested one
+    // last time with KVM's log armed, while the guest still runs.
+    let diff = base_id.is_some() && chain.is_some();
+    let guest_driven = match chain.as_ref() {
+        Some(c) if diff => c.source.needs_running_guest(),
+        _ => opts.dirty_source == DirtySourceKind::GuestLdt,
+    };
+    let mut guest_set = None;
+    if guest_driven {
+        match chain.as_mut() {
+            Some(c) if diff => {
+                let s = c.source.as_mut();
+                match s
+                    .begin_final_round(&ctl.vm)
+                    .and_then(|()| dirty::harvest(s, &ctl.vm))
+                {
+                    Ok(b) => guest_set = Some(b),
+                    Err(e) => {
+                        let _ = s.end_final_round(&ctl.vm);
+                        return Err(e.into());
+                    }
+                }
+            }
+            _ => start_chain(ctl, opts, &mut chain, false)?,
+        }
+    }
     if ctl.pause() != RunState::Paused {
         return Err(MigrationError::VmStopped);
     }
-    let result = write_snapshot(ctl, opts, base_id, &mut chain);
+    let result = write_snapshot(ctl, opts, base_id, &mut chain, guest_set, guest_driven);
     // Runs again unless the operator had paused it (then it stays paused).
     ctl.resume();
     let mut report = result?;
@@ -133,42 +159,78 @@ pub fn take(ctl: &VmControl, opts: &SnapshotOptions) -> Result<SnapshotReport, M
     Ok(report)
 }
 
+/// Starts a new snapshot chain with `opts.dirty_source` (stopping the old
+/// one): tracking from now on. `paused`: the vCPUs are stopped (an old
+/// chain's guest-ldt driver then gets its STOP without being waited for).
+fn start_chain(
+    ctl: &VmControl,
+    opts: &SnapshotOptions,
+    chain: &mut Option<SnapshotChain>,
+    paused: bool,
+) -> Result<(), MigrationError> {
+    ctl.claim_tracking(TrackingUser::SnapshotChain)?;
+    if let Some(mut old) = chain.take() {
+        let stopped = if paused {
+            old.source.stop_paused(&ctl.vm)
+        } else {
+            old.source.stop(&ctl.vm)
+        };
+        if let Err(e) = stopped {
+            ctl.release_tracking(TrackingUser::SnapshotChain);
+            return Err(e.into());
+        }
+    }
+    let started =
+        dirty::create(opts.dirty_source, ctl.dirty_options, ctl.ring.clone()).and_then(|mut s| {
+            dirty::reset_vmm_writes(&ctl.vm);
+            s.start(&ctl.vm).map(|()| s)
+        });
+    let mut source = match started {
+        Ok(s) => s,
+        Err(e) => {
+            ctl.release_tracking(TrackingUser::SnapshotChain);
+            return Err(e.into());
+        }
+    };
+    // The snapshot being taken has all memory: the next diff starts from
+    // here (with INITIALLY_SET the source would report everything).
+    dirty::harvest(source.as_mut(), &ctl.vm)?;
+    *chain = Some(SnapshotChain {
+        source,
+        last_id: String::new(),
+    });
+    Ok(())
+}
+
 fn write_snapshot(
     ctl: &VmControl,
     opts: &SnapshotOptions,
     base_id: Option<String>,
     chain: &mut Option<SnapshotChain>,
+    guest_set: Option<DirtyBitmap>,
+    guest_driven: bool,
 ) -> Result<SnapshotReport, MigrationError> {
     let pages = match (&base_id, chain.as_mut()) {
+        (Some(_), Some(c)) if guest_driven => {
+            // The guest's last harvest, KVM's log from just before it to
+            // this pause, and KVM's MSR-registered areas (as a migration's
+            // final round); the guest's own record goes on from its harvest.
+            let mut pages = guest_set.unwrap_or_else(|| DirtyBitmap::empty(&ctl.vm.slots));
+            let paused = dirty::harvest_paused(c.source.as_mut(), &ctl.vm);
+            c.source.end_final_round(&ctl.vm)?;
+            pages.or(&paused?);
+            for gpa in kvm_msr_areas(ctl)? {
+                pages.set(gpa);
+            }
+            pages
+        }
         (Some(_), Some(c)) => dirty::harvest(c.source.as_mut(), &ctl.vm)?,
         _ => {
-            // A full snapshot starts a new chain: tracking from this pause on.
-            ctl.claim_tracking(TrackingUser::SnapshotChain)?;
-            if let Some(mut old) = chain.take() {
-                if let Err(e) = old.source.stop(&ctl.vm) {
-                    ctl.release_tracking(TrackingUser::SnapshotChain);
-                    return Err(e.into());
-                }
+            // A full snapshot starts a new chain: tracking from this pause on
+            // (guest-ldt's started before the pause).
+            if !guest_driven {
+                start_chain(ctl, opts, chain, true)?;
             }
-            let started = dirty::create(opts.dirty_source, ctl.dirty_options, ctl.ring.clone())
-                .and_then(|mut s| {
-                    dirty::reset_vmm_writes(&ctl.vm);
-                    s.start(&ctl.vm).map(|()| s)
-                });
-            let mut source = match started {
-                Ok(s) => s,
-                Err(e) => {
-                    ctl.release_tracking(TrackingUser::SnapshotChain);
-                    return Err(e.into());
-                }
-            };
-            // This snapshot has all memory: the next diff starts from here
-            // (with INITIALLY_SET the source would report everything).
-            dirty::harvest(source.as_mut(), &ctl.vm)?;
-            *chain = Some(SnapshotChain {
-                source,
-                last_id: String::new(),
-            });
             DirtyBitmap::full(&ctl.vm.slots)
         }
     };
@@ -185,6 +247,7 @@ fn write_snapshot(
             id: id.clone(),
             base: base_id.clone(),
         }),
+        ldt_pv: ctl.vm.ldt_pv.is_some(),
     };
     // Written beside the target and renamed, so a failure leaves no half file.
     let tmp = opts.to.with_extension("partial");

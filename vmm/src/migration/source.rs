@@ -7,12 +7,14 @@ use ldt_migration::{encode_memory_header, MemoryRange, MessageKind, RANGE_ZERO};
 use serde::{Deserialize, Serialize};
 
 use super::digest::PageHashes;
-use super::report::{memcpy_rate_mb_s, DowntimeBreakdown, MigrationReport, Progress, RoundStats};
+use super::report::{
+    memcpy_rate_mb_s, DowntimeBreakdown, GuestLdtFinal, MigrationReport, Progress, RoundStats,
+};
 use super::throttle::Throttle;
 use super::transport::{self, Connection, Endpoint, FrameSink};
 use super::{page_is_zero, parse, Hello, MachineState, MigrationError, Ready};
 use crate::arch::layout::PAGE_SIZE;
-use crate::dirty::{self, DirtyBitmap, DirtySource, DirtySourceKind};
+use crate::dirty::{self, guest_ldt, DirtyBitmap, DirtySource, DirtySourceKind};
 use crate::runner::{RunState, TrackingUser, VmControl};
 use crate::vm::state::{msr_index_list, VcpuState, VmState};
 
@@ -402,6 +404,14 @@ impl Lap {
     }
 }
 
+/// The pages of the guest areas KVM writes through MSR registrations
+/// (kvmclock, steal time, PV EOI, async PF); the VM must be paused.
+pub(crate) fn kvm_msr_areas(ctl: &VmControl) -> Result<Vec<u64>, dirty::DirtyError> {
+    let vcpus: Vec<_> = ctl.vcpus.iter().map(|v| v.lock().unwrap()).collect();
+    let fds: Vec<_> = vcpus.iter().map(|v| &v.fd).collect();
+    guest_ldt::kvm_msr_area_pages(&fds)
+}
+
 /// Saves VM, vCPU and device state; the VM must be paused.
 pub(crate) fn save_machine_state(ctl: &VmControl) -> Result<MachineState, MigrationError> {
     let msr_indices = msr_index_list(&ctl.vm.kvm)?;
@@ -417,6 +427,7 @@ pub(crate) fn save_machine_state(ctl: &VmControl) -> Result<MachineState, Migrat
         vm: VmState::save(&ctl.vm.fd)?,
         vcpus,
         devices: ctl.devices.lock().unwrap().save(),
+        ldt_pv: ctl.vm.ldt_pv.as_ref().map(|d| d.save()),
     })
 }
 
@@ -462,6 +473,10 @@ fn migrate_claimed(
     cancel: &AtomicBool,
 ) -> Result<MigrationReport, MigrationError> {
     let started = Instant::now();
+    // Up front, before the destination hears of it.
+    if opts.dirty_source == DirtySourceKind::GuestLdt {
+        guest_ldt::announced(&ctl.vm)?;
+    }
     let mut conn = transport::connect(&opts.to)?;
     conn.set_timeout(Some(precopy_timeout(opts)))?;
     let hello = Hello {
@@ -472,6 +487,7 @@ fn migrate_claimed(
         verify: opts.verify,
         binary_state: true,
         snapshot: None,
+        ldt_pv: ctl.vm.ldt_pv.is_some(),
     };
     conn.send(
         MessageKind::Hello,
@@ -491,7 +507,11 @@ fn migrate_claimed(
         progress,
         cancel,
     );
-    let stopped = source.stop(&ctl.vm);
+    // After a switch-over (Commit sent) the vCPUs never run here again.
+    let stopped = match &result {
+        Ok(_) | Err(MigrationError::OutcomeUnknown(_)) => source.stop_paused(&ctl.vm),
+        Err(_) => source.stop(&ctl.vm),
+    };
     match result {
         Ok(mut report) => {
             stopped?;
@@ -598,7 +618,27 @@ fn run_rounds(
         throttle.stop();
         result
     });
-    let final_dirty = precopy?;
+    let mut final_dirty = precopy?;
+
+    // A source the guest answers (guest-ldt) harvests one last time while
+    // the vCPUs still run, with KVM's log armed just before, so that the
+    // log holds every write from before that harvest to the pause (README
+    // "The final round of guest-ldt").
+    let mut guest_final = None;
+    if source.needs_running_guest() {
+        let t = Instant::now();
+        source.begin_final_round(&ctl.vm)?;
+        let guest = dirty::harvest(source, &ctl.vm)?;
+        guest_final = Some(GuestLdtFinal {
+            guest_harvest_ms: t.elapsed().as_secs_f64() * 1e3,
+            guest_pages: guest.count(),
+            ..Default::default()
+        });
+        final_dirty.or(&guest);
+        if let Some(gap) = guest_ldt::final_gap_for_test() {
+            std::thread::sleep(gap);
+        }
+    }
 
     // Switch-over: nothing the guest writes from here on is lost because
     // the last harvest happens with every vCPU stopped.
@@ -611,7 +651,17 @@ fn run_rounds(
     }
     b.pause_ms = lap.ms();
     let mut last = final_dirty;
-    last.or(&dirty::harvest(source, &ctl.vm)?);
+    let paused_set = dirty::harvest_paused(source, &ctl.vm)?;
+    if let Some(g) = guest_final.as_mut() {
+        g.kvm_pages = paused_set.count();
+        g.kvm_only_pages = paused_set.pages().filter(|&p| !last.is_dirty(p)).count() as u64;
+        let areas = kvm_msr_areas(ctl)?;
+        g.msr_area_pages = areas.len() as u64;
+        for gpa in areas {
+            last.set(gpa);
+        }
+    }
+    last.or(&paused_set);
     b.final_harvest_ms = lap.ms();
     let mut stats = sender.send_round(conn, round, &last)?;
     stats.dirty_rate_pages_s = dirty_rate;
@@ -681,6 +731,7 @@ fn run_rounds(
         digest_source,
         digest_destination: ready.digest,
         verify_mismatch_pages,
+        guest_ldt_final: guest_final,
     })
 }
 

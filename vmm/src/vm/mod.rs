@@ -12,6 +12,7 @@ use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::arch::layout;
+use crate::devices::ldt_pv::LdtPv;
 pub use memory::{GuestMemory, MemBacking, MemorySlot};
 
 /// Errors creating or configuring the VM.
@@ -35,6 +36,9 @@ pub struct Vm {
     /// What backs `memory` on this host.
     pub backing: MemBacking,
     pub slots: Vec<MemorySlot>,
+    /// The ldt-pv device (`run --ldt-pv`): its bitmap is a memslot of its
+    /// own, not in `slots`, so no dirty source, migration or digest sees it.
+    pub ldt_pv: Option<Arc<LdtPv>>,
 }
 
 impl Vm {
@@ -67,6 +71,7 @@ impl Vm {
             memory,
             backing,
             slots,
+            ldt_pv: None,
         };
         vm.set_dirty_logging(false)?;
         Ok(vm)
