@@ -174,20 +174,26 @@ impl DirtySource for GuestLdt {
     }
 }
 
-/// Test builds only: `LDT_VMM_TEST_NO_FINAL_KVM_LOG=1` leaves KVM's log
-/// off in the final round, to show that a migration then misses the writes
-/// between the guest's last harvest and the pause.
+/// For the tests (`vmm/tests/guest_ldt.rs`, which run on release builds
+/// too): `LDT_VMM_TEST_NO_FINAL_KVM_LOG=1` leaves KVM's log off in the
+/// final round, to show that a migration then misses the writes between
+/// the guest's last harvest and the pause. Unsound on purpose, so it says
+/// so on stderr whenever it takes effect.
 fn final_kvm_log_disabled_for_test() -> bool {
-    cfg!(debug_assertions) && std::env::var_os("LDT_VMM_TEST_NO_FINAL_KVM_LOG").is_some()
+    let off = std::env::var_os("LDT_VMM_TEST_NO_FINAL_KVM_LOG").is_some();
+    if off {
+        eprintln!(
+            "ldt-vmm: LDT_VMM_TEST_NO_FINAL_KVM_LOG is set: the final round runs without \
+             KVM's log and may miss writes (a test switch)"
+        );
+    }
+    off
 }
 
-/// Test builds only: `LDT_VMM_TEST_FINAL_GAP_MS=N` waits N ms between the
+/// For the tests: `LDT_VMM_TEST_FINAL_GAP_MS=N` waits N ms between the
 /// guest's last harvest and the pause, so that the guest surely writes in
-/// that interval.
+/// that interval (costs downtime only, never soundness).
 pub fn final_gap_for_test() -> Option<Duration> {
-    if !cfg!(debug_assertions) {
-        return None;
-    }
     let ms = std::env::var("LDT_VMM_TEST_FINAL_GAP_MS").ok()?;
     ms.parse().ok().map(Duration::from_millis)
 }
