@@ -2809,7 +2809,7 @@ out:
 #define CG_ROOT		"/sys/fs/cgroup"
 #define CG_TEST		CG_ROOT "/lwdt-selftest"
 /* Chunks of the log the test makes (one bitmap of 512 bits each). */
-#define CG_CHUNKS	4096
+#define CG_CHUNKS	2048
 
 /* A "key value" line of the test cgroup's memory.stat, or -1. */
 static long cg_stat(const char *key)
