@@ -5,11 +5,12 @@
 # ldt-vmm.
 #
 # Usage: images/run-qemu.sh [--timeout S] [--append 'words'] [--log FILE]
-#                            [--smp N] [--initrd FILE] [IMAGE]
+#                            [--smp N] [--mem SIZE] [--initrd FILE] [IMAGE]
 #   --timeout S   kill QEMU after S seconds (default 300)
 #   --append W    extra kernel command line words, e.g. 'ldt.run=/bin/ldt-syscheck'
 #   --log FILE    also write the console output to FILE
 #   --smp N       guest CPUs (default 1; QEMU runs them on N host threads)
+#   --mem SIZE    guest memory, as QEMU's -m (default 256M)
 #   --initrd FILE a second initramfs, unpacked over the built-in one (e.g.
 #                 the Redis server of images/build-redis.sh)
 #   IMAGE         bzImage with built-in initramfs (default images/guest.img)
@@ -37,17 +38,19 @@ timeout_s=300
 append=
 log=
 smp=1
+mem=256M
 initrd=
 image=$LDT_ROOT/images/guest.img
 while [ $# -gt 0 ]; do
 	case "$1" in
-	--timeout | --append | --log | --smp | --initrd)
+	--timeout | --append | --log | --smp | --mem | --initrd)
 		[ $# -ge 2 ] || harness_fail "$1 needs a value"
 		case "$1" in
 		--timeout) timeout_s=$2 ;;
 		--append) append=$2 ;;
 		--log) log=$2 ;;
 		--smp) smp=$2 ;;
+		--mem) mem=$2 ;;
 		--initrd) initrd=$2 ;;
 		esac
 		shift 2
@@ -77,7 +80,7 @@ cmdline="console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1 $append
 # shellcheck disable=SC2054 # the commas are inside -M's argument
 qemu=(qemu-system-x86_64
 	-M microvm,isa-serial=on,rtc=on,acpi=off
-	-accel tcg -cpu max -m 256M -smp "$smp"
+	-accel tcg -cpu max -m "$mem" -smp "$smp"
 	-nographic -no-reboot
 	-kernel "$image" -append "$cmdline"
 	-device isa-debug-exit,iobase=0x501,iosize=1

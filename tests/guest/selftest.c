@@ -19,8 +19,9 @@
  *
  * Output is kselftest (TAP) style: "ok N name" / "not ok N name", with
  * diagnostics on "# " lines; the exit status is the number of failures.
- * A test whose prerequisite is missing (no swap, no THP, no KSM) is
- * reported as "ok N name # SKIP reason".
+ * A test whose prerequisite is missing (no swap, no THP, no KSM, no DAX
+ * device, no memory cgroups, no fault injection) is reported as
+ * "ok N name # SKIP reason".
  *
  * Usage: ldt-selftest [-q] [-s SEED] [-v] [TEST...]
  *   -q       quick: smaller areas, fewer rounds (for machines where page
@@ -2591,6 +2592,404 @@ out:
 	result(ok, name);
 }
 
+/* ---- device DAX: PUD leaves ------------------------------------------- */
+
+#define DAX_DEV		"/dev/dax0.0"
+#define DAX_SYS		"/sys/bus/dax/devices/dax0.0"
+#define ND_SYS		"/sys/bus/nd/devices"
+#define PUD_LEAF_SIZE	(1UL << 30)
+
+/* Why there is no usable DAX_DEV (NULL: there is one). */
+static const char *dax_missing = "not set up yet";
+
+static int read_str(const char *path, char *buf, size_t len)
+{
+	int fd = open(path, O_RDONLY);
+	ssize_t n;
+
+	if (fd < 0)
+		return -errno;
+	n = read(fd, buf, len - 1);
+	close(fd);
+	if (n < 0)
+		return -EIO;
+	buf[n] = 0;
+	buf[strcspn(buf, "\n")] = 0;
+	return 0;
+}
+
+/*
+ * Make the first legacy pmem region (memmap=nn!ss on the kernel command
+ * line) a device-dax namespace with 1 GiB alignment, as "ndctl
+ * create-namespace -m devdax -a 1G" does, through /sys/bus/nd: configure
+ * the region's dax seed and bind it to dax_pmem, which writes the info
+ * block and creates DAX_DEV.
+ */
+static void dax_setup(void)
+{
+	char seed[64], path[192];
+	long align;
+
+	if (access(DAX_DEV, F_OK) && !access(ND_SYS "/region0", F_OK) &&
+	    !read_str(ND_SYS "/region0/dax_seed", seed, sizeof(seed)) &&
+	    seed[0]) {
+		uint64_t u0 = rnd(), u1 = rnd();
+		char uuid[40];
+
+		snprintf(uuid, sizeof(uuid),
+			 "%08x-%04x-%04x-%04x-%012" PRIx64, (unsigned int)u0,
+			 (unsigned int)(u0 >> 32) & 0xffff,
+			 (unsigned int)(u0 >> 48), (unsigned int)u1 & 0xffff,
+			 (uint64_t)(u1 >> 16) & 0xffffffffffff);
+		snprintf(path, sizeof(path), ND_SYS "/%s/uuid", seed);
+		write_file(path, uuid);
+		snprintf(path, sizeof(path), ND_SYS "/%s/mode", seed);
+		write_file(path, "pmem");
+		snprintf(path, sizeof(path), ND_SYS "/%s/align", seed);
+		write_long(path, PUD_LEAF_SIZE);
+		snprintf(path, sizeof(path), ND_SYS "/%s/namespace", seed);
+		if (write_file(path, "namespace0.0") ||
+		    write_file("/sys/bus/nd/drivers/dax_pmem/bind", seed))
+			diag("dax: cannot make %s a devdax namespace: %s",
+			     seed, strerror(errno));
+	}
+	if (access(DAX_DEV, F_OK)) {
+		dax_missing = "no " DAX_DEV " (no memmap=nn!ss pmem region)";
+		return;
+	}
+	align = read_long(DAX_SYS "/align");
+	if (align != (long)PUD_LEAF_SIZE) {
+		diag("dax: %s has align %ld", DAX_DEV, align);
+		dax_missing = DAX_DEV " is not 1 GiB aligned";
+		return;
+	}
+	dax_missing = NULL;
+}
+
+/* A tracked 1 GiB shared mapping of DAX_DEV (one PUD leaf once written). */
+static unsigned char *dax_map_tracked(const char *name)
+{
+	unsigned char *p;
+	int fd;
+
+	if (dax_missing) {
+		skip(name, dax_missing);
+		return NULL;
+	}
+	fd = open(DAX_DEV, O_RDWR);
+	if (fd < 0) {
+		diag("%s: open %s: %s", name, DAX_DEV, strerror(errno));
+		result(false, name);
+		return NULL;
+	}
+	p = mmap(NULL, PUD_LEAF_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	close(fd);
+	if (p == MAP_FAILED || ((uintptr_t)p & (PUD_LEAF_SIZE - 1)) ||
+	    lwdt_start(p, PUD_LEAF_SIZE)) {
+		diag("%s: cannot map and track %s (%s)", name, DAX_DEV,
+		     p == MAP_FAILED ? strerror(errno) : "misaligned or START");
+		if (p != MAP_FAILED)
+			munmap(p, PUD_LEAF_SIZE);
+		result(false, name);
+		return NULL;
+	}
+	return p;
+}
+
+/*
+ * Pick @k random pages of the DAX mapping into @written and return them
+ * in @idx.
+ */
+static void dax_pick(size_t *idx, size_t k, unsigned char *written)
+{
+	size_t j;
+
+	for (j = 0; j < k; j++) {
+		idx[j] = rnd_below(PUD_LEAF_SIZE / page_size);
+		written[idx[j]] = 1;
+	}
+}
+
+/* Every page of @written is in @map; prints the counts. */
+static bool dax_check(const char *name, const unsigned char *written,
+		      const unsigned char *map)
+{
+	size_t npages = PUD_LEAF_SIZE / page_size, i, missed = 0;
+
+	for (i = 0; i < npages; i++)
+		missed += written[i] && !map[i];
+	diag("%s: %zu written, %zu reported, %zu missed", name,
+	     count(written, npages), count(map, npages), missed);
+	return !missed;
+}
+
+enum dax_how { DAX_DIRECT, DAX_PROC_MEM, DAX_MUNMAP };
+
+/*
+ * Writes into a device-dax mapping with 1 GiB alignment, mapped by a PUD
+ * leaf: DAX is not tracked but reported in full while VM_MAYWRITE, so
+ *   direct:   the harvest reports stores through the mapping, and does not
+ *             split the PUD leaf on its walk (a split zaps it unlogged);
+ *   proc_mem: a FOLL_FORCE write through /proc/self/mem (GUP, no store
+ *             through the user entry) is reported after mprotect(PROT_READ);
+ *   munmap:   stores followed by munmap() before the harvest are reported
+ *             from the log (zap_huge_pud() logs the leaf).
+ */
+static void test_dax(enum dax_how how)
+{
+	static const char *const names[] = {
+		"dax_pud_direct_write", "dax_pud_proc_mem_write",
+		"dax_pud_munmap",
+	};
+	const char *name = names[how];
+	size_t npages = PUD_LEAF_SIZE / page_size, idx[32], j;
+	unsigned char *p, *written = NULL, *map = NULL;
+	bool ok = true, mapped = true;
+	int memfd = -1, r;
+
+	p = dax_map_tracked(name);
+	if (!p)
+		return;
+	written = calloc(npages, 1);
+	map = calloc(npages, 1);
+	memfd = open("/proc/self/mem", O_RDWR);
+	if (!written || !map || memfd < 0) {
+		ok = false;
+		goto out;
+	}
+	/* munmap ends the mapping: one round there. */
+	for (r = 0; r < (how == DAX_MUNMAP ? 1 : 2) && ok; r++) {
+		memset(written, 0, npages);
+		memset(map, 0, npages);
+		dax_pick(idx, 32, written);
+		for (j = 0; j < 32; j++) {
+			unsigned char *q = p + idx[j] * page_size;
+			unsigned char v = 0x41 + r;
+
+			if (how != DAX_PROC_MEM)
+				STORE(q, v);
+			else if (pwrite(memfd, &v, 1, (uintptr_t)q) != 1)
+				ok = false;
+			if (LOAD(q) != v)
+				ok = false;
+		}
+		if (!ok) {
+			diag("%s: a write did not land", name);
+			break;
+		}
+		if (how == DAX_PROC_MEM &&
+		    mprotect(p, PUD_LEAF_SIZE, PROT_READ)) {
+			ok = false;
+			break;
+		}
+		if (how == DAX_MUNMAP) {
+			munmap(p, PUD_LEAF_SIZE);
+			mapped = false;
+		}
+		if (lwdt_collect(p, PUD_LEAF_SIZE, map) ||
+		    !dax_check(name, written, map))
+			ok = false;
+		if (how == DAX_PROC_MEM &&
+		    mprotect(p, PUD_LEAF_SIZE, PROT_READ | PROT_WRITE))
+			ok = false;
+	}
+out:
+	if (memfd >= 0)
+		close(memfd);
+	lwdt_stop();
+	if (mapped)
+		munmap(p, PUD_LEAF_SIZE);
+	free(written);
+	free(map);
+	result(ok, name);
+}
+
+/* ---- memory cgroup charge of the log ---------------------------------- */
+
+#define CG_ROOT		"/sys/fs/cgroup"
+#define CG_TEST		CG_ROOT "/lwdt-selftest"
+/* Chunks of the log the test makes (one bitmap of 512 bits each). */
+#define CG_CHUNKS	2048
+
+/* A "key value" line of the test cgroup's memory.stat, or -1. */
+static long cg_stat(const char *key)
+{
+	return proc_value(CG_TEST "/memory.stat", key);
+}
+
+/*
+ * The log's chunk bitmaps are charged to the tracker's memory cgroup: a
+ * tracked process in its own cgroup zaps one page in each of CG_CHUNKS
+ * PMD-sized chunks of a sparse range (every zapped page is logged), and
+ * the cgroup's slab memory grows by at least the bitmaps' size.
+ */
+static void test_memcg(void)
+{
+	const char *name = "memcg_log_charged";
+	size_t len = (size_t)CG_CHUNKS * THP_SIZE, npages = len / page_size;
+	long before, after, expect = CG_CHUNKS * (THP_SIZE / page_size / 8);
+	unsigned char *p = MAP_FAILED, *map = NULL;
+	char controllers[256] = "", pid[32];
+	bool ok = true, moved = false;
+	size_t c;
+
+	if (access(CG_ROOT "/cgroup.controllers", F_OK))
+		mount("cgroup2", CG_ROOT, "cgroup2", 0, NULL);
+	if (read_str(CG_ROOT "/cgroup.controllers", controllers,
+		     sizeof(controllers)) || !strstr(controllers, "memory")) {
+		skip(name, "no memory cgroup controller (CONFIG_MEMCG=n)");
+		return;
+	}
+	snprintf(pid, sizeof(pid), "%d", getpid());
+	write_file(CG_ROOT "/cgroup.subtree_control", "+memory");
+	if ((mkdir(CG_TEST, 0755) && errno != EEXIST) ||
+	    write_file(CG_TEST "/cgroup.procs", pid)) {
+		diag("%s: cannot enter %s: %s", name, CG_TEST, strerror(errno));
+		result(false, name);
+		return;
+	}
+	moved = true;
+	p = mmap(NULL, len, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	map = calloc(npages, 1);
+	if (p == MAP_FAILED || !map) {
+		ok = false;
+		goto out;
+	}
+	madvise(p, len, MADV_NOHUGEPAGE);
+	for (c = 0; c < CG_CHUNKS; c++)
+		STORE(&p[c * THP_SIZE], 1);
+	if (lwdt_start(p, len)) {
+		ok = false;
+		goto out;
+	}
+	before = cg_stat("slab");
+	if (madvise(p, len, MADV_DONTNEED))
+		ok = false;
+	after = cg_stat("slab");
+	if (lwdt_collect(p, len, map))
+		ok = false;
+	for (c = 0; c < CG_CHUNKS; c++)
+		if (!map[c * THP_SIZE / page_size]) {
+			diag("%s: zapped page of chunk %zu not reported", name, c);
+			ok = false;
+			break;
+		}
+	lwdt_stop();
+	diag("%s: memcg slab %ld -> %ld bytes (+%ld) for %d log chunks; expected at least +%ld",
+	     name, before, after, after - before, CG_CHUNKS, expect);
+	if (before < 0 || after - before < expect)
+		ok = false;
+out:
+	free(map);
+	if (p != MAP_FAILED)
+		munmap(p, len);
+	if (moved) {
+		write_file(CG_ROOT "/cgroup.procs", pid);
+		rmdir(CG_TEST);
+	}
+	result(ok, name);
+}
+
+/* ---- LWDT_START's failure unwind (fault injection) --------------------- */
+
+#define FAIL_NTH	"/proc/thread-self/fail-nth"
+#define FI_DIR		"/sys/kernel/debug"
+
+/* Let failslab and fail_page_alloc fail sleeping order-0 allocations too. */
+static void fault_injection_setup(bool on)
+{
+	write_file(FI_DIR "/failslab/ignore-gfp-wait", on ? "N" : "Y");
+	write_file(FI_DIR "/fail_page_alloc/ignore-gfp-wait", on ? "N" : "Y");
+	write_long(FI_DIR "/fail_page_alloc/min-order", on ? 0 : 1);
+	write_long(FI_DIR "/failslab/verbose", on ? 0 : 2);
+	write_long(FI_DIR "/fail_page_alloc/verbose", on ? 0 : 2);
+}
+
+/*
+ * Fail each allocation of LWDT_START in turn (fail-nth: the n-th
+ * allocation of this task fails): whichever fails, nothing stays
+ * installed, so a new LWDT_START succeeds and tracks.
+ */
+static void test_start_unwind(void)
+{
+	const char *name = "start_failure_unwinds";
+	size_t len = 16 * page_size;
+	unsigned char *p, map[16];
+	int nth, n, fd, failed = 0;
+	char buf[16];
+	bool ok = true;
+
+	nth = open(FAIL_NTH, O_RDWR);
+	if (nth < 0) {
+		skip(name, "no " FAIL_NTH " (CONFIG_FAULT_INJECTION=n)");
+		return;
+	}
+	if (access(FI_DIR "/failslab", F_OK))
+		mount("debugfs", FI_DIR, "debugfs", 0, NULL);
+	if (access(FI_DIR "/failslab", F_OK)) {
+		close(nth);
+		skip(name, "no failslab (CONFIG_FAILSLAB=n)");
+		return;
+	}
+	fault_injection_setup(true);
+	p = mmap(NULL, len, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (p == MAP_FAILED) {
+		ok = false;
+		goto out;
+	}
+	memset(p, 1, len);
+	for (n = 1; n <= 200 && ok; n++) {
+		long left;
+
+		snprintf(buf, sizeof(buf), "%d", n);
+		if (pwrite(nth, buf, strlen(buf), 0) < 0) {
+			ok = false;
+			break;
+		}
+		fd = lwdt_start_fd(pagemap_fd, p, len);
+		memset(buf, 0, sizeof(buf));
+		left = pread(nth, buf, sizeof(buf) - 1, 0) > 0 ?
+		       strtol(buf, NULL, 10) : -1;
+		pwrite(nth, "0", 1, 0);
+		if (fd >= 0) {
+			lwdt_stop_fd(fd);
+			if (left > 0)
+				break;	/* no allocation left to fail */
+			continue;
+		}
+		failed++;
+		/* Not EBUSY: the failed START left no tracking behind. */
+		fd = lwdt_start_fd(pagemap_fd, p, len);
+		if (fd < 0) {
+			diag("%s: allocation %d failed LWDT_START; the next START fails: %s",
+			     name, n, strerror(-fd));
+			ok = false;
+			break;
+		}
+		memset(map, 0, sizeof(map));
+		STORE(&p[3 * page_size], n);
+		if (lwdt_collect_fd(fd, p, len, map, VEC_MAX, 0, NULL) ||
+		    !map[3]) {
+			diag("%s: after failure %d, a write was not reported",
+			     name, n);
+			ok = false;
+		}
+		lwdt_stop_fd(fd);
+	}
+	diag("%s: %d of the first %d allocations made LWDT_START fail",
+	     name, failed, n);
+	if (!failed)
+		ok = false;
+out:
+	fault_injection_setup(false);
+	close(nth);
+	if (p != MAP_FAILED)
+		munmap(p, len);
+	result(ok, name);
+}
+
 struct test {
 	const char *name;
 	void (*fn)(void);
@@ -2639,6 +3038,9 @@ static void t_zc_punch_shmem(void) { test_zap_clean(ZAP_PUNCH, SHMEM); }
 static void t_zc_truncate_shmem(void) { test_zap_clean(ZAP_TRUNCATE, SHMEM); }
 static void t_zc_swap_dontneed(void) { test_zap_clean(ZAP_SWAP_DONTNEED, ANON); }
 static void t_zc_swap_free(void) { test_zap_clean(ZAP_SWAP_FREE, ANON); }
+static void t_dax_direct(void) { test_dax(DAX_DIRECT); }
+static void t_dax_proc_mem(void) { test_dax(DAX_PROC_MEM); }
+static void t_dax_munmap(void) { test_dax(DAX_MUNMAP); }
 
 static const struct test tests[] = {
 	{ "api", test_api },
@@ -2701,6 +3103,11 @@ static const struct test tests[] = {
 	{ "foll_force_readonly_anon", test_foll_force },
 	{ "mremap_logged_anon", test_mremap_logged },
 	{ "zap_thp_during_harvest", test_zap_thp_during_harvest },
+	{ "dax_pud_direct_write", t_dax_direct },
+	{ "dax_pud_proc_mem_write", t_dax_proc_mem },
+	{ "dax_pud_munmap", t_dax_munmap },
+	{ "memcg_log_charged", test_memcg },
+	{ "start_failure_unwinds", test_start_unwind },
 };
 
 #ifndef ARRAY_SIZE
@@ -2752,6 +3159,7 @@ int main(int argc, char **argv)
 	thp_setup();
 	swap_setup();
 	rng_state = seed ? seed : 1;
+	dax_setup();
 
 	for (i = 0; i < NR_TESTS; i++)
 		n += selected(tests[i].name, argc, argv);
