@@ -333,8 +333,19 @@ struct MigrateBenchArgs {
     /// Compare plain TCP with TLS (kvm-bitmap, throwaway certificates) instead.
     #[arg(long)]
     tls: bool,
-    /// Guest RAM backings to compare, side by side, on both sides (e.g.
-    /// anon,thp,hugetlbfs; hugetlbfs needs 256 free pages for the two VMs).
+    #[command(flatten)]
+    backings: BackingRuns,
+    /// Also print one JSON line per mode.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The backings a benchmark compares and how often (bench dirty, migrate).
+#[derive(Args)]
+struct BackingRuns {
+    /// Guest RAM backings to compare, side by side (e.g. anon,thp,hugetlbfs;
+    /// hugetlbfs needs free pages in /proc/sys/vm/nr_hugepages: 128 per
+    /// 256 MiB VM, and bench migrate runs two).
     #[arg(
         long,
         value_enum,
@@ -343,12 +354,9 @@ struct MigrateBenchArgs {
         value_name = "BACKING,..."
     )]
     mem_backing: Vec<MemBacking>,
-    /// Runs of every source on every backing (interleaved), for p50/p95.
+    /// Runs of every mode on every backing (interleaved), for p50/p95.
     #[arg(long, default_value_t = 1)]
     runs: u32,
-    /// Also print one JSON line per mode.
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(Args)]
@@ -371,19 +379,8 @@ struct DirtyBenchArgs {
     /// Dirty-ring entries for kvm-ring.
     #[arg(long, default_value_t = 65536)]
     ring_entries: u32,
-    /// Guest RAM backings to compare, side by side (e.g. anon,thp,hugetlbfs;
-    /// hugetlbfs needs free pages in /proc/sys/vm/nr_hugepages).
-    #[arg(
-        long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "anon",
-        value_name = "BACKING,..."
-    )]
-    mem_backing: Vec<MemBacking>,
-    /// Runs of every mode on every backing (interleaved), for p50/p95.
-    #[arg(long, default_value_t = 1)]
-    runs: u32,
+    #[command(flatten)]
+    backings: BackingRuns,
     /// Also print one JSON line per mode.
     #[arg(long)]
     json: bool,
@@ -555,17 +552,20 @@ fn bench_migrate(a: MigrateBenchArgs) -> anyhow::Result<i32> {
         bandwidth_limit_mbps: a.bandwidth_limit,
         auto_converge: a.auto_converge,
         tls: a.tls,
-        mem_backing: a.mem_backing.first().copied().unwrap_or_default(),
+        mem_backing: a.backings.mem_backing.first().copied().unwrap_or_default(),
     };
-    if a.mem_backing.len() > 1 || a.runs > 1 {
-        let (_, sums) =
-            bench::migrate::compare(&cfg, &a.mem_backing, a.runs).context("migration benchmark")?;
-        print!("{}", bench::migrate::compare_table(&cfg, a.runs, &sums));
+    if a.backings.mem_backing.len() > 1 || a.backings.runs > 1 {
+        let (_, sums) = bench::migrate::compare(&cfg, &a.backings.mem_backing, a.backings.runs)
+            .context("migration benchmark")?;
+        print!(
+            "{}",
+            bench::migrate::compare_table(&cfg, a.backings.runs, &sums)
+        );
         if a.json {
             for r in &sums {
                 println!(
                     "{}",
-                    serde_json::json!({ "bench": "migrate-backing", "config": cfg, "runs": a.runs, "result": r })
+                    serde_json::json!({ "bench": "migrate-backing", "config": cfg, "runs": a.backings.runs, "result": r })
                 );
             }
         }
@@ -611,17 +611,20 @@ fn bench_dirty(a: DirtyBenchArgs) -> anyhow::Result<i32> {
         rounds: a.rounds,
         seed: a.seed,
         ring_entries: a.ring_entries,
-        mem_backing: a.mem_backing.first().copied().unwrap_or_default(),
+        mem_backing: a.backings.mem_backing.first().copied().unwrap_or_default(),
     };
-    if a.mem_backing.len() > 1 || a.runs > 1 {
-        let (results, sums) =
-            bench::dirty::compare(&cfg, &a.mem_backing, a.runs).context("dirty benchmark")?;
-        print!("{}", bench::dirty::compare_table(&cfg, a.runs, &sums));
+    if a.backings.mem_backing.len() > 1 || a.backings.runs > 1 {
+        let (results, sums) = bench::dirty::compare(&cfg, &a.backings.mem_backing, a.backings.runs)
+            .context("dirty benchmark")?;
+        print!(
+            "{}",
+            bench::dirty::compare_table(&cfg, a.backings.runs, &sums)
+        );
         if a.json {
             for r in &sums {
                 println!(
                     "{}",
-                    serde_json::json!({ "bench": "dirty-backing", "config": cfg, "runs": a.runs, "result": r })
+                    serde_json::json!({ "bench": "dirty-backing", "config": cfg, "runs": a.backings.runs, "result": r })
                 );
             }
         }
