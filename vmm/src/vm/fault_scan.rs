@@ -78,9 +78,10 @@ pub fn page_table_roots(memory: &GuestMemory, slots: &[MemorySlot]) -> (u64, Vec
             let entry = |i: usize| u64::from_le_bytes(page[i * 8..i * 8 + 8].try_into().unwrap());
             let k = entry(KERNEL_SLOT);
             let target = k & 0x000f_ffff_ffff_f000;
-            // Present, a table (not a 1 GiB leaf at PGD level, which x86
-            // does not have), inside RAM.
-            if k & 1 == 1 && k & 0x80 == 0 && target != 0 && target < ram_end {
+            // A table entry as Linux writes them (_KERNPG_TABLE 0x063 or
+            // _PAGE_TABLE 0x067 in the low bits: data that merely looks
+            // present does not count), inside RAM.
+            if matches!(k & 0xfff, 0x063 | 0x067) && target != 0 && target < ram_end {
                 by_value.entry(k).or_default().push(gpa / PAGE);
             }
         }
@@ -173,6 +174,10 @@ mod tests {
         set_entry(&m, 0x31_0000, KERNEL_SLOT, 0x25_0000 | 0x63);
         set_entry(&m, 0x32_0000, KERNEL_SLOT, kernel_pud);
         set_entry(&m, 0x33_0000, KERNEL_SLOT, (8 << 20) | 0x63);
+        // Nor do pages that share a value without a table entry's flags.
+        for data in [0x34_0000u64, 0x35_0000, 0x36_0000, 0x37_0000] {
+            set_entry(&m, data, KERNEL_SLOT, 0x84_1f0f);
+        }
         let (value, roots) = page_table_roots(&m, &slots);
         assert_eq!(value, kernel_pud | 0x63);
         let mut roots = roots;
