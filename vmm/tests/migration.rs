@@ -1047,28 +1047,11 @@ fn the_destination_memory_is_the_source_memory_exactly() {
 /// The smaps lines of the read-write mapping of `mib` MiB (guest RAM) in
 /// process `pid`.
 fn guest_ram_smaps(pid: u32, mib: u64) -> String {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
-    let mut out = String::new();
-    let mut inside = false;
-    for line in smaps.lines() {
-        let mut words = line.split_whitespace();
-        let (head, perms) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-        if let Some((a, b)) = head.split_once('-') {
-            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
-                if inside {
-                    break;
-                }
-                inside = b - a == mib << 20 && perms == "rw-p";
-                continue;
-            }
-        }
-        if inside {
-            out += line;
-            out.push('\n');
-        }
-    }
-    assert!(!out.is_empty(), "no {mib} MiB mapping in process {pid}");
-    out
+    ldt_vmm::bench::smaps::mapping(&pid.to_string(), |a, b, perms| {
+        b - a == mib << 20 && perms == "rw-p"
+    })
+    .filter(|lines| !lines.is_empty())
+    .unwrap_or_else(|| panic!("no {mib} MiB mapping in process {pid}"))
 }
 
 fn smaps_field(smaps: &str, key: &str) -> String {
