@@ -59,63 +59,73 @@ fn parse_vmstat(text: &str) -> HashMap<String, u64> {
         .collect()
 }
 
-/// Guest frames that look like page-table roots of a 4-level Linux guest:
-/// pages whose kernel-image slot holds the value most such pages share
-/// (present, pointing into guest RAM). Returns that value and the frames.
-pub fn page_table_roots(memory: &GuestMemory, slots: &[MemorySlot]) -> (u64, Vec<u64>) {
+/// What one pass over guest memory finds: the page-table roots (the
+/// kernel-slot value they share and their frames) and the all-zero frames.
+struct Scan {
+    roots: (u64, Vec<u64>),
+    zeros: Vec<(u64, u64)>,
+}
+
+fn scan(memory: &GuestMemory, slots: &[MemorySlot]) -> Scan {
     let ram_end: u64 = slots
         .iter()
         .map(|s| s.guest_addr + s.size)
         .max()
         .unwrap_or(0);
     let mut by_value: HashMap<u64, Vec<u64>> = HashMap::new();
+    let mut zeros: Vec<(u64, u64)> = Vec::new();
     let mut page = [0u8; PAGE as usize];
     for slot in slots {
         for gpa in (slot.guest_addr..slot.guest_addr + slot.size).step_by(PAGE as usize) {
+            let frame = gpa / PAGE;
             if memory.read_slice(&mut page, GuestAddress(gpa)).is_err() {
                 continue;
             }
-            let entry = |i: usize| u64::from_le_bytes(page[i * 8..i * 8 + 8].try_into().unwrap());
-            let k = entry(KERNEL_SLOT);
+            if page.iter().all(|&b| b == 0) {
+                match zeros.last_mut() {
+                    Some((_, end)) if *end + 1 == frame => *end = frame,
+                    _ => zeros.push((frame, frame)),
+                }
+                continue;
+            }
+            let off = KERNEL_SLOT * 8;
+            let k = u64::from_le_bytes(page[off..off + 8].try_into().unwrap());
             let target = k & 0x000f_ffff_ffff_f000;
             // A table entry as Linux writes them (_KERNPG_TABLE 0x063 or
             // _PAGE_TABLE 0x067 in the low bits: data that merely looks
             // present does not count), inside RAM.
             if matches!(k & 0xfff, 0x063 | 0x067) && target != 0 && target < ram_end {
-                by_value.entry(k).or_default().push(gpa / PAGE);
+                by_value.entry(k).or_default().push(frame);
             }
         }
     }
-    by_value
+    let roots = by_value
         .into_iter()
         .filter(|(_, frames)| frames.len() >= 2)
         .max_by_key(|(_, frames)| frames.len())
-        .unwrap_or((0, Vec::new()))
+        .unwrap_or((0, Vec::new()));
+    Scan { roots, zeros }
+}
+
+/// Guest frames that look like page-table roots of a 4-level Linux guest:
+/// pages whose kernel-image slot holds a table entry of the value most such
+/// pages share (pointing into guest RAM). Returns that value and the frames.
+pub fn page_table_roots(memory: &GuestMemory, slots: &[MemorySlot]) -> (u64, Vec<u64>) {
+    scan(memory, slots).roots
 }
 
 /// The guest frames that read as all zeros, as inclusive ranges.
 pub fn zero_ranges(memory: &GuestMemory, slots: &[MemorySlot]) -> Vec<(u64, u64)> {
-    let mut ranges: Vec<(u64, u64)> = Vec::new();
-    let mut page = [0u8; PAGE as usize];
-    for slot in slots {
-        for gpa in (slot.guest_addr..slot.guest_addr + slot.size).step_by(PAGE as usize) {
-            let zero = memory.read_slice(&mut page, GuestAddress(gpa)).is_ok()
-                && page.iter().all(|&b| b == 0);
-            let frame = gpa / PAGE;
-            match ranges.last_mut() {
-                Some((_, end)) if zero && *end + 1 == frame => *end = frame,
-                _ if zero => ranges.push((frame, frame)),
-                _ => {}
-            }
-        }
-    }
-    ranges
+    scan(memory, slots).zeros
 }
 
 /// The lines the scan prints: the roots found and the host's page moves
 /// since `before`.
 pub fn report(memory: &GuestMemory, slots: &[MemorySlot], before: &HashMap<String, u64>) -> String {
-    let (value, roots) = page_table_roots(memory, slots);
+    let Scan {
+        roots: (value, roots),
+        zeros,
+    } = scan(memory, slots);
     let frames: Vec<String> = roots.iter().map(|f| format!("{:#x}", f * PAGE)).collect();
     let now = vmstat();
     let mut moves: Vec<String> = VMSTAT_KEYS
@@ -128,7 +138,7 @@ pub fn report(memory: &GuestMemory, slots: &[MemorySlot], before: &HashMap<Strin
     if moves.is_empty() {
         moves.push("no /proc/vmstat".into());
     }
-    let zeros: Vec<String> = zero_ranges(memory, slots)
+    let zeros: Vec<String> = zeros
         .iter()
         .map(|(a, b)| format!("{a:#x}-{b:#x}"))
         .collect();
