@@ -509,8 +509,15 @@ pub fn serve_with(
                 let _ = std::thread::Builder::new()
                     .name("api-conn".into())
                     .spawn(move || {
-                        let _slot = slot;
-                        serve_connection(conn, &c, &j, limits)
+                        // The slot is released before the peer can see the
+                        // connection close (`last` keeps the socket open
+                        // until then), so a client that saw EOF may connect
+                        // again at once and count on a free slot.
+                        let last = conn.try_clone();
+                        let slot = slot;
+                        serve_connection(conn, &c, &j, limits);
+                        drop(slot);
+                        drop(last);
                     });
             }
         })?;
