@@ -32,6 +32,7 @@ fn main() {
         ("ldt-pv-badseq", "ldt-pv", &["BADSEQ=1"]),
         ("ldt-pv-badstatus", "ldt-pv", &["BADSTATUS=1"]),
         ("ldt-pv-withdraw", "ldt-pv", &["WITHDRAW=2"]),
+        ("ldt-pv-hide", "ldt-pv", &["HIDE=1"]),
     ];
     println!("cargo:rerun-if-changed=payloads/ring3.inc");
     for (name, source, defs) in payloads {

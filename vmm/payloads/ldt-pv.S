@@ -22,7 +22,9 @@
 #     payload, which the final round must send as one of KVM's MSR areas.
 # Faults on purpose (`as --defsym`): NOANNOUNCE=1 never announces,
 # NOHARVEST=1 never answers HARVEST, BADSEQ=1 answers it with seq + 1,
-# BADSTATUS=1 with status 1, WITHDRAW=N writes ANNOUNCE=0 after harvest N.
+# BADSTATUS=1 with status 1, WITHDRAW=N writes ANNOUNCE=0 after harvest N,
+# HIDE=1 also writes page HIDE_PAGE all the time but never reports it (a
+# driver that misses a write: the audit, `run --ldt-pv-audit`, must say so).
 # CPUID runs in ring 0 first. Ring-3 code uses registers only (no stack): the pages it writes are the
 # working set, the post pages and the record.
 .code64
@@ -48,12 +50,16 @@
 .ifndef WITHDRAW
 .set WITHDRAW, 0
 .endif
+.ifndef HIDE
+.set HIDE, 0
+.endif
 .set RECORD, 0x180000       # up to 512 KiB: 16 GiB of frames
 .set WS_BASE, 0x400000
 .set WS_PAGES, 64
 .set POST_BASE, 0x600000
 .set CMD, 0x80000
 .set KVMCLOCK, 0x700000
+.set HIDE_PAGE, 0x650000
 .globl _start
 _start:
   # CPUID in ring 0, as a kernel does (on PVM hosts ring-3 CPUID is not
@@ -199,6 +205,9 @@ idle:
   mov %rcx, (%rax)
   add $(WS_BASE >> 12), %rbx
   bts %rbx, RECORD
+.if HIDE
+  mov %r12, HIDE_PAGE       # written, never recorded
+.endif
   inc %r12
 .endif
 .if HARNESS

@@ -47,6 +47,8 @@ pub const LDT_PV_BADSTATUS_PAYLOAD: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/ldt-pv-badstatus.bin"));
 pub const LDT_PV_WITHDRAW_PAYLOAD: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/ldt-pv-withdraw.bin"));
+/// The ldt-pv driver that writes a page it never reports (`HIDE=1`).
+pub const LDT_PV_HIDE_PAYLOAD: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ldt-pv-hide.bin"));
 /// A payload that triple-faults.
 pub const TRIPLE_FAULT_PAYLOAD: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/triple-fault.bin"));

@@ -137,6 +137,11 @@ struct RunArgs {
     /// guest-ldt`. A VM migrated or restored keeps it (it is VM config).
     #[arg(long, conflicts_with_all = ["incoming", "restore"])]
     ldt_pv: bool,
+    /// Check every guest-ldt session of this VM against KVM's dirty log
+    /// (which then runs beside the pre-copy rounds: a test mode): a
+    /// migration fails when KVM saw a write that no guest report has.
+    #[arg(long, requires = "ldt_pv")]
+    ldt_pv_audit: bool,
     /// CPU features: `compat` hides what this project's PVM hosts cannot emulate.
     /// Default: compat where /sys/module/kvm_pvm exists, host elsewhere.
     #[arg(long, value_enum)]
@@ -421,6 +426,9 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         VmControl::new(machine, options, hello.cpu_profile, args.paused)?
     } else {
         let machine = builder::build(&resources(&args, profile)?)?;
+        if let Some(d) = &machine.vm.ldt_pv {
+            d.set_audit(args.ldt_pv_audit);
+        }
         VmControl::new(machine, options, profile, args.paused)?
     };
     let _api = match &args.api {

@@ -163,6 +163,49 @@ fn a_guest_ldt_migration_verifies_and_the_destination_keeps_the_device() {
     assert!(wait_exit(&mut dst.0, Duration::from_secs(10)).success());
 }
 
+/// The never-miss audit (`run --ldt-pv-audit`): KVM's log beside the
+/// pre-copy rounds. An honest driver passes with every KVM page accounted
+/// for; the report shows the rounds compared.
+#[test]
+fn an_audited_guest_ldt_migration_finds_no_miss_in_an_honest_driver() {
+    let (out, _dst, _dst_api, _s) =
+        migrate_ldt_pv_with("audit-honest", &["--ldt-pv", "--ldt-pv-audit"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "migrate failed: {err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let a = &r["guest_ldt_audit"];
+    assert_eq!(a["missed_pages"], 0, "{a}");
+    assert!(a["rounds"].as_u64().unwrap() >= 1, "{a}");
+    // The payload writes its working set all the time: KVM saw it.
+    assert!(a["kvm_pages"].as_u64().unwrap() >= 1, "{a}");
+    assert_eq!(r["verify_mismatch_pages"], 0);
+}
+
+/// A driver that writes a page it never reports: the audit names the page
+/// (where --verify would only count differing pages after the fact), and
+/// the migration fails before the switch-over's commit, the source running.
+#[test]
+fn the_audit_names_the_page_a_lying_driver_never_reports() {
+    let s = Scratch::new("guest-ldt", "audit-hide");
+    let src = start(
+        &s,
+        flat::LDT_PV_HIDE_PAYLOAD,
+        &["--ldt-pv", "--ldt-pv-audit"],
+        &[],
+    );
+    wait_announced(&src.api);
+    let (_dst, _dst_api, url) = start_destination(&s);
+    let out = migrate(&src.api, &url);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "an audited migration of a lying driver succeeded"
+    );
+    assert!(err.contains("guest-ldt audit"), "{err}");
+    assert!(err.contains("first at 0x650000"), "{err}");
+    assert_running(&src.api);
+}
+
 /// The payload writes a page right after each harvest answer that it writes
 /// at no other time; with 300 ms between the last answer and the pause, it
 /// surely does so in that interval. KVM's log, armed for the final round,

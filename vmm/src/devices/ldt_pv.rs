@@ -14,7 +14,7 @@
 //! zeroes. The VMM reads and clears it after COMPLETE, before its next
 //! request; the guest touches it only while a request is pending.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -116,6 +116,9 @@ pub struct LdtPv {
     vm_fd: Arc<VmFd>,
     bitmap: MmapRegion<()>,
     frames: u64,
+    /// `run --ldt-pv-audit`: every guest-ldt session of this VM is checked
+    /// against KVM's log (`dirty::guest_ldt`, "audit").
+    audit: AtomicBool,
 }
 
 /// Errors creating the device.
@@ -158,6 +161,7 @@ impl LdtPv {
             vm_fd,
             bitmap,
             frames,
+            audit: AtomicBool::new(false),
         })
     }
 
@@ -170,6 +174,16 @@ impl LdtPv {
             port: LDT_PV_PORT,
             irq: LDT_PV_IRQ,
         }
+    }
+
+    /// Checks every guest-ldt session of this VM against KVM's log.
+    pub fn set_audit(&self, on: bool) {
+        self.audit.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether guest-ldt sessions are audited (`set_audit`).
+    pub fn audit(&self) -> bool {
+        self.audit.load(Ordering::Relaxed)
     }
 
     /// Frames the bitmap covers.

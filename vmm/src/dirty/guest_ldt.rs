@@ -29,10 +29,48 @@ pub const GUEST_DEADLINE: Duration = Duration::from_secs(10);
 pub struct GuestLdt {
     session: Option<Session>,
     /// KVM's log for the final interval: kvm-ring on a VM with the dirty
-    /// ring (KVM then has no bitmap), kvm-bitmap otherwise.
+    /// ring (KVM then has no bitmap), kvm-bitmap otherwise. With an audit
+    /// it runs from `start` on and serves both.
     final_log: Box<dyn DirtySource>,
     /// `final_log` is armed.
     kvm_armed: bool,
+    audit: Option<Audit>,
+}
+
+/// The never-miss audit (`run --ldt-pv-audit`): KVM's log runs beside the
+/// pre-copy rounds (which then do write-protect guest memory: a test mode)
+/// and is read just *before* each HARVEST is posted, so every page KVM saw
+/// written in round r must be in the guest's report of round r or r-1 (a
+/// write after the previous COMPLETE and before KVM's read is in either).
+/// Pages KVM wrote itself (its MSR-registered areas) are exempt, which is
+/// known only with the vCPUs paused: `audit_verdict` decides then.
+struct Audit {
+    /// The guest's report of the previous round.
+    prev_guest: Option<DirtyBitmap>,
+    /// KVM's pages in neither report, over all rounds.
+    missed: DirtyBitmap,
+    report: GuestLdtAudit,
+}
+
+/// What an audit found, in the migration report (`guest_ldt_audit`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct GuestLdtAudit {
+    /// Pre-copy rounds compared.
+    pub rounds: u64,
+    /// Pages KVM's log saw written, summed over the rounds.
+    pub kvm_pages: u64,
+    /// Pages the guest reported, summed over the rounds.
+    pub guest_pages: u64,
+    /// Of those, pages KVM did not see in that round or the next: the
+    /// guest's false positives (page tables, huge kernel mappings, ...).
+    pub guest_only_pages: u64,
+    /// Pages KVM saw written that the guest never reported, MSR areas
+    /// excluded: must be 0.
+    pub missed_pages: u64,
+    /// The first missed pages' guest-physical addresses.
+    pub first_missed: Vec<u64>,
+    /// KVM-written MSR-area pages excused from the check.
+    pub exempt_pages: u64,
 }
 
 struct Session {
@@ -53,7 +91,30 @@ impl GuestLdt {
             session: None,
             final_log,
             kvm_armed: false,
+            audit: None,
         }
+    }
+
+    /// Compares one round (see [`Audit`]): `kvm` was read before the
+    /// guest's HARVEST was posted, `guest` is its report.
+    fn audit_round(&mut self, kvm: &DirtyBitmap, guest: DirtyBitmap) {
+        let Some(a) = self.audit.as_mut() else {
+            return;
+        };
+        a.report.rounds += 1;
+        a.report.kvm_pages += kvm.count();
+        a.report.guest_pages += guest.count();
+        for gpa in kvm.pages() {
+            let in_prev = a.prev_guest.as_ref().is_some_and(|p| p.is_dirty(gpa));
+            if !guest.is_dirty(gpa) && !in_prev {
+                a.missed.set(gpa);
+            }
+        }
+        if let Some(prev) = a.prev_guest.as_ref() {
+            // The previous report's pages KVM saw in neither its round nor this one.
+            a.report.guest_only_pages += prev.pages().filter(|&p| !kvm.is_dirty(p)).count() as u64;
+        }
+        a.prev_guest = Some(guest);
     }
 }
 
@@ -104,10 +165,26 @@ impl DirtySource for GuestLdt {
         let started = s.request(Command::Start);
         if started.is_err() {
             s.device.post_stop();
-        } else {
-            self.session = Some(s);
+            return started;
         }
-        started
+        let audit = s.device.audit();
+        self.session = Some(s);
+        self.audit = None;
+        if audit {
+            // Armed after START's COMPLETE: round 1's KVM pages are all
+            // writes the guest's first report must have.
+            if let Err(e) = self.final_log.start(vm) {
+                let _ = self.stop(vm);
+                return Err(e);
+            }
+            self.kvm_armed = true;
+            self.audit = Some(Audit {
+                prev_guest: None,
+                missed: DirtyBitmap::empty(&vm.slots),
+                report: GuestLdtAudit::default(),
+            });
+        }
+        Ok(())
     }
 
     fn harvest_guest_writes(&mut self, vm: &Vm) -> Result<DirtyBitmap, DirtyError> {
@@ -120,9 +197,18 @@ impl DirtySource for GuestLdt {
                 "guest-ldt: an earlier request failed; stop and start again".into(),
             ));
         }
+        // The audit reads KVM's log before the request (see `Audit`).
+        let kvm = match self.audit.is_some() {
+            true => Some(self.final_log.harvest_guest_writes(vm)?),
+            false => None,
+        };
         s.device.clear();
         s.request(Command::Harvest)?;
-        Ok(take_bitmap(&s.device, vm))
+        let guest = take_bitmap(&s.device, vm);
+        if let Some(kvm) = kvm {
+            self.audit_round(&kvm, guest.clone());
+        }
+        Ok(guest)
     }
 
     fn needs_running_guest(&self) -> bool {
@@ -130,12 +216,39 @@ impl DirtySource for GuestLdt {
     }
 
     fn begin_final_round(&mut self, vm: &Vm) -> Result<(), DirtyError> {
+        if self.kvm_armed {
+            // Audited: the log runs already, and the final harvest reads
+            // it before its request (so it is compared like any round);
+            // from then on it holds the final interval.
+            return Ok(());
+        }
         if final_kvm_log_disabled_for_test() {
             return Ok(());
         }
         self.final_log.start(vm)?;
         self.kvm_armed = true;
         Ok(())
+    }
+
+    fn audit_verdict(&mut self, exempt: &[u64]) -> Result<Option<GuestLdtAudit>, DirtyError> {
+        let Some(a) = self.audit.as_mut() else {
+            return Ok(None);
+        };
+        let mut r = a.report.clone();
+        let exempt: std::collections::HashSet<u64> = exempt.iter().copied().collect();
+        let missed: Vec<u64> = a.missed.pages().filter(|p| !exempt.contains(p)).collect();
+        r.exempt_pages = a.missed.pages().filter(|p| exempt.contains(p)).count() as u64;
+        r.missed_pages = missed.len() as u64;
+        r.first_missed = missed.iter().take(8).copied().collect();
+        if let Some(first) = missed.first() {
+            return Err(DirtyError::Config(format!(
+                "guest-ldt audit: {} page(s) KVM saw written in {} pre-copy round(s) are in no \
+                 guest report (first at {first:#x}): the guest missed writes",
+                missed.len(),
+                r.rounds
+            )));
+        }
+        Ok(Some(r))
     }
 
     fn harvest_paused(&mut self, vm: &Vm) -> Result<DirtyBitmap, DirtyError> {

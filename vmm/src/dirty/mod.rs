@@ -127,6 +127,17 @@ pub trait DirtySource: Send {
         self.harvest_guest_writes(vm)
     }
 
+    /// With the vCPUs paused after the final harvest: the verdict of a
+    /// never-miss audit, if the source runs one (guest-ldt with
+    /// `run --ldt-pv-audit`), `exempt` being the pages KVM writes itself.
+    /// An error when the audit found a miss.
+    fn audit_verdict(
+        &mut self,
+        _exempt: &[u64],
+    ) -> Result<Option<guest_ldt::GuestLdtAudit>, DirtyError> {
+        Ok(None)
+    }
+
     /// Disarms what `begin_final_round` armed (tracking goes on).
     fn end_final_round(&mut self, _vm: &Vm) -> Result<(), DirtyError> {
         Ok(())

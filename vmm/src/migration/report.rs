@@ -123,6 +123,9 @@ pub struct MigrationReport {
     /// guest-ldt only: what its final round was made of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_ldt_final: Option<GuestLdtFinal>,
+    /// guest-ldt with `run --ldt-pv-audit`: its rounds against KVM's log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_ldt_audit: Option<crate::dirty::guest_ldt::GuestLdtAudit>,
 }
 
 /// The final round of a guest-ldt migration: the guest's last harvest

@@ -652,11 +652,13 @@ fn run_rounds(
     b.pause_ms = lap.ms();
     let mut last = final_dirty;
     let paused_set = dirty::harvest_paused(source, &ctl.vm)?;
+    let mut audit = None;
     if let Some(g) = guest_final.as_mut() {
         g.kvm_pages = paused_set.count();
         g.kvm_only_pages = paused_set.pages().filter(|&p| !last.is_dirty(p)).count() as u64;
         let areas = kvm_msr_areas(ctl)?;
         g.msr_area_pages = areas.len() as u64;
+        audit = source.audit_verdict(&areas)?;
         for gpa in areas {
             last.set(gpa);
         }
@@ -732,6 +734,7 @@ fn run_rounds(
         digest_destination: ready.digest,
         verify_mismatch_pages,
         guest_ldt_final: guest_final,
+        guest_ldt_audit: audit,
     })
 }
 
