@@ -22,7 +22,7 @@
 #             load at the start), "git": str (commit, "+dirty" if
 #             changed), "kernel": str (host kernel; nested kernel and
 #             guest image inputs), "image": str (guest.img SHA-256)},
-#    "runs": [{"mode": "kvm-bitmap"|"kvm-clear"|"kvm-ring"|"host-ldt"|"qemu",
+#    "runs": [{"mode": "kvm-bitmap"|"kvm-clear"|"kvm-ring"|"host-ldt"|"guest-ldt"|"qemu",
 #              "run": int (1..N), "total_ms": num, "downtime_ms": num,
 #              "rounds": int (ldt-vmm: rounds incl. round 0 and the last;
 #                         QEMU: its dirty sync count),

@@ -16,6 +16,9 @@
 #      memory equal on both sides); on the destination the region's
 #      checksum from memory must equal the one from the writer's record (no
 #      write lost), ldt-syscheck must pass, and the status must be 0.
+#   6. migrate-guest-ldt: the same with guest-ldt (the guest kernel's own
+#      record, ldt-pv device), audited against KVM's log round by round
+#      (0 missed pages), with ldt-stress working the kernel beside it.
 # Progress is streamed by run-nested.sh; LDT_NESTED_TIMEOUT (seconds) bounds
 # each run.  Prints "image-nested: P passed, F failed"; exits non-zero if a
 # case failed.
@@ -84,5 +87,21 @@ for src in kvm-bitmap kvm-clear kvm-ring; do
 		'[dst] ldt-syscheck: PASS' '[dst] ldt-init: exit status 0' \
 		'ldt-nested: level-2 exit status 0'
 done
+
+# guest-ldt: the guest kernel's own record (gldt-*.patch) through the ldt-pv
+# device, audited against KVM's log in every pre-copy round (no page KVM saw
+# written may be missing from the guest's reports), while ldt-stress works
+# the kernel paths where entries, page tables and pages go away (fork/exec,
+# tmpfs churn, THP zaps, zram swap in a small memory cgroup) beside
+# ldt-memcheck.
+run_case migrate-guest-ldt 0 \
+	'/bin/ldt-stress%20--until-uptime%2030%20&%20/bin/ldt-memcheck%20--until-uptime%2030%20&&%20/bin/ldt-syscheck' \
+	'--migrate guest-ldt --l2-opts --ldt-pv%20--ldt-pv-audit' \
+	'[src] ldt-pv: protocol 1' '[src] ldt-stress: 4 workers' \
+	'ldt-migrate-l2: migrating with --dirty-source guest-ldt --verify' \
+	'"missed_pages":0' \
+	'ldt-migrate-l2: source ldt-vmm exited with 0' '[dst] ldt-memcheck: PASS' \
+	'[dst] ldt-stress: PASS' '[dst] ldt-syscheck: PASS' '[dst] ldt-init: exit status 0' \
+	'ldt-nested: level-2 exit status 0'
 
 summary image-nested
