@@ -16,6 +16,8 @@
 #   --smp N          vCPUs of the nested machine (default 2)
 #   --test-args A    arguments for ldt_kvm_test inside (%20 = space not
 #                    needed: passed through the kernel command line encoded)
+#   --soak-sources L the soak's dirty sources, comma-separated (default
+#                    kvm-bitmap,kvm-clear,host-ldt,kvm-ring,guest-ldt)
 #   --soak N         instead of the tests, the live-migration soak
 #                    (images/nested/soak-l2): N migrations per dirty source
 #                    (scripts/soak-migrate-nested.sh summarizes it)
@@ -42,9 +44,10 @@ kdir=${LDT_KMOD_KDIR:-}
 smp=2
 test_args=
 soak=
+soak_sources=
 while [ $# -gt 0 ]; do
 	case "$1" in
-	--timeout | --log | --kdir | --smp | --test-args | --soak)
+	--timeout | --log | --kdir | --smp | --test-args | --soak | --soak-sources)
 		[ $# -ge 2 ] || fail "$1 needs a value"
 		case "$1" in
 		--timeout) timeout_s=$2 ;;
@@ -53,6 +56,7 @@ while [ $# -gt 0 ]; do
 		--smp) smp=$2 ;;
 		--test-args) test_args=$2 ;;
 		--soak) soak=$2 ;;
+		--soak-sources) soak_sources=$2 ;;
 		esac
 		shift 2
 		;;
@@ -149,6 +153,7 @@ install -m 0755 "$ROOT/images/nested/soak-l2" "$root/bin/soak-l2"
 words=
 [ -z "$test_args" ] || words="ldt.kmodtest=${test_args// /%20}"
 [ -z "$soak" ] || words="$words ldt.soak=$soak"
+[ -z "$soak_sources" ] || words="$words ldt.soak_sources=$soak_sources"
 out=$work/console.log
 nested_boot run-nested-kmod "$kernel" "$work/initramfs.cpio" "$words" "$smp" "$timeout_s" "$out"
 rc=$NESTED_RC
