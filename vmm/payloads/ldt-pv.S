@@ -187,6 +187,11 @@ complete:
   mov %r12, (%rax)
   shr $12, %rax
   bts %rax, RECORD
+.if HIDE
+  # Also after every answer: rounds can follow each other with no idle
+  # loop between them, and every audited round must see the write.
+  mov %r12, HIDE_PAGE
+.endif
 .endif
   jmp loop
 
