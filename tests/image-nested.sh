@@ -97,7 +97,7 @@ done
 run_case migrate-guest-ldt 0 \
 	'/bin/ldt-memcheck%20--until-uptime%2040%20&%20/bin/ldt-stress%20--until-uptime%2040;%20wait;%20/bin/ldt-syscheck' \
 	'--migrate guest-ldt --l2-opts --ldt-pv%20--ldt-pv-audit' \
-	'[src] ldt-pv: protocol 1' '[src] ldt-memcheck: 32 MiB, checksum before' \
+	'ldt-pv: protocol 1, 65536 frames' '[src] ldt-memcheck: 32 MiB, checksum before' \
 	'[src] ldt-stress: 4 workers' \
 	'ldt-migrate-l2: migrating with --dirty-source guest-ldt --verify' \
 	'"missed_pages":0' \
