@@ -625,6 +625,7 @@ fn run_rounds(
     // log holds every write from before that harvest to the pause (README
     // "The final round of guest-ldt").
     let mut guest_final = None;
+    let mut sent_running = None;
     if source.needs_running_guest() {
         let t = Instant::now();
         source.begin_final_round(&ctl.vm)?;
@@ -635,6 +636,17 @@ fn run_rounds(
             ..Default::default()
         });
         final_dirty.or(&guest);
+        // Sent while the vCPUs still run, outside the downtime: KVM's log,
+        // armed before that harvest was requested, has every page they
+        // rewrite from here on, and it goes in the paused set.
+        let mut stats = sender.send_round(conn, round, &final_dirty)?;
+        stats.dirty_rate_pages_s = dirty_rate;
+        rounds.push(stats);
+        round += 1;
+        sent_running = Some(std::mem::replace(
+            &mut final_dirty,
+            DirtyBitmap::empty(&ctl.vm.slots),
+        ));
         if let Some(gap) = guest_ldt::final_gap_for_test() {
             std::thread::sleep(gap);
         }
@@ -655,7 +667,11 @@ fn run_rounds(
     let mut audit = None;
     if let Some(g) = guest_final.as_mut() {
         g.kvm_pages = paused_set.count();
-        g.kvm_only_pages = paused_set.pages().filter(|&p| !last.is_dirty(p)).count() as u64;
+        let guest_set = sent_running.as_ref().unwrap_or(&last);
+        g.kvm_only_pages = paused_set
+            .pages()
+            .filter(|&p| !guest_set.is_dirty(p))
+            .count() as u64;
         let areas = kvm_msr_areas(ctl)?;
         g.msr_area_pages = areas.len() as u64;
         audit = source.audit_verdict(&areas)?;
