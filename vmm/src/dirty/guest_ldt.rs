@@ -198,9 +198,10 @@ impl DirtySource for GuestLdt {
             ));
         }
         // The audit reads KVM's log before the request (see `Audit`).
-        let kvm = match self.audit.is_some() {
-            true => Some(self.final_log.harvest_guest_writes(vm)?),
-            false => None,
+        let kvm = if self.audit.is_some() {
+            Some(self.final_log.harvest_guest_writes(vm)?)
+        } else {
+            None
         };
         s.device.clear();
         s.request(Command::Harvest)?;
@@ -231,13 +232,14 @@ impl DirtySource for GuestLdt {
     }
 
     fn audit_verdict(&mut self, exempt: &[u64]) -> Result<Option<GuestLdtAudit>, DirtyError> {
-        let Some(a) = self.audit.as_mut() else {
+        let Some(a) = self.audit.as_ref() else {
             return Ok(None);
         };
         let mut r = a.report.clone();
         let exempt: std::collections::HashSet<u64> = exempt.iter().copied().collect();
-        let missed: Vec<u64> = a.missed.pages().filter(|p| !exempt.contains(p)).collect();
-        r.exempt_pages = a.missed.pages().filter(|p| exempt.contains(p)).count() as u64;
+        let (excused, missed): (Vec<u64>, Vec<u64>) =
+            a.missed.pages().partition(|p| exempt.contains(p));
+        r.exempt_pages = excused.len() as u64;
         r.missed_pages = missed.len() as u64;
         r.first_missed = missed.iter().take(8).copied().collect();
         if let Some(first) = missed.first() {

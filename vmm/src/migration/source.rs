@@ -624,17 +624,17 @@ fn run_rounds(
     // the vCPUs still run, with KVM's log armed just before, so that the
     // log holds every write from before that harvest to the pause (README
     // "The final round of guest-ldt").
-    let mut guest_final = None;
-    let mut sent_running = None;
+    // With it, the set sent while the vCPUs ran.
+    let mut guest_final: Option<(GuestLdtFinal, DirtyBitmap)> = None;
     if source.needs_running_guest() {
         let t = Instant::now();
         source.begin_final_round(&ctl.vm)?;
         let guest = dirty::harvest(source, &ctl.vm)?;
-        guest_final = Some(GuestLdtFinal {
+        let report = GuestLdtFinal {
             guest_harvest_ms: t.elapsed().as_secs_f64() * 1e3,
             guest_pages: guest.count(),
             ..Default::default()
-        });
+        };
         final_dirty.or(&guest);
         // Sent while the vCPUs still run, outside the downtime: KVM's log,
         // armed before that harvest was requested, has every page they
@@ -643,10 +643,8 @@ fn run_rounds(
         stats.dirty_rate_pages_s = dirty_rate;
         rounds.push(stats);
         round += 1;
-        sent_running = Some(std::mem::replace(
-            &mut final_dirty,
-            DirtyBitmap::empty(&ctl.vm.slots),
-        ));
+        let sent = std::mem::replace(&mut final_dirty, DirtyBitmap::empty(&ctl.vm.slots));
+        guest_final = Some((report, sent));
         if let Some(gap) = guest_ldt::final_gap_for_test() {
             std::thread::sleep(gap);
         }
@@ -665,13 +663,9 @@ fn run_rounds(
     let mut last = final_dirty;
     let paused_set = dirty::harvest_paused(source, &ctl.vm)?;
     let mut audit = None;
-    if let Some(g) = guest_final.as_mut() {
+    if let Some((g, sent)) = guest_final.as_mut() {
         g.kvm_pages = paused_set.count();
-        let guest_set = sent_running.as_ref().unwrap_or(&last);
-        g.kvm_only_pages = paused_set
-            .pages()
-            .filter(|&p| !guest_set.is_dirty(p))
-            .count() as u64;
+        g.kvm_only_pages = paused_set.pages().filter(|&p| !sent.is_dirty(p)).count() as u64;
         let areas = kvm_msr_areas(ctl)?;
         g.msr_area_pages = areas.len() as u64;
         audit = source.audit_verdict(&areas)?;
@@ -749,7 +743,7 @@ fn run_rounds(
         digest_source,
         digest_destination: ready.digest,
         verify_mismatch_pages,
-        guest_ldt_final: guest_final,
+        guest_ldt_final: guest_final.map(|(g, _)| g),
         guest_ldt_audit: audit,
     })
 }
