@@ -10,6 +10,7 @@
 #
 # Usage: images/run-nested.sh [--timeout S] [--run CMD] [--l2-opts OPTS]
 #                             [--migrate SRC] [--bench-migrate] [--bench-dirty]
+#                             [--bench-dirty-linux]
 #                             [--smp N]
 #                             [--kernel FILE]
 #                             [--vmm FILE] [--log FILE]
@@ -28,6 +29,12 @@
 #   --bench-dirty   instead of a guest: `ldt-vmm bench dirty --json` (the flat
 #                   writer as a level-2 guest, each dirty source; --l2-opts
 #                   are its options); the status is the benchmark's
+#   --bench-dirty-linux  instead of a guest: images/nested/bench-dirty-l2,
+#                   the Linux guest running ldt-writer tracked by each dirty
+#                   source through the API; LDT_BENCH_ROUNDS, LDT_BENCH_WS
+#                   and LDT_BENCH_BYTES in the environment set its rounds
+#                   per mode, working-set pages and bytes per page; the
+#                   status is the number of failed modes
 #   --smp N         CPUs of the nested machine (default 2: MTTCG runs them
 #                   on two host threads)
 #   --migrate SRC   live-migrate the level-2 guest while CMD runs, between
@@ -87,6 +94,7 @@ while [ $# -gt 0 ]; do
 		;;
 	--bench-migrate) bench=migrate; shift ;;
 	--bench-dirty) bench=dirty; shift ;;
+	--bench-dirty-linux) bench=dirty-linux; shift ;;
 	-h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;
 	*) harness_fail "unknown argument $1 (try --help)" ;;
 	esac
@@ -122,6 +130,7 @@ install -m 0755 "$LDT_ROOT/images/nested/init" "$root/init"
 install -m 0755 "$LDT_ROOT/images/initramfs/cmdline-param" "$root/bin/cmdline-param"
 install -m 0755 "$LDT_ROOT/images/nested/migrate-l2" "$root/bin/migrate-l2"
 install -m 0755 "$LDT_ROOT/images/nested/bench-migrate-l2" "$root/bin/bench-migrate-l2"
+install -m 0755 "$LDT_ROOT/images/nested/bench-dirty-l2" "$root/bin/bench-dirty-l2"
 if [ "$bench" = migrate ]; then
 	# QEMU for the comparison: the binary, every library ldd names, the
 	# loader, and its firmware directory, at their Debian paths.
@@ -148,6 +157,10 @@ words="ldt.run=\"$run\""
 [ -z "$bench" ] || words="$words ldt.bench=$bench"
 # Migrations per mode for --bench-migrate (images/nested/bench-migrate-l2).
 [ -z "${LDT_BENCH_RUNS:-}" ] || words="$words ldt.bench_runs=$LDT_BENCH_RUNS"
+# Rounds, working set and bytes for --bench-dirty-linux (bench-dirty-l2).
+[ -z "${LDT_BENCH_ROUNDS:-}" ] || words="$words ldt.bench_rounds=$LDT_BENCH_ROUNDS"
+[ -z "${LDT_BENCH_WS:-}" ] || words="$words ldt.bench_ws=$LDT_BENCH_WS"
+[ -z "${LDT_BENCH_BYTES:-}" ] || words="$words ldt.bench_bytes=$LDT_BENCH_BYTES"
 out=$work/console.log
 nested_boot run-nested "$kernel" "$work/initramfs.cpio" "$words" "$smp" "$timeout_s" "$out"
 rc=$NESTED_RC

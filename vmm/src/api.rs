@@ -1,7 +1,8 @@
 //! The control API: line-delimited JSON over a unix socket.
 //!
 //! Request: `{"command": "status"}` (or `pause`, `resume`, `shutdown`,
-//! `dirty-start` with `"source": "kvm-bitmap"`, `dirty-harvest`,
+//! `dirty-start` with `"source": "kvm-bitmap"`, `dirty-harvest` (with an
+//! optional `"expect": PATH` of frames that must be in the harvest),
 //! `dirty-stop`, `dirty-stats`, `migrate`, `migrate-status`,
 //! `migrate-cancel`, `snapshot`, `memory-digest`). Response: `{"ok": true,
 //! "result": ...}` or `{"ok": false, "error": "..."}`. One request per
@@ -50,7 +51,13 @@ pub enum Request {
     DirtyStart {
         source: DirtySourceKind,
     },
-    DirtyHarvest,
+    /// One round; with `expect`, a file of `FIRST_FRAME COUNT` lines (the
+    /// frame in hex or decimal) whose pages must all be in it: the answer
+    /// says how many are not (a benchmark's ground truth).
+    DirtyHarvest {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expect: Option<PathBuf>,
+    },
     DirtyStop,
     DirtyStats,
     /// Start a live migration in the background (see `MigrateStatus`); on
@@ -93,6 +100,50 @@ impl Response {
     }
 }
 
+/// Largest `expect` file `dirty-harvest` reads (a frame list, not data).
+const MAX_EXPECT_BYTES: u64 = 16 << 20;
+
+/// The frames of an `expect` file: `FIRST COUNT` lines, FIRST in hex
+/// (`0x`) or decimal; blank lines and `#` comments skipped.
+fn read_expected_frames(path: &Path) -> Result<Vec<u64>, String> {
+    let what = |e: &dyn std::fmt::Display| format!("expect file {}: {e}", path.display());
+    let len = std::fs::metadata(path).map_err(|e| what(&e))?.len();
+    if len > MAX_EXPECT_BYTES {
+        return Err(what(&format!("{len} bytes, more than {MAX_EXPECT_BYTES}")));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| what(&e))?;
+    parse_expected_frames(&text).map_err(|e| what(&e))
+}
+
+fn parse_expected_frames(text: &str) -> Result<Vec<u64>, String> {
+    let number = |w: &str| match w.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => w.parse(),
+    };
+    let mut frames = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let bad = || format!("line {}: want FIRST_FRAME COUNT, got {line:?}", n + 1);
+        let mut w = line.split_whitespace();
+        let (Some(first), Some(count), None) = (w.next(), w.next(), w.next()) else {
+            return Err(bad());
+        };
+        let (first, count) = (
+            number(first).map_err(|_| bad())?,
+            number(count).map_err(|_| bad())?,
+        );
+        // Frames past 2^40 (addresses past 2^52) are no x86 physical memory.
+        if first.checked_add(count).is_none_or(|end| end > 1 << 40) {
+            return Err(bad());
+        }
+        frames.extend(first..first + count);
+    }
+    Ok(frames)
+}
+
 /// Parses one request line.
 pub fn parse_request(line: &str) -> Result<Request, String> {
     serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))
@@ -121,10 +172,32 @@ pub fn handle(req: &Request, ctl: &VmControl) -> Response {
             Ok(()) => Response::ok(json!({ "source": source })),
             Err(e) => Response::err(e),
         },
-        Request::DirtyHarvest => match ctl.dirty_harvest() {
-            Ok(b) => Response::ok(json!({ "pages": b.count(), "ranges": b.ranges().len() })),
-            Err(e) => Response::err(e),
-        },
+        Request::DirtyHarvest { expect } => {
+            // Read first: a bad file must not cost a round.
+            let expected = match expect.as_deref().map(read_expected_frames).transpose() {
+                Ok(e) => e,
+                Err(e) => return Response::err(e),
+            };
+            let t0 = Instant::now();
+            match ctl.dirty_harvest() {
+                Ok(b) => {
+                    let ms = t0.elapsed().as_secs_f64() * 1e3;
+                    let mut r = json!({ "pages": b.count(), "ranges": b.ranges().len(), "ms": ms });
+                    if let Some(frames) = expected {
+                        let missed: Vec<u64> = frames
+                            .iter()
+                            .map(|f| f << 12)
+                            .filter(|gpa| !b.is_dirty(*gpa))
+                            .collect();
+                        r["expected"] = json!(frames.len());
+                        r["missed"] = json!(missed.len());
+                        r["first_missed"] = json!(missed.first().map(|g| format!("{g:#x}")));
+                    }
+                    Response::ok(r)
+                }
+                Err(e) => Response::err(e),
+            }
+        }
         Request::DirtyStop => match ctl.dirty_stop() {
             Ok(()) => Response::ok(json!({})),
             Err(e) => Response::err(e),
@@ -616,6 +689,48 @@ mod tests {
         let jobs = Jobs::default();
         *jobs.current.lock().unwrap() = Some(Arc::new(MigrationJob::new(MigrationState::Running)));
         assert!(jobs.status().1.is_none());
+    }
+
+    #[test]
+    fn a_harvest_takes_an_optional_frame_list() {
+        assert_eq!(
+            parse_request(r#"{"command":"dirty-harvest"}"#).unwrap(),
+            Request::DirtyHarvest { expect: None }
+        );
+        assert_eq!(
+            parse_request(r#"{"command":"dirty-harvest","expect":"/tmp/f"}"#).unwrap(),
+            Request::DirtyHarvest {
+                expect: Some("/tmp/f".into())
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::DirtyHarvest { expect: None }).unwrap(),
+            r#"{"command":"dirty-harvest"}"#
+        );
+    }
+
+    #[test]
+    fn frame_lists_parse_and_bad_ones_say_where() {
+        assert_eq!(
+            parse_expected_frames("# frames\n0x10 3\n\n  200 1  # one\n").unwrap(),
+            vec![0x10, 0x11, 0x12, 200]
+        );
+        assert_eq!(parse_expected_frames("").unwrap(), Vec::<u64>::new());
+        for bad in [
+            "0x10",
+            "0x10 2 3",
+            "zz 1",
+            "0x10 -1",
+            "0xffffffffff 2",
+            "1 18446744073709551615",
+        ] {
+            let e = parse_expected_frames(&format!("5 1\n{bad}\n")).unwrap_err();
+            assert!(e.starts_with("line 2: "), "{bad}: {e}");
+        }
+        let dir = std::env::temp_dir().join(format!("ldt-expect-{}", std::process::id()));
+        assert!(read_expected_frames(&dir)
+            .unwrap_err()
+            .contains("expect file"));
     }
 
     #[test]

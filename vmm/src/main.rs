@@ -292,8 +292,13 @@ enum CtlRequest {
         #[arg(value_enum)]
         source: DirtySourceKind,
     },
-    /// Harvest one round of dirty pages and print how many.
-    DirtyHarvest,
+    /// Harvest one round of dirty pages and print how many (and the time).
+    DirtyHarvest {
+        /// A file of `FIRST_FRAME COUNT` lines whose pages must all be in
+        /// the harvest: the answer counts those that are not.
+        #[arg(long, value_name = "FILE")]
+        expect: Option<PathBuf>,
+    },
     /// Stop dirty tracking.
     DirtyStop,
     /// Counters of the current dirty-tracking session.
@@ -540,7 +545,10 @@ fn ctl(args: CtlArgs) -> anyhow::Result<i32> {
         CtlRequest::Resume => Request::Resume,
         CtlRequest::Shutdown => Request::Shutdown,
         CtlRequest::DirtyStart { source } => Request::DirtyStart { source },
-        CtlRequest::DirtyHarvest => Request::DirtyHarvest,
+        CtlRequest::DirtyHarvest { expect } => Request::DirtyHarvest {
+            // The VMM reads it: make a relative path the caller's.
+            expect: expect.map(std::path::absolute).transpose()?,
+        },
         CtlRequest::DirtyStop => Request::DirtyStop,
         CtlRequest::DirtyStats => Request::DirtyStats,
         CtlRequest::MemoryDigest => Request::MemoryDigest,

@@ -236,9 +236,38 @@ fn api_pauses_resumes_tracks_dirty_pages_and_shuts_down() {
         paused["result"]["pages"], 0,
         "a paused guest writes nothing: {paused}"
     );
+    // The counter's page, as ground truth: missing while paused; a bad
+    // frame file is refused before the harvest (no round spent).
+    let expect = std::env::temp_dir().join(format!("ldt-expect-{}", std::process::id()));
+    std::fs::write(&expect, "# the spin payload's counter\n0x300 1\n").unwrap();
+    let e = expect.to_str().unwrap();
+    let miss = ctl(&sock, &["dirty-harvest", "--expect", e]);
+    rounds += 1;
+    assert_eq!(miss["result"]["expected"], 1, "{miss}");
+    assert_eq!(miss["result"]["missed"], 1, "{miss}");
+    assert_eq!(miss["result"]["first_missed"], "0x300000", "{miss}");
+    std::fs::write(&expect, "0x300\n").unwrap();
+    let bad = ctl(&sock, &["dirty-harvest", "--expect", e]);
+    assert_eq!(bad["ok"], false);
+    assert!(bad["error"].as_str().unwrap().contains("line 1"), "{bad}");
+    std::fs::write(&expect, "0x300 1\n").unwrap();
 
     assert_eq!(ctl(&sock, &["resume"])["result"]["state"], "running");
-    rounds += harvest_until_dirty(&sock);
+    // Once the guest ran again, the counter's page is in the harvest (the
+    // only page this payload writes).
+    let t = std::time::Instant::now();
+    let hit = loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let h = ctl(&sock, &["dirty-harvest", "--expect", e]);
+        rounds += 1;
+        if h["result"]["pages"].as_u64().unwrap() >= 1 {
+            break h;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{h}");
+    };
+    assert_eq!(hit["result"]["missed"], 0, "{hit}");
+    assert!(hit["result"]["ms"].as_f64().unwrap() >= 0.0, "{hit}");
+    std::fs::remove_file(&expect).unwrap();
 
     let stats = ctl(&sock, &["dirty-stats"]);
     assert_eq!(stats["result"]["source"], "kvm-bitmap");

@@ -119,8 +119,103 @@ pub fn zero_ranges(memory: &GuestMemory, slots: &[MemorySlot]) -> Vec<(u64, u64)
     scan(memory, slots).zeros
 }
 
-/// The lines the scan prints: the roots found and the host's page moves
-/// since `before`.
+/// Linux's fixed x86-64 mappings that delivering an exception reads (the
+/// IDT, CPU 0's GDT and TSS in the cpu_entry_area): a triple fault whose
+/// last #PF is on one of these while memory maps it was not the guest's.
+const DELIVERY_ADDRESSES: &[(&str, u64)] = &[
+    ("IDT", 0xffff_fe00_0000_0000),
+    ("GDT", 0xffff_fe00_0000_1000),
+    ("TSS", 0xffff_fe00_0000_3000),
+];
+
+/// Where a 4-level walk of `va` from the root at `root` ends: the leaf
+/// entry's value and its level (3: 1 GiB, 2: 2 MiB, 1: 4 KiB), or the
+/// level (4 = PGD .. 1 = PTE) whose entry is not present (or lies outside
+/// guest memory).
+fn walk_level(memory: &GuestMemory, root: u64, va: u64) -> Result<(u64, u32), u32> {
+    let mut table = root;
+    for level in (1..=4u32).rev() {
+        let index = (va >> (12 + 9 * (level - 1))) & 0x1ff;
+        let entry: u64 = memory
+            .read_obj(GuestAddress(table + index * 8))
+            .map_err(|_| level)?;
+        if entry & 1 == 0 {
+            return Err(level);
+        }
+        // PS in a PDPT or PD entry: a 1 GiB or 2 MiB leaf.
+        if level == 1 || (level <= 3 && entry & 0x80 != 0) {
+            return Ok((entry, level));
+        }
+        table = entry & 0x000f_ffff_ffff_f000;
+    }
+    unreachable!("level 1 always returns")
+}
+
+/// The leaf entry mapping `va`, or the level that does not map it.
+fn walk(memory: &GuestMemory, root: u64, va: u64) -> Result<u64, u32> {
+    walk_level(memory, root, va).map(|(entry, _)| entry)
+}
+
+/// One line per delivery address: in how many roots memory maps it, and
+/// the roots (with the level) where it does not.
+fn delivery_walks(memory: &GuestMemory, roots: &[u64]) -> Vec<String> {
+    DELIVERY_ADDRESSES
+        .iter()
+        .map(|(name, va)| {
+            let missing: Vec<String> = roots
+                .iter()
+                .filter_map(|f| {
+                    let level = walk(memory, f * PAGE, *va).err()?;
+                    Some(format!("{:#x}@L{level}", f * PAGE))
+                })
+                .collect();
+            format!(
+                "ldt-vmm: fault scan: {name} {va:#x} mapped in {} of {} roots{}{}",
+                roots.len() - missing.len(),
+                roots.len(),
+                if missing.is_empty() { "" } else { "; not in " },
+                missing.join(" ")
+            )
+        })
+        .collect()
+}
+
+/// Linux's x86-64 kernel image mapping starts here (`__START_KERNEL`, no
+/// KASLR in this project's configs); the scan prints how far it is mapped.
+const KERNEL_IMAGE: u64 = 0xffff_ffff_8100_0000;
+/// And looks at most this far (the text, data and bss of a small kernel).
+const KERNEL_IMAGE_MAX: u64 = 64 << 20;
+
+/// How many bytes from `start` (at most `max`) the root at `root` maps
+/// without a hole, stepping by each leaf's size.
+fn mapped_extent(memory: &GuestMemory, root: u64, start: u64, max: u64) -> u64 {
+    let mut off = 0;
+    while off < max {
+        let va = start + off;
+        let Ok((_, level)) = walk_level(memory, root, va) else {
+            break;
+        };
+        let size = 1u64 << (12 + 9 * (level - 1));
+        off += size - (va & (size - 1));
+    }
+    off.min(max)
+}
+
+/// The kernel image line: how far the first root maps it (every root
+/// found shares that part of the tables, by how roots are found).
+fn kernel_image_extent(memory: &GuestMemory, roots: &[u64]) -> String {
+    match roots.first() {
+        Some(f) => format!(
+            "ldt-vmm: fault scan: kernel image {KERNEL_IMAGE:#x}-{:#x} mapped",
+            KERNEL_IMAGE + mapped_extent(memory, f * PAGE, KERNEL_IMAGE, KERNEL_IMAGE_MAX)
+        ),
+        None => "ldt-vmm: fault scan: kernel image: no root".to_string(),
+    }
+}
+
+/// The lines the scan prints: the roots found, whether they map what
+/// exception delivery reads and the kernel image, and the host's page
+/// moves since `before`.
 pub fn report(memory: &GuestMemory, slots: &[MemorySlot], before: &HashMap<String, u64>) -> String {
     let Scan {
         roots: (value, roots),
@@ -145,10 +240,14 @@ pub fn report(memory: &GuestMemory, slots: &[MemorySlot], before: &HashMap<Strin
     format!(
         "ldt-vmm: fault scan: {} page-table roots in guest memory (PGD[{KERNEL_SLOT}] = {value:#x}): {}\n\
          ldt-vmm: fault scan: all-zero guest frames: {}\n\
+         {}\n\
+         {}\n\
          ldt-vmm: fault scan: host page moves while the VM ran: {}",
         roots.len(),
         frames.join(" "),
         zeros.join(" "),
+        delivery_walks(memory, &roots).join("\n"),
+        kernel_image_extent(memory, &roots),
         moves.join(", ")
     )
 }
@@ -193,6 +292,60 @@ mod tests {
         let mut roots = roots;
         roots.sort();
         assert_eq!(roots, vec![0x100, 0x130, 0x300]);
+    }
+
+    #[test]
+    fn walks_report_the_leaf_or_the_level_that_is_missing() {
+        let (m, slots) = memory(4 << 20);
+        let va = DELIVERY_ADDRESSES[0].1; // PGD 508, PUD 0, PMD 0, PTE 0
+        let (pud, pmd, pt) = (0x20_0000u64, 0x21_0000u64, 0x22_0000u64);
+        for root in [0x10_0000u64, 0x11_0000, 0x12_0000] {
+            set_entry(&m, root, KERNEL_SLOT, 0x30_0000 | 0x63);
+            set_entry(&m, root, 508, pud | 0x67);
+        }
+        set_entry(&m, pud, 0, pmd | 0x63);
+        set_entry(&m, pmd, 0, pt | 0x63);
+        set_entry(&m, pt, 0, 0x8000_0000_0033_4161);
+        // The GDT's PTE (slot 1) is not present; the third root lost its
+        // PGD entry; a 2 MiB leaf ends a walk at the PMD.
+        set_entry(&m, 0x12_0000, 508, 0);
+        assert_eq!(walk(&m, 0x10_0000, va), Ok(0x8000_0000_0033_4161));
+        assert_eq!(walk(&m, 0x10_0000, va + 0x1000), Err(1));
+        assert_eq!(walk(&m, 0x12_0000, va), Err(4));
+        set_entry(&m, pmd, 1, 0x40_0000 | 0xe3);
+        assert_eq!(walk(&m, 0x10_0000, va + (2 << 20) + 5), Ok(0x40_00e3));
+        // A table outside guest memory ends the walk at that level.
+        set_entry(&m, pmd, 2, (1 << 40) | 0x63);
+        assert_eq!(walk(&m, 0x10_0000, va + (4 << 20)), Err(1));
+
+        // The kernel image: 4 KiB pages, then a 2 MiB leaf, then a hole.
+        // 0xffffffff81000000: PGD 511 (the roots' 0x300000), PUD 510, PMD 8.
+        let (kpmd, kpt) = (0x24_0000u64, 0x25_0000u64);
+        set_entry(&m, 0x30_0000, 510, kpmd | 0x63);
+        set_entry(&m, kpmd, 8, kpt | 0x63);
+        for i in 0..512 {
+            set_entry(&m, kpt, i, (0x1000 + i as u64) << 12 | 0x163);
+        }
+        set_entry(&m, kpmd, 9, 0x40_0000 | 0x1e3);
+        assert_eq!(
+            mapped_extent(&m, 0x10_0000, KERNEL_IMAGE, KERNEL_IMAGE_MAX),
+            4 << 20
+        );
+        set_entry(&m, kpt, 7, 0);
+        assert_eq!(
+            mapped_extent(&m, 0x10_0000, KERNEL_IMAGE + 0x1234, KERNEL_IMAGE_MAX),
+            0x7000 - 0x1234
+        );
+
+        let (_, roots) = page_table_roots(&m, &slots);
+        let lines = delivery_walks(&m, &roots);
+        assert_eq!(
+            lines[0],
+            "ldt-vmm: fault scan: IDT 0xfffffe0000000000 mapped in 2 of 3 roots; not in 0x120000@L4"
+        );
+        assert!(
+            lines[1].contains("mapped in 0 of 3 roots; not in 0x100000@L1 0x110000@L1 0x120000@L4")
+        );
     }
 
     #[test]
