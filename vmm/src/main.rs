@@ -313,9 +313,13 @@ enum CtlRequest {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Guest write cost and harvest cost under each dirty source, side by side.
+    /// Guest write cost and harvest cost under each dirty source, side by side
+    /// (a flat ring-3 writer; with a Linux guest: scripts/bench-dirty-nested.sh).
     #[command(
-        after_help = "Example:\n  ldt-vmm bench dirty --working-set-pages 16384 --write-pages 16384 --bytes 1 --json"
+        after_help = "Example:\n  ldt-vmm bench dirty --working-set-pages 16384 --write-pages 16384 --bytes 1 --json\n\n\
+                      With a Linux guest (ldt-writer in images/guest.img, tracked through the API, in the\n\
+                      nested machine where the guest's dirty bits are hardware's):\n  \
+                      scripts/bench-dirty-nested.sh --rounds 7 --ws 8192"
     )]
     Dirty(DirtyBenchArgs),
     /// Whole live migrations of the same flat guest with each dirty source.
