@@ -126,10 +126,12 @@ run_case migrate-guest-ldt 0 \
 # a failed mode makes the status non-zero).  The timing figures are the
 # benchmark's (scripts/bench-dirty-nested.sh), not asserted here.
 LDT_BENCH_ROUNDS=2 LDT_BENCH_WS=2048 run_case dirty-linux 0 '' '--bench-dirty-linux' \
-	'ldt-writer: frames 2048 in' \
+	'bench-dirty-l2: boot 1: ldt-writer: frames 2048 in' \
+	'bench-dirty-l2: boot 2: ldt-writer: frames 2048 in' \
 	'"mode":"kvm-bitmap","round":2' '"mode":"kvm-clear","round":2' \
 	'"mode":"guest-ldt","round":2' '"mode":"kvm-ring","round":2' \
-	'ldt-writer: frames unchanged' 'bench-dirty-l2: done, 0 failed' \
+	'bench-dirty-l2: boot 1: ldt-writer: frames unchanged' \
+	'bench-dirty-l2: boot 2: ldt-writer: frames unchanged' 'bench-dirty-l2: done, 0 failed' \
 	'ldt-nested: level-2 exit status 0'
 
 summary image-nested
