@@ -113,7 +113,7 @@ nested_fault_digest() {
 # stale translation, no means the memory behind it lost the root (zeroed,
 # or reused by the level-2 kernel).
 nested_fault_root_verdict() {
-	local log=$1 out=$2 at cr3 root scan
+	local log=$1 out=$2 at cr3 root scan intact=no
 	[ -s "$log" ] || return 0
 	at=$(grep -n 'check_exception old: 0x8 new' "$log" | tail -n1 | cut -d: -f1)
 	[ -n "$at" ] || return 0
@@ -124,6 +124,7 @@ nested_fault_root_verdict() {
 	if [ -z "$scan" ]; then
 		echo "fault root: CR3 $root; ldt-vmm printed no fault scan"
 	elif printf '%s\n' "$scan" | tr ' ' '\n' | grep -qx "$root"; then
+		intact=yes
 		echo "fault root: CR3 $root IS intact in ldt-vmm's memory (a stale translation)"
 	else
 		local zero=no r gfn=$((root >> 12))
@@ -140,8 +141,7 @@ nested_fault_root_verdict() {
 	# GDT, TSS) or in the kernel image, whether memory maps it under that
 	# root.  Mapped there under an intact root, the walk that faulted did
 	# not read this memory: nothing the guest did can make that #PF.
-	local cr2 page line name intact=no mapped=
-	printf '%s\n' "$scan" | tr ' ' '\n' | grep -qx "$root" && intact=yes
+	local cr2 page line name mapped=
 	cr2=$(head -n "$at" "$log" | grep -o 'CR2=[0-9a-f]*' | tail -n1 | cut -d= -f2)
 	page=$(printf '%#x' $((0x${cr2:-0} & ~0xfff)))
 	line=$(grep -a "fault scan: [A-Z]* $page mapped in" "$out" | tail -n1 | tr -d '\r')

@@ -34,6 +34,8 @@ const VMSTAT_KEYS: &[&str] = &[
 ];
 
 const PAGE: u64 = 4096;
+/// The physical-address bits of an x86-64 page-table entry (51:12).
+const ENTRY_ADDR: u64 = 0x000f_ffff_ffff_f000;
 /// PGD slot of the kernel image mapping (`__START_KERNEL_map`), the same
 /// page-directory-pointer page in every root of a 4-level Linux guest.
 const KERNEL_SLOT: usize = 511;
@@ -90,7 +92,7 @@ fn scan(memory: &GuestMemory, slots: &[MemorySlot]) -> Scan {
             }
             let off = KERNEL_SLOT * 8;
             let k = u64::from_le_bytes(page[off..off + 8].try_into().unwrap());
-            let target = k & 0x000f_ffff_ffff_f000;
+            let target = k & ENTRY_ADDR;
             // A table entry as Linux writes them (_KERNPG_TABLE 0x063 or
             // _PAGE_TABLE 0x067 in the low bits: data that merely looks
             // present does not count), inside RAM.
@@ -146,14 +148,9 @@ fn walk_level(memory: &GuestMemory, root: u64, va: u64) -> Result<(u64, u32), u3
         if level == 1 || (level <= 3 && entry & 0x80 != 0) {
             return Ok((entry, level));
         }
-        table = entry & 0x000f_ffff_ffff_f000;
+        table = entry & ENTRY_ADDR;
     }
     unreachable!("level 1 always returns")
-}
-
-/// The leaf entry mapping `va`, or the level that does not map it.
-fn walk(memory: &GuestMemory, root: u64, va: u64) -> Result<u64, u32> {
-    walk_level(memory, root, va).map(|(entry, _)| entry)
 }
 
 /// One line per delivery address: in how many roots memory maps it, and
@@ -165,7 +162,7 @@ fn delivery_walks(memory: &GuestMemory, roots: &[u64]) -> Vec<String> {
             let missing: Vec<String> = roots
                 .iter()
                 .filter_map(|f| {
-                    let level = walk(memory, f * PAGE, *va).err()?;
+                    let level = walk_level(memory, f * PAGE, *va).err()?;
                     Some(format!("{:#x}@L{level}", f * PAGE))
                 })
                 .collect();
@@ -309,14 +306,20 @@ mod tests {
         // The GDT's PTE (slot 1) is not present; the third root lost its
         // PGD entry; a 2 MiB leaf ends a walk at the PMD.
         set_entry(&m, 0x12_0000, 508, 0);
-        assert_eq!(walk(&m, 0x10_0000, va), Ok(0x8000_0000_0033_4161));
-        assert_eq!(walk(&m, 0x10_0000, va + 0x1000), Err(1));
-        assert_eq!(walk(&m, 0x12_0000, va), Err(4));
+        assert_eq!(
+            walk_level(&m, 0x10_0000, va),
+            Ok((0x8000_0000_0033_4161, 1))
+        );
+        assert_eq!(walk_level(&m, 0x10_0000, va + 0x1000), Err(1));
+        assert_eq!(walk_level(&m, 0x12_0000, va), Err(4));
         set_entry(&m, pmd, 1, 0x40_0000 | 0xe3);
-        assert_eq!(walk(&m, 0x10_0000, va + (2 << 20) + 5), Ok(0x40_00e3));
+        assert_eq!(
+            walk_level(&m, 0x10_0000, va + (2 << 20) + 5),
+            Ok((0x40_00e3, 2))
+        );
         // A table outside guest memory ends the walk at that level.
         set_entry(&m, pmd, 2, (1 << 40) | 0x63);
-        assert_eq!(walk(&m, 0x10_0000, va + (4 << 20)), Err(1));
+        assert_eq!(walk_level(&m, 0x10_0000, va + (4 << 20)), Err(1));
 
         // The kernel image: 4 KiB pages, then a 2 MiB leaf, then a hole.
         // 0xffffffff81000000: PGD 511 (the roots' 0x300000), PUD 510, PMD 8.
