@@ -10,7 +10,7 @@
 #
 # Usage: images/run-nested.sh [--timeout S] [--run CMD] [--l2-opts OPTS]
 #                             [--migrate SRC] [--bench-migrate] [--bench-dirty]
-#                             [--bench-dirty-linux]
+#                             [--bench-dirty-linux] [--host-ldt]
 #                             [--smp N]
 #                             [--kernel FILE]
 #                             [--vmm FILE] [--log FILE]
@@ -35,6 +35,10 @@
 #                   and LDT_BENCH_BYTES in the environment set its rounds
 #                   per mode, working-set pages and bytes per page; the
 #                   status is the number of failed modes
+#   --host-ldt      also build kmod/'s ldt_kvm.ko against the nested
+#                   kernel's tree and load it in the nested machine, so
+#                   /dev/ldt-kvm is there (the host-ldt rows of the
+#                   benchmarks); boots that tree's kernel (not with --kernel)
 #   --smp N         CPUs of the nested machine (default 2: MTTCG runs them
 #                   on two host threads)
 #   --migrate SRC   live-migrate the level-2 guest while CMD runs, between
@@ -76,6 +80,7 @@ bench=
 log=
 kernel=
 vmm=
+host_ldt=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--timeout | --run | --l2-opts | --migrate | --smp | --kernel | --vmm | --log)
@@ -95,10 +100,13 @@ while [ $# -gt 0 ]; do
 	--bench-migrate) bench=migrate; shift ;;
 	--bench-dirty) bench=dirty; shift ;;
 	--bench-dirty-linux) bench=dirty-linux; shift ;;
+	--host-ldt) host_ldt=1; shift ;;
 	-h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;
 	*) harness_fail "unknown argument $1 (try --help)" ;;
 	esac
 done
+[ -z "$host_ldt" ] || [ -z "$kernel" ] ||
+	harness_fail "--host-ldt boots the kernel its module is built against: no --kernel"
 [[ "$run" != *'"'* ]] || harness_fail "--run: no double quotes (the kernel's quoting cannot hold them)"
 
 ldt_ensure_packages qemu-system-x86 busybox-static cpio || harness_fail "cannot install packages"
@@ -120,10 +128,19 @@ fi
 file -L "$vmm" 2>/dev/null | grep -q 'statically linked\|static-pie linked' ||
 	harness_fail "$vmm is not statically linked"
 
-# 3. The nested machine's initramfs (uncompressed cpio, passed with -initrd):
-# busybox, init, ldt-vmm, the guest image.
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# The host module, built against the tree whose bzImage was just chosen.
+ko=
+if [ -n "$host_ldt" ]; then
+	kdir=$("$LDT_ROOT/images/build-nested.sh" --print-cache-dir)/linux
+	cmp -s "$kernel" "$kdir/arch/x86/boot/bzImage" ||
+		harness_fail "$kernel is not the bzImage of $kdir (rebuild with images/build-nested.sh)"
+	ko=$(nested_build_kmod "$kdir" "$work") || harness_fail "cannot build ldt_kvm.ko"
+fi
+
+# 3. The nested machine's initramfs (uncompressed cpio, passed with -initrd):
+# busybox, init, ldt-vmm, the guest image (and ldt_kvm.ko).
 root=$work/root
 mkdir -p "$root"/{bin,dev,proc,sys,tmp}
 install -m 0755 "$LDT_ROOT/images/nested/init" "$root/init"
@@ -141,11 +158,12 @@ if [ "$bench" = migrate ]; then
 	cp -rL /usr/share/qemu /usr/share/seabios "$root/usr/share/"
 fi
 install -m 0755 /bin/busybox "$root/bin/busybox"
-for a in awk sh cat dd echo grep head kill mkdir mkfifo mount printf reboot rm sed sleep sync tail tee test tr; do
+for a in awk sh cat dd echo grep head insmod kill mkdir mkfifo mount printf reboot rm sed sleep sync tail tee test tr; do
 	ln -s busybox "$root/bin/$a"
 done
 install -m 0755 "$vmm" "$root/bin/ldt-vmm"
 install -m 0644 "$LDT_ROOT/images/guest.img" "$root/guest.img"
+[ -z "$ko" ] || install -m 0644 "$ko" "$root/ldt_kvm.ko"
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0) >"$work/initramfs.cpio"
 
 # 4. Boot (images/nested/lib.sh).
@@ -157,6 +175,8 @@ words="ldt.run=\"$run\""
 [ -z "$bench" ] || words="$words ldt.bench=$bench"
 # Migrations per mode for --bench-migrate (images/nested/bench-migrate-l2).
 [ -z "${LDT_BENCH_RUNS:-}" ] || words="$words ldt.bench_runs=$LDT_BENCH_RUNS"
+# The memcheck rates (workloads) of --bench-migrate, comma-separated.
+[ -z "${LDT_BENCH_RATES:-}" ] || words="$words ldt.bench_rates=$LDT_BENCH_RATES"
 # Rounds, working set and bytes for --bench-dirty-linux (bench-dirty-l2).
 [ -z "${LDT_BENCH_ROUNDS:-}" ] || words="$words ldt.bench_rounds=$LDT_BENCH_ROUNDS"
 [ -z "${LDT_BENCH_WS:-}" ] || words="$words ldt.bench_ws=$LDT_BENCH_WS"

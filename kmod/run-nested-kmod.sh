@@ -83,33 +83,8 @@ grep -q '^CONFIG_KVM_AMD=[ym]' "$kdir/.config" || fail "$kdir: CONFIG_KVM_AMD is
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# 2. The module, built out of tree in a scratch copy (nothing written into
-# the checkout or the kernel tree).  The symbol versions of the kernel: its
-# Module.symvers, or the vmlinux.symvers that `make bzImage` leaves.
-mkdir -p "$work/kbuild/uapi"
-cp "$ROOT/kmod/Kbuild" "$ROOT/kmod/ldt_kvm.c" "$work/kbuild/"
-cp "$ROOT/kmod/uapi/ldt_kvm.h" "$work/kbuild/uapi/"
-# `make bzImage` leaves no scripts/module.lds (the linker script of every
-# module): that is `make modules_prepare`, cheap on a built tree.  Under the
-# build's lock (images/build-nested.sh flocks <cache dir>.lock).
-if [ ! -f "$kdir/scripts/module.lds" ]; then
-	echo "run-nested-kmod: make modules_prepare in $kdir"
-	lock=${kdir%/linux}.lock
-	[ -f "$lock" ] || lock=$work/none.lock
-	flock "$lock" make -C "$kdir" ARCH=x86_64 modules_prepare >"$work/prepare.log" 2>&1 ||
-		{ cat "$work/prepare.log" >&2; fail "make modules_prepare failed in $kdir"; }
-fi
-extra=()
-if [ ! -f "$kdir/Module.symvers" ]; then
-	[ -f "$kdir/vmlinux.symvers" ] || fail "$kdir has neither Module.symvers nor vmlinux.symvers"
-	extra=(KBUILD_EXTRA_SYMBOLS="$kdir/vmlinux.symvers")
-fi
-echo "run-nested-kmod: building ldt_kvm.ko against $kdir"
-if ! make -C "$kdir" ARCH=x86_64 M="$work/kbuild" "${extra[@]}" modules >"$work/kbuild.log" 2>&1; then
-	cat "$work/kbuild.log" >&2
-	fail "module build failed"
-fi
-grep -E '(warning|error):' "$work/kbuild.log" >&2 || true
+# 2. The module, built out of tree in a scratch copy (images/nested/lib.sh).
+ko=$(nested_build_kmod "$kdir" "$work") || fail "module build failed"
 
 # 3. The test program (static: the nested machine has no libraries).
 echo "run-nested-kmod: building ldt_kvm_test"
@@ -140,7 +115,7 @@ for a in sh cat cut date dd dmesg echo grep head insmod kill ls lsmod mkdir mksw
 	printf reboot rm rmmod sed sleep stat swapon sync tail test timeout tr wc [; do
 	ln -s busybox "$root/bin/$a"
 done
-install -m 0644 "$work/kbuild/ldt_kvm.ko" "$root/ldt_kvm.ko"
+install -m 0644 "$ko" "$root/ldt_kvm.ko"
 install -m 0755 "$work/ldt_kvm_test" "$root/bin/ldt_kvm_test"
 install -m 0755 "$vmm" "$root/bin/ldt-vmm"
 install -m 0644 "$work/counter.bin" "$root/counter.bin"

@@ -75,16 +75,10 @@ fi
 image="guest.img sha256 $(sha256sum "$ROOT/images/guest.img" | cut -c1-16)"
 
 sed -n 's/^bench-dirty-l2: \({.*}\)\r*$/\1/p' "$log" |
-	DATE=$started MACHINE=$machine GIT=$gitrev IMAGE=$image JSON=$json python3 -c '
+	DATE=$started MACHINE=$machine GIT=$gitrev IMAGE=$image JSON=$json \
+	PYTHONPATH="$ROOT/scripts/report" python3 -c '
 import json, os, sys
-
-def pct(xs, p):
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    k = (len(xs) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+from stats import pct
 
 rows = [json.loads(l) for l in sys.stdin]
 # Round 0 of each mode is its warm-up (kept in the JSON, not in the table).

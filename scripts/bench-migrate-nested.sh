@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
 # scripts/bench-migrate-nested.sh: the Linux-guest migration benchmark, in
 # the nested machine (images/run-nested.sh --bench-migrate): the project's
-# image running ldt-memcheck (32 MiB rewritten at 4000 pages/s, printing
-# its own throughput every 100 ms) is live-migrated with ldt-vmm and each
-# dirty source, and with QEMU (microvm, KVM, HMP migrate), modes
-# interleaved, RUNS times each, on the same (nested, TCG-emulated) machine;
-# prints a markdown table with p50/p95 per mode.
+# image running ldt-memcheck (32 MiB region; per workload rewritten at a
+# fixed rate, or as fast as it can, printing its own throughput every
+# 100 ms) is live-migrated with ldt-vmm and each dirty source (host-ldt
+# with --host-ldt), and with QEMU (microvm, KVM, HMP migrate), modes
+# interleaved, RUNS times each, on the same (nested, TCG-emulated)
+# machine; prints a markdown table per workload with p50/p95 per mode.
 # `ldt-vmm bench migrate` is the flat-guest counterpart on this machine's
 # own KVM, where QEMU cannot boot the kernel (see README).
 #
-# Usage: scripts/bench-migrate-nested.sh [--runs N] [--json FILE] [--log FILE]
+# Usage: scripts/bench-migrate-nested.sh [--runs N] [--rates LIST] [--host-ldt]
+#                                         [--vmm FILE] [--json FILE] [--log FILE]
 #                                         [--from-log FILE]
-#   --runs N          migrations per mode (default 5)
+#   --runs N          migrations per mode and workload (default 5)
+#   --rates LIST      the workloads: memcheck rates in pages/s,
+#                     comma-separated, 0 = max rate (default 4000,0)
+#   --host-ldt        also the host-ldt source (the nested machine loads
+#                     kmod/'s module: images/run-nested.sh --host-ldt)
+#   --vmm FILE        this static ldt-vmm in the nested machine (default:
+#                     build one, images/run-nested.sh)
 #   --json FILE       write every migration as JSON (schema below)
 #   --log FILE        keep the nested machine's console output
 #   --from-log FILE   do not run: tabulate a console output kept with --log
@@ -23,7 +31,8 @@
 #             changed), "kernel": str (host kernel; nested kernel and
 #             guest image inputs), "image": str (guest.img SHA-256)},
 #    "runs": [{"mode": "kvm-bitmap"|"kvm-clear"|"kvm-ring"|"host-ldt"|"guest-ldt"|"qemu",
-#              "run": int (1..N), "total_ms": num, "downtime_ms": num,
+#              "run": int (1..N), "rate": int (memcheck pages/s, 0: max),
+#              "total_ms": num, "downtime_ms": num,
 #              "rounds": int (ldt-vmm: rounds incl. round 0 and the last;
 #                         QEMU: its dirty sync count),
 #              "sent_mb": num (10^6 bytes), "memcheck_pass": bool,
@@ -39,18 +48,29 @@
 #   A pages_s sample is the page rewrites of memcheck's interval ending at
 #   t_s over its length; ldt-vmm round events are at setup + the rounds'
 #   cumulative durations. Failed migrations are listed with "error" only.
+#
+# The table's guest columns are means of the pages_s samples over a window
+# relative to idle, p50 over the runs: "during" from the start to resumed
+# (the downtime included), "after" the 3 s after; "min 100ms" the slowest
+# sample of the window (p50 over the runs).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 runs=5
+rates=4000,0
+host_ldt=
+vmm=()
 json=
 keep_log=
 from_log=
 while [ $# -gt 0 ]; do
 	case "$1" in
-	--runs | --json | --log | --from-log)
+	--host-ldt) host_ldt=--host-ldt; shift; continue ;;
+	--runs | --rates | --vmm | --json | --log | --from-log)
 		[ $# -ge 2 ] || { echo "$1 needs a value" >&2; exit 2; }
 		case "$1" in
 		--runs) runs=$2 ;;
+		--rates) rates=$2 ;;
+		--vmm) vmm=(--vmm "$2") ;;
 		--json) json=$2 ;;
 		--log) keep_log=$2 ;;
 		--from-log) from_log=$2 ;;
@@ -71,23 +91,19 @@ status=0
 if [ -n "$from_log" ]; then
 	cp "$from_log" "$log"
 else
-	LDT_BENCH_RUNS=$runs "$ROOT/images/run-nested.sh" --bench-migrate --timeout 7200 --log "$log" >&2 || status=$?
+	[[ "$rates" =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "--rates: comma-separated numbers" >&2; exit 2; }
+	LDT_BENCH_RUNS=$runs LDT_BENCH_RATES=$rates "$ROOT/images/run-nested.sh" --bench-migrate $host_ldt "${vmm[@]}" \
+		--timeout 14400 --log "$log" >&2 || status=$?
 fi
 [ -z "$keep_log" ] || cp "$log" "$keep_log"
 image="guest.img sha256 $(sha256sum "$ROOT/images/guest.img" | cut -c1-16)"
 kernel="host $(uname -r); guest and nested kernels: linux-source-6.12 + guest-kernel-patch"
 
 sed -n 's/^bench-migrate-l2: \({.*}\)\r*$/\1/p' "$log" |
-	DATE=$started MACHINE=$machine GIT=$gitrev KERNEL=$kernel IMAGE=$image JSON=$json python3 -c '
+	DATE=$started MACHINE=$machine GIT=$gitrev KERNEL=$kernel IMAGE=$image JSON=$json \
+	PYTHONPATH="$ROOT/scripts/report" python3 -c '
 import json, os, statistics, sys
-
-def pct(xs, p):
-    xs = sorted(x for x in xs if x == x)
-    if not xs:
-        return float("nan")
-    k = (len(xs) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+from stats import pct
 
 def throughput(r):
     t0 = r.get("t0_uptime") or 0
@@ -100,11 +116,14 @@ def throughput(r):
 runs = []
 for line in sys.stdin:
     r = json.loads(line)
+    # Logs of before the workloads existed ran the fixed rate only.
+    rate = r.get("rate", 4000)
     if "error" in r:
-        runs.append({"mode": r["mode"], "run": r.get("run", 0), "error": r["error"]})
+        runs.append({"mode": r["mode"], "run": r.get("run", 0), "rate": rate,
+                     "error": r["error"]})
         continue
-    out = {"mode": r["mode"], "run": r["run"], "memcheck_pass": r["memcheck_pass"],
-           "throughput": throughput(r)}
+    out = {"mode": r["mode"], "run": r["run"], "rate": rate,
+           "memcheck_pass": r["memcheck_pass"], "throughput": throughput(r)}
     if "report" in r:
         rep = r["report"]
         t = rep["setup_ms"]
@@ -136,32 +155,43 @@ if os.environ["JSON"]:
     with open(os.environ["JSON"], "w") as f:
         json.dump({"meta": meta, "runs": runs}, f, indent=1)
 
-def ratio(r, lo, hi):
+def window(r, lo, hi):
     th = r["throughput"]
-    xs = [p for t, p in zip(th["t_s"], th["pages_s"]) if lo <= t <= hi]
-    return statistics.mean(xs) / th["idle_pages_s"] if xs and th["idle_pages_s"] else float("nan")
+    return [p for t, p in zip(th["t_s"], th["pages_s"]) if lo <= t <= hi]
+
+def ratio(xs, r, f):
+    idle = r["throughput"]["idle_pages_s"]
+    return f(xs) / idle if xs and idle else float("nan")
 
 print("Nested Linux-guest migration, %s, %s, git %s" % (meta["date"], meta["machine"], meta["git"]))
-print()
-print("| mode | ok/runs | total ms p50 | p95 | downtime ms p50 | p95 | rounds p50 | sent MB p50 | guest during/idle p50 | after/idle p50 |")
-print("|---|---|---|---|---|---|---|---|---|---|")
-modes = []
-for r in runs:
-    if r["mode"] not in modes:
-        modes.append(r["mode"])
-for m in modes:
-    rs = [r for r in runs if r["mode"] == m]
-    ok = [r for r in rs if "error" not in r and r["memcheck_pass"]]
-    if not ok:
-        print("| %s | 0/%d | | | | | | | | |" % (m, len(rs)))
-        continue
-    tot = [r["total_ms"] for r in ok]
-    down = [r["downtime_ms"] for r in ok]
-    during = [ratio(r, 0, r["total_ms"] / 1e3) for r in ok]
-    after = [ratio(r, r["total_ms"] / 1e3, r["total_ms"] / 1e3 + 3) for r in ok]
-    print("| %s | %d/%d | %.0f | %.0f | %.1f | %.1f | %.0f | %.1f | %.2f | %.2f |" % (
-        m, len(ok), len(rs), pct(tot, 50), pct(tot, 95), pct(down, 50), pct(down, 95),
-        pct([r["rounds"] for r in ok], 50), pct([r["sent_mb"] for r in ok], 50),
-        pct(during, 50), pct(after, 50)))
+for rate in sorted({r["rate"] for r in runs}, key=lambda x: (x == 0, x)):
+    print()
+    print("Workload: ldt-memcheck, 32 MiB, %s" % (
+        "%d pages/s" % rate if rate else "max rate"))
+    print()
+    print("| mode | ok/runs | total ms p50 | p95 | downtime ms p50 | p95 | rounds p50 | sent MB p50 "
+          "| guest idle pages/s p50 | during/idle p50 | p95 | min 100ms/idle p50 | after/idle p50 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    modes = []
+    for r in runs:
+        if r["rate"] == rate and r["mode"] not in modes:
+            modes.append(r["mode"])
+    for m in modes:
+        rs = [r for r in runs if r["rate"] == rate and r["mode"] == m]
+        ok = [r for r in rs if "error" not in r and r["memcheck_pass"]]
+        if not ok:
+            print("| %s | 0/%d |%s" % (m, len(rs), " |" * 11))
+            continue
+        during = [ratio(window(r, 0, r["total_ms"] / 1e3), r, statistics.mean) for r in ok]
+        worst = [ratio(window(r, 0, r["total_ms"] / 1e3), r, min) for r in ok]
+        after = [ratio(window(r, r["total_ms"] / 1e3, r["total_ms"] / 1e3 + 3), r, statistics.mean)
+                 for r in ok]
+        print("| %s | %d/%d | %.0f | %.0f | %.1f | %.1f | %.0f | %.1f | %.0f | %.2f | %.2f | %.2f | %.2f |" % (
+            m, len(ok), len(rs),
+            pct([r["total_ms"] for r in ok], 50), pct([r["total_ms"] for r in ok], 95),
+            pct([r["downtime_ms"] for r in ok], 50), pct([r["downtime_ms"] for r in ok], 95),
+            pct([r["rounds"] for r in ok], 50), pct([r["sent_mb"] for r in ok], 50),
+            pct([r["throughput"]["idle_pages_s"] for r in ok], 50),
+            pct(during, 50), pct(during, 95), pct(worst, 50), pct(after, 50)))
 '
 exit "$status"

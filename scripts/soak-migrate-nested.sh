@@ -44,8 +44,9 @@ echo "soak: start $(date -u +%FT%TZ), $per migrations per source"
 	tee "$out" | grep --line-buffered -E '^soak:|not ok|Kernel panic|triple fault'
 rc=${PIPESTATUS[0]}
 [ -z "$log" ] || cp "$out" "$log"
-tr -d '\r' <"$out" | python3 -c '
+tr -d '\r' <"$out" | PYTHONPATH="$ROOT/scripts/report" python3 -c '
 import re, sys
+from stats import pct
 rows = []
 for line in sys.stdin:
     m = re.match(r"soak: migration \d+ (\S+) (ok|FAIL)(.*)", line)
@@ -57,9 +58,6 @@ for line in sys.stdin:
         total = tuple(map(int, m.groups()))
 if not rows:
     sys.exit("soak: no migration ran")
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 def line(name, sel):
     ok = [kv for s, r, kv in sel if r == "ok" and "downtime_ms" in kv]
     if not ok:
@@ -68,8 +66,8 @@ def line(name, sel):
     t = [float(kv["total_ms"]) for kv in ok]
     failed = sum(1 for _, r, _ in sel if r != "ok")
     return (f"soak: {name}: {len(sel)} migrations, {failed} failed; "
-            f"downtime ms p50 {pct(d, .5):.1f} p95 {pct(d, .95):.1f}; "
-            f"total ms p50 {pct(t, .5):.0f} p95 {pct(t, .95):.0f}")
+            f"downtime ms p50 {pct(d, 50):.1f} p95 {pct(d, 95):.1f}; "
+            f"total ms p50 {pct(t, 50):.0f} p95 {pct(t, 95):.0f}")
 print(line("all", rows))
 for src in dict.fromkeys(s for s, _, _ in rows):
     print(line(src, [r for r in rows if r[0] == src]))

@@ -99,6 +99,7 @@ for src in kvm-bitmap kvm-clear kvm-ring; do
 		'[src] ldt-memcheck: 32 MiB, checksum before' \
 		"ldt-migrate-l2: migrating with --dirty-source $src --verify" \
 		'ldt-migrate-l2: source ldt-vmm exited with 0' '[dst] ldt-memcheck: PASS' \
+		'MiB of received memory mapped into KVM' \
 		'[dst] ldt-syscheck: PASS' '[dst] ldt-init: exit status 0' \
 		'ldt-nested: level-2 exit status 0'
 done

@@ -22,7 +22,7 @@ PY=/usr/bin/python3
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-ALL="ldt-write ldt-timeline ldt-periodic ldt-collect vm-dirty migrate-timeline migrate-times"
+ALL="ldt-write ldt-timeline ldt-periodic ldt-collect vm-dirty migrate-timeline migrate-times migrate-timeline-max migrate-times-max"
 
 echo "=== example: redraw the example raw results"
 why=

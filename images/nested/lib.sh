@@ -44,6 +44,46 @@ nested_static_vmm() {
 	echo "$tdir/$triple/release/ldt-vmm"
 }
 
+# nested_build_kmod KDIR WORK: build kmod/'s ldt_kvm.ko out of tree against
+# the configured and built kernel tree KDIR, in WORK/kbuild (nothing written
+# into the checkout; the tree only gets `make modules_prepare`, under
+# images/build-nested.sh's lock), and print the module's path.  The symbol
+# versions: KDIR's Module.symvers, or the vmlinux.symvers `make bzImage`
+# leaves.
+nested_build_kmod() {
+	local kdir=$1 work=$2 lock extra=()
+	mkdir -p "$work/kbuild/uapi"
+	cp "$LDT_ROOT/kmod/Kbuild" "$LDT_ROOT/kmod/ldt_kvm.c" "$work/kbuild/"
+	cp "$LDT_ROOT/kmod/uapi/ldt_kvm.h" "$work/kbuild/uapi/"
+	# `make bzImage` leaves no scripts/module.lds (every module's linker
+	# script): that is `make modules_prepare`, cheap on a built tree.
+	if [ ! -f "$kdir/scripts/module.lds" ]; then
+		echo "nested: make modules_prepare in $kdir" >&2
+		lock=${kdir%/linux}.lock
+		[ -f "$lock" ] || lock=$work/none.lock
+		flock "$lock" make -C "$kdir" ARCH=x86_64 modules_prepare >"$work/prepare.log" 2>&1 || {
+			cat "$work/prepare.log" >&2
+			echo "nested: make modules_prepare failed in $kdir" >&2
+			return 1
+		}
+	fi
+	if [ ! -f "$kdir/Module.symvers" ]; then
+		[ -f "$kdir/vmlinux.symvers" ] || {
+			echo "nested: $kdir has neither Module.symvers nor vmlinux.symvers" >&2
+			return 1
+		}
+		extra=(KBUILD_EXTRA_SYMBOLS="$kdir/vmlinux.symvers")
+	fi
+	echo "nested: building ldt_kvm.ko against $kdir" >&2
+	if ! make -C "$kdir" ARCH=x86_64 M="$work/kbuild" "${extra[@]}" modules >"$work/kbuild.log" 2>&1; then
+		cat "$work/kbuild.log" >&2
+		echo "nested: module build failed" >&2
+		return 1
+	fi
+	grep -E '(warning|error):' "$work/kbuild.log" >&2 || true
+	echo "$work/kbuild/ldt_kvm.ko"
+}
+
 # nested_boot TAG KERNEL INITRD 'CMDLINE WORDS' SMP TIMEOUT OUT: boot the
 # nested machine: QEMU TCG emulating an AMD CPU with SVM and NPT, microvm
 # as in images/run-qemu.sh (ISA UART, isa-debug-exit at 0x501 for the

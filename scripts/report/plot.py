@@ -24,6 +24,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import schema  # noqa: E402
+from stats import pct  # noqa: E402
 
 # One colour per tracker / dirty source, the same in every figure.
 COLOURS = {
@@ -103,13 +104,6 @@ def save(fig, out, name):
     fig.savefig(os.path.join(out, name + ".png"))
     fig.savefig(os.path.join(out, name + ".svg"), metadata={"Date": None})
     plt.close(fig)
-
-
-def pct(values, p):
-    """The p-th percentile (nearest rank) of values."""
-    v = sorted(values)
-    k = max(0, min(len(v) - 1, int(round(p / 100 * len(v) + 0.5)) - 1))
-    return v[k]
 
 
 def stamp(fig, meta):
@@ -296,7 +290,18 @@ def representative(runs):
     return runs[(len(runs) - 1) // 2]
 
 
-def fig_migrate_timeline(data, out):
+def workloads(data):
+    """[(suffix, title words, data of that workload's runs)]: one figure pair
+    per memcheck rate; the fixed rate keeps the plain names (files of before
+    the workloads existed have no "rate": that workload)."""
+    rates = sorted({r.get("rate", 4000) for r in data["runs"]}, key=lambda x: (x == 0, x))
+    return [("-max" if rate == 0 else ("" if i == 0 else f"-{rate}"),
+             "max rate" if rate == 0 else f"{rate} pages/s",
+             dict(data, runs=[r for r in data["runs"] if r.get("rate", 4000) == rate]))
+            for i, rate in enumerate(rates)]
+
+
+def fig_migrate_timeline(data, out, suffix, workload):
     modes = ordered(r["mode"] for r in data["runs"])
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for m in modes:
@@ -336,16 +341,16 @@ def fig_migrate_timeline(data, out):
     ax.set_ylabel("guest progress (thousand pages written/s)")
     ax.set_ylim(bottom=0)
     ax.set_title("Live migration of a Linux guest: guest throughput, "
-                 "median run of each mode")
-    finish(fig, out, "migrate-timeline", data["meta"])
-    return ("migrate-timeline", "Nested machine (scripts/bench-migrate-nested.sh): "
-            "the image running ldt-memcheck is live-migrated with ldt-vmm and each "
+                 f"median run of each mode ({workload})")
+    finish(fig, out, "migrate-timeline" + suffix, data["meta"])
+    return ("migrate-timeline" + suffix, "Nested machine (scripts/bench-migrate-nested.sh): "
+            f"the image running ldt-memcheck ({workload}) is live-migrated with ldt-vmm and each "
             "dirty source and with QEMU; the guest's write rate over time in the "
             "run with the median total time of each mode, rounds and switch-over "
             "marked.")
 
 
-def fig_migrate_bars(data, out):
+def fig_migrate_bars(data, out, suffix, workload):
     modes = ordered(r["mode"] for r in data["runs"])
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     for ax, key, label in ((axes[0], "total_ms", "total migration time (ms)"),
@@ -372,10 +377,10 @@ def fig_migrate_bars(data, out):
         ax.set_ylabel(label)
         ax.set_title(label.split(" (")[0] + ": bar p50, whisker p95")
         ax.margins(y=0.15)
-    fig.suptitle("Live migration of a Linux guest in the nested machine")
-    finish(fig, out, "migrate-times", data["meta"])
-    return ("migrate-times", "The same migrations: total time (start to resumed "
-            "on the destination) and downtime (guest paused) per mode over all "
+    fig.suptitle(f"Live migration of a Linux guest in the nested machine ({workload})")
+    finish(fig, out, "migrate-times" + suffix, data["meta"])
+    return ("migrate-times" + suffix, f"The same migrations ({workload}): total time "
+            "(start to resumed on the destination) and downtime (guest paused) per mode over all "
             "runs; bar = median, whisker = 95th percentile.")
 
 
@@ -437,8 +442,9 @@ def main(argv):
     figures.append(fig_dirty([found.get("dirty-host.json"),
                               found.get("dirty-nested.json")], out))
     if "migrate-nested.json" in found:
-        figures.append(fig_migrate_timeline(found["migrate-nested.json"], out))
-        figures.append(fig_migrate_bars(found["migrate-nested.json"], out))
+        for suffix, workload, data in workloads(found["migrate-nested.json"]):
+            figures.append(fig_migrate_timeline(data, out, suffix, workload))
+            figures.append(fig_migrate_bars(data, out, suffix, workload))
     figures = [f for f in figures if f]
     page(out, figures, found, missing)
     for name, _ in figures:

@@ -1,7 +1,9 @@
 //! The receiving side: builds an empty VM from the source's Hello, fills its
 //! memory, restores its state, and hands it to the runner on Commit.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{Scope, ScopedJoinHandle};
 use std::time::Duration;
 
 use ldt_migration::{
@@ -16,6 +18,7 @@ use super::{parse, Hello, MachineState, MigrationError, Ready};
 use crate::arch::layout::PAGE_SIZE;
 use crate::builder::{self, Machine};
 use crate::devices::console::ConsoleOut;
+use crate::vm::prefault::{self, PrefaultError, Prefaulted};
 use crate::vm::MemBacking;
 
 /// How long the destination waits for any one frame (or for its peer to
@@ -129,28 +132,72 @@ fn refuse_while_busy(listener: &Listener, done: &AtomicBool) {
 
 /// Receives memory and state into `machine` until the source commits.
 /// Returns the number of rounds received.
+///
+/// Once round 0 (all of the guest's memory) has arrived, a thread maps what
+/// it received into KVM's EPT/NPT (`vm::prefault`) while later rounds
+/// stream in, so the guest does not resume into one nested page fault per
+/// page; it stops when the state arrives.
 pub fn receive(
     conn: &mut Connection,
     hello: &Hello,
     machine: &Machine,
 ) -> Result<u32, MigrationError> {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let r = receive_in(scope, &stop, conn, hello, machine);
+        // Also after an error: the scope waits for the pre-fault thread.
+        stop.store(true, Ordering::Relaxed);
+        r
+    })
+}
+
+fn receive_in<'s, 'e>(
+    scope: &'s Scope<'s, 'e>,
+    stop: &'e AtomicBool,
+    conn: &mut Connection,
+    hello: &Hello,
+    machine: &Machine,
+) -> Result<u32, MigrationError> {
+    let mut prefault: Option<ScopedJoinHandle<'s, _>> = None;
     let mut rounds = 0;
     let mut restored = false;
     let mut received = hello.verify.then(|| PageHashes::zeroed(&machine.vm.slots));
+    // The non-zero ranges of round 0, to pre-fault.
+    let mut round0 = Some(Vec::new());
     loop {
         let start = conn.recv_start()?;
         if start.kind() == Some(MessageKind::Memory) && !restored {
             // Straight from the socket into guest memory: no buffer, no copy.
-            receive_memory(machine, conn.payload(&start), received.as_mut())?;
+            receive_memory(
+                machine,
+                conn.payload(&start),
+                received.as_mut(),
+                round0.as_mut(),
+            )?;
             continue;
         }
         let frame = conn.recv_rest(start)?;
         match frame.kind {
-            MessageKind::Pages if !restored => {
-                receive_pages(machine, conn, &frame.payload, received.as_mut())?
+            MessageKind::Pages if !restored => receive_pages(
+                machine,
+                conn,
+                &frame.payload,
+                received.as_mut(),
+                round0.as_mut(),
+            )?,
+            MessageKind::RoundEnd if !restored => {
+                rounds += 1;
+                if let (Some(ranges), Some(vcpu)) = (round0.take(), machine.vcpus.first()) {
+                    let fd = vcpu.fd.as_raw_fd();
+                    prefault = Some(scope.spawn(move || prefault::prefault(fd, &ranges, stop)));
+                }
             }
-            MessageKind::RoundEnd if !restored => rounds += 1,
             MessageKind::State if !restored => {
+                // The vCPU's state is next: the pre-fault ends here.
+                stop.store(true, Ordering::Relaxed);
+                if let Some(t) = prefault.take() {
+                    report_prefault(t.join().expect("the pre-fault thread does not panic"));
+                }
                 // Of what arrived (restoring MSR_KVM_WALL_CLOCK_NEW makes
                 // KVM write the wall clock into guest memory at once).
                 let digest = received.as_ref().map(PageHashes::digest);
@@ -176,6 +223,19 @@ pub fn receive(
             }
             k => return Err(MigrationError::Unexpected(k)),
         }
+    }
+}
+
+/// One line on what the pre-fault did (it never fails the migration).
+fn report_prefault(r: Result<Prefaulted, PrefaultError>) {
+    match r {
+        Ok(p) => eprintln!(
+            "ldt-vmm: incoming: {} MiB of received memory mapped into KVM's page tables in {:.1} ms{}",
+            p.bytes >> 20,
+            p.ms,
+            if p.stopped { " (stopped by the state)" } else { "" }
+        ),
+        Err(e) => eprintln!("ldt-vmm: incoming: no pre-fault: {e}"),
     }
 }
 
@@ -216,6 +276,7 @@ fn receive_memory(
     machine: &Machine,
     mut payload: PayloadReader<'_, impl std::io::Read>,
     hashes: Option<&mut PageHashes>,
+    filled: Option<&mut Vec<(u64, u64)>>,
 ) -> Result<(), MigrationError> {
     let mut count = [0u8; 4];
     payload.read_exact(&mut count)?;
@@ -223,7 +284,7 @@ fn receive_memory(
     let mut table = vec![0u8; table_len - 4];
     payload.read_exact(&mut table)?;
     let ranges = decode_memory_table(&table, payload.left())?;
-    fill_ranges(machine, &ranges, hashes, |bytes| {
+    fill_ranges(machine, &ranges, hashes, filled, |bytes| {
         Ok(payload.read_exact(bytes)?)
     })?;
     payload.finish()?;
@@ -237,9 +298,10 @@ fn receive_pages(
     conn: &mut Connection,
     table: &[u8],
     hashes: Option<&mut PageHashes>,
+    filled: Option<&mut Vec<(u64, u64)>>,
 ) -> Result<(), MigrationError> {
     let (ranges, _) = ldt_migration::decode_pages_table(table)?;
-    fill_ranges(machine, &ranges, hashes, |bytes| {
+    fill_ranges(machine, &ranges, hashes, filled, |bytes| {
         populate(bytes);
         Ok(conn.recv_unframed(bytes)?)
     })
@@ -247,11 +309,13 @@ fn receive_pages(
 
 /// Applies `ranges` to guest memory, all checked to be guest RAM before
 /// any is touched: a zero range is discarded, every other one filled in
-/// place by `read`, in order; `hashes` records what each page now holds.
+/// place by `read`, in order; `hashes` records what each page now holds,
+/// `filled` the (gpa, bytes) of each filled range.
 fn fill_ranges(
     machine: &Machine,
     ranges: &[MemoryRange],
     mut hashes: Option<&mut PageHashes>,
+    mut filled: Option<&mut Vec<(u64, u64)>>,
     mut read: impl FnMut(&mut [u8]) -> Result<(), MigrationError>,
 ) -> Result<(), MigrationError> {
     for r in ranges {
@@ -267,6 +331,9 @@ fn fill_ranges(
         read(bytes)?;
         if let Some(h) = hashes.as_mut() {
             record_pages(h, r.gpa, bytes);
+        }
+        if let Some(f) = filled.as_mut() {
+            prefault::push_range(f, r.gpa, bytes.len() as u64);
         }
     }
     Ok(())
@@ -452,6 +519,31 @@ mod tests {
     }
 
     #[test]
+    fn prefault_maps_memory_where_kvm_has_two_dimensional_paging_and_says_why_not_elsewhere() {
+        let machine = empty_machine(4);
+        let supported = machine
+            .vm
+            .kvm
+            .check_extension_raw(kvm_bindings::KVM_CAP_PRE_FAULT_MEMORY.into())
+            > 0;
+        let stop = AtomicBool::new(false);
+        let fd = machine.vcpus[0].fd.as_raw_fd();
+        let r = prefault::prefault(fd, &[(0x10_0000, 0x4000), (0x20_0000, 0x10_0000)], &stop);
+        if supported {
+            let p = r.unwrap();
+            assert_eq!((p.bytes, p.stopped), (0x10_4000, false));
+            // Outside every memslot: an error naming where, not a hang.
+            let e = prefault::prefault(fd, &[(1 << 40, 0x1000)], &stop).unwrap_err();
+            assert!(
+                matches!(e, PrefaultError::Failed { gpa, .. } if gpa == 1 << 40),
+                "{e}"
+            );
+        } else {
+            assert!(matches!(r, Err(PrefaultError::Unsupported(_))), "{r:?}");
+        }
+    }
+
+    #[test]
     fn a_zero_range_clears_pages_written_before_and_leaves_zero_ones() {
         let machine = empty_machine(4);
         apply_memory(&machine, &message(0x10_0000, 0, 0xab)).unwrap();
@@ -468,7 +560,7 @@ mod tests {
     fn receive_framed(machine: &Machine, stream: &[u8]) -> Result<(), MigrationError> {
         let mut r = stream;
         let start = ldt_migration::read_frame_start(&mut r)?;
-        receive_memory(machine, start.payload(&mut r), None)
+        receive_memory(machine, start.payload(&mut r), None, None)
     }
 
     fn framed(payload: &[u8]) -> Vec<u8> {

@@ -3,6 +3,7 @@
 pub mod fault_scan;
 pub mod kvm_stats;
 pub mod memory;
+pub mod prefault;
 pub mod state;
 pub mod vcpu;
 
