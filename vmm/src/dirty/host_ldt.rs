@@ -13,9 +13,9 @@ use vmm_sys_util::errno;
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ref};
 use vmm_sys_util::{ioctl_io_nr, ioctl_iowr_nr};
 
-use super::kvm_ioctls_ext::{check_vm_extension, enable_vm_cap};
+use super::kvm_ioctls_ext::{check_vm_extension, clear_dirty_log, enable_vm_cap};
 use super::{DirtyBitmap, DirtyError, DirtySource, DirtySourceKind};
-use crate::vm::Vm;
+use crate::vm::{MemBacking, Vm};
 
 /// The module's character device.
 pub const DEVICE: &str = "/dev/ldt-kvm";
@@ -118,6 +118,40 @@ impl HostLdt {
         vm.set_dirty_logging(true)?;
         Ok(true)
     }
+
+    /// Makes KVM map guest memory with 4 KiB TDP entries. With INITIALLY_SET
+    /// KVM leaves the 2 MiB entries that exist when logging starts, and the
+    /// module reports each write under one as all 512 pages, every round
+    /// (kmod/UAPI.md): on THP-backed memory host-ldt resent its working set
+    /// whole each round and never converged (nested bench, 2026-12-02).
+    /// One KVM_CLEAR_DIRTY_LOG of every page, before round 0 reads memory,
+    /// splits them (eagerly, or at the first write) and write-protects each
+    /// 4 KiB page once; the bits it drops were all set by INITIALLY_SET
+    /// (round 0 sends all memory anyway), and later writes come to the
+    /// module through KVM's log.
+    fn split_huge_mappings(vm: &Vm) -> Result<(), DirtyError> {
+        // 1 GiB of pages a call (KVM wants multiples of 64 but at the end).
+        const CHUNK: u64 = 1 << 18;
+        for s in &vm.slots {
+            let mut first = 0u64;
+            while first < s.pages() {
+                let n = CHUNK.min(s.pages() - first);
+                let mut ones = vec![u64::MAX; n.div_ceil(64) as usize];
+                clear_dirty_log(&vm.fd, s.slot, first, n as u32, &mut ones)
+                    .map_err(|e| DirtyError::Ioctl("KVM_CLEAR_DIRTY_LOG", e))?;
+                first += n;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether guest memory may be mapped with 2 MiB pages on this host: a huge
+/// backing, or THP `always` for plain anonymous memory.
+fn maybe_huge(backing: MemBacking) -> bool {
+    backing != MemBacking::Anon
+        || std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .is_ok_and(|m| m.contains("[always]"))
 }
 
 impl Default for HostLdt {
@@ -157,6 +191,11 @@ impl DirtySource for HostLdt {
             )));
         }
         let mut kvm_log = v.features & FEAT_CONSUME_KVM_LOG != 0 && Self::enable_kvm_log(vm)?;
+        // Before the attach: KVM_CLEAR_DIRTY_LOG acts only on bits still set
+        // in KVM's log, and the module takes them.
+        if kvm_log && maybe_huge(vm.backing) {
+            Self::split_huge_mappings(vm)?;
+        }
         let attach = |flags: u32| {
             let mut a = LdtKvmAttach {
                 size: std::mem::size_of::<LdtKvmAttach>() as u32,
