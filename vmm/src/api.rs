@@ -472,13 +472,41 @@ impl LineReader {
             }
         }
     }
+
+    /// Ends a connection refused mid-request (its slot already free) so
+    /// that the client reads the answer and then end of stream. A unix
+    /// socket closed with unread data makes the peer's next read fail with
+    /// ECONNRESET, even after the answer (the error comes before end of
+    /// stream): so say end of stream first, then take what the client
+    /// still sends (at most 1 s, and until 100 ms pass without any).
+    fn close_after_answer(&mut self, out: &UnixStream) {
+        let _ = out.shutdown(std::net::Shutdown::Write);
+        let until = Instant::now() + Duration::from_secs(1);
+        let _ = self
+            .stream
+            .set_read_timeout(Some(Duration::from_millis(100)));
+        let mut sink = [0u8; 65536];
+        while Instant::now() < until {
+            match self.stream.read(&mut sink) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
 }
 
-fn serve_connection(stream: UnixStream, ctl: &Arc<VmControl>, jobs: &Jobs, limits: ApiLimits) {
-    let mut out = match stream.try_clone() {
-        Ok(s) => s,
-        Err(_) => return,
-    };
+/// Serves requests until the client ends the connection; a connection
+/// refused mid-request (a line too long, idle) comes back to be closed
+/// with `close_after_answer`.
+fn serve_connection(
+    stream: UnixStream,
+    ctl: &Arc<VmControl>,
+    jobs: &Jobs,
+    limits: ApiLimits,
+) -> Option<(LineReader, UnixStream)> {
+    let mut out = stream.try_clone().ok()?;
     // A client that stops reading cannot hold this thread forever either.
     let _ = out.set_write_timeout(Some(limits.idle));
     let mut lines = LineReader {
@@ -489,10 +517,10 @@ fn serve_connection(stream: UnixStream, ctl: &Arc<VmControl>, jobs: &Jobs, limit
     loop {
         let line = match lines.next_line() {
             Ok(Some(line)) => line,
-            Ok(None) | Err(LineError::Io(_)) => return,
+            Ok(None) | Err(LineError::Io(_)) => return None,
             Err(e) => {
                 let _ = send_line(&mut out, &Response::err(e));
-                return;
+                return Some((lines, out));
             }
         };
         if line.trim().is_empty() {
@@ -517,7 +545,7 @@ fn serve_connection(stream: UnixStream, ctl: &Arc<VmControl>, jobs: &Jobs, limit
             Err(e) => Response::err(e),
         };
         if send_line(&mut out, &resp).is_err() {
-            return;
+            return None;
         }
         if let Some(job) = final_status {
             Jobs::final_status_sent(&job);
@@ -588,8 +616,11 @@ pub fn serve_with(
                         // again at once and count on a free slot.
                         let last = conn.try_clone();
                         let slot = slot;
-                        serve_connection(conn, &c, &j, limits);
+                        let refused = serve_connection(conn, &c, &j, limits);
                         drop(slot);
+                        if let Some((mut lines, out)) = refused {
+                            lines.close_after_answer(&out);
+                        }
                         drop(last);
                     });
             }

@@ -156,6 +156,25 @@ fn the_api_bounds_line_length_connections_and_idle_time() {
     );
     assert!(closed(&mut c));
 
+    // Just over the limit and all written before the answer: some of it
+    // is still unread when the VMM ends the connection, which must still
+    // give the client its answer and then end of stream (a unix socket
+    // closed with unread data resets the peer instead).
+    let mut c = UnixStream::connect(&api).unwrap();
+    c.write_all(&vec![b'x'; (64 << 10) + (8 << 10)]).unwrap();
+    let a = answer(&c);
+    assert!(
+        a["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("request line longer than"),
+        "{a}"
+    );
+    assert!(
+        closed(&mut c),
+        "the answer was not followed by end of stream"
+    );
+
     // Sixteen idle connections are served; the seventeenth is refused.
     let mut held: Vec<UnixStream> = (0..16)
         .map(|_| UnixStream::connect(&api).unwrap())
