@@ -21,6 +21,8 @@
 #      (0 missed pages), with ldt-stress working the kernel beside it.
 #   7. dirty-linux: every dirty source's harvests against the frames a
 #      Linux guest's ring-3 writer rewrote (0 missed).
+#   0. fault-verdict (first): the triple-fault verdict behind the RETRY
+#      below, on synthetic QEMU records made with this nested kernel.
 # Progress is streamed by run-nested.sh; LDT_NESTED_TIMEOUT (seconds) bounds
 # each run.  Prints "image-nested: P passed, F failed"; exits non-zero if a
 # case failed.
@@ -54,7 +56,9 @@ run_case() {
 	# Repeated too, whenever it happens: a triple fault whose last #PF is on
 	# an address the guest's intact page tables map in ldt-vmm's memory
 	# (nested_fault_root_verdict: nothing the guest, its dirty tracking or
-	# a migration did can make that #PF).  A fault on tables the memory no
+	# a migration did can make that #PF), or whose state is level 1's own
+	# as a #VMEXIT leaves it (RIP after level 1's VMRUN: the emulator ran
+	# the host's state as the guest's).  A fault on tables the memory no
 	# longer holds is not repeated: that could be ours.
 	local when=
 	if grep -q 'guest triple fault' "$log"; then
@@ -77,6 +81,68 @@ run_case() {
 	require_output "$log" "$@"
 	record "$name"
 }
+
+# The verdict that decides a RETRY above, on synthetic logs shaped like
+# QEMU's record of CI's 2026-12-02 fault, with this nested kernel's own
+# VMRUN return address: it must name level 1's post-#VMEXIT state run as
+# level 2, and nothing near it.
+verdict_case() {
+	local dir=$logdir/verdict kernel vmlinux sym ret v
+	mkdir -p "$dir"
+	why=
+	if ! "$ROOT/images/build-nested.sh" >"$dir/build.log" 2>&1; then
+		why="images/build-nested.sh failed"
+		record fault-verdict
+		return
+	fi
+	kernel=$("$ROOT/images/build-nested.sh" --print-cache-dir)/bzImage
+	vmlinux=${kernel%/bzImage}/linux/vmlinux
+	sym=$(awk '$3 == "__svm_vcpu_run" { print $1 }' "${vmlinux%/vmlinux}/System.map")
+	ret=$(objdump -d --start-address="0x$sym" --stop-address="$(printf '0x%x' $((0x$sym + 0x400)))" \
+		"$vmlinux" | awk 'f && r == "" { r = $1 } /\tvmrun/ { f = 1 } END { sub(":", "", r); print r }')
+	if [ -z "$sym" ] || [ ${#ret} -ne 16 ]; then
+		why="no VMRUN in __svm_vcpu_run of $vmlinux"
+		record fault-verdict
+		return
+	fi
+	# fault_log RIP CR3: QEMU's -d int lines of a #PF, #DF, shutdown chain.
+	fault_log() {
+		printf '%s\n' 'check_exception old: 0xffffffff new 0xe' \
+			"1: v=0e e=0010 i=0 cpl=0 IP=0010:$1 pc=$1 SP=0018:ffff88803ec5fcf8 CR2=$1" \
+			"RIP=$1 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=0" \
+			"CR0=80050033 CR2=$1 CR3=$2 CR4=003506b0" \
+			'check_exception old: 0xe new 0xe' \
+			"2: v=08 e=0000 i=0 cpl=0 IP=0010:$1 pc=$1 SP=0018:ffff88803ec5fcf8" \
+			"RIP=$1 RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=0" \
+			"CR0=80050033 CR2=fffffe00000000e0 CR3=$2 CR4=003506b0" \
+			'check_exception old: 0x8 new 0xe'
+	}
+	printf '%s\n' 'ldt-vmm: vCPU 0: guest triple fault (KVM_EXIT_SHUTDOWN) at RIP 0xfff0' \
+		'ldt-vmm: fault scan: 2 page-table roots in guest memory (PGD[511] = 0x2a0d067): 0x5b0000 0x2015000' \
+		'ldt-vmm: fault scan: all-zero guest frames: 0x2-0x2 0x700-0x7ff' >"$dir/out"
+	fault_log "$ret" 0000000000763000 >"$dir/q1"
+	v=$(nested_fault_root_verdict "$dir/q1" "$dir/out" "$kernel") || true
+	grep -q "^fault verdict: not the guest's: the emulator ran level 1's state" <<<"$v" ||
+		why="no verdict for RIP $ret (the VMRUN return) under a non-level-2 root: $v"
+	grep -q "__svm_vcpu_run+0x" <<<"$v" || why="${why:+$why; }the verdict does not name the VMRUN: $v"
+	# One byte off, or no level-1 kernel to check against: no verdict.
+	fault_log "$(printf '%x' $((0x$ret + 1)))" 0000000000763000 >"$dir/q2"
+	v=$(nested_fault_root_verdict "$dir/q2" "$dir/out" "$kernel") || true
+	! grep -q 'fault verdict' <<<"$v" || why="${why:+$why; }a verdict for RIP $ret+1: $v"
+	v=$(nested_fault_root_verdict "$dir/q1" "$dir/out") || true
+	! grep -q 'fault verdict' <<<"$v" || why="${why:+$why; }a verdict without the level-1 kernel: $v"
+	# Under a level-2 root the scan found, it is a level-2 state: this
+	# rule says nothing (and the IDT page is not in the scan: no verdict).
+	fault_log "$ret" 00000000005b0000 >"$dir/q3"
+	v=$(nested_fault_root_verdict "$dir/q3" "$dir/out" "$kernel") || true
+	! grep -q 'fault verdict\|fault state' <<<"$v" || why="${why:+$why; }a verdict under a level-2 root: $v"
+	record fault-verdict "VMRUN return $ret"
+}
+# shellcheck source=images/lib.sh
+source "$ROOT/images/lib.sh"
+# shellcheck source=images/nested/lib.sh
+source "$ROOT/images/nested/lib.sh"
+verdict_case
 
 run_case syscheck 0 /bin/ldt-syscheck '' \
 	'ldt-nested: level-1 user space reached' 'ldt-init: user space reached' \

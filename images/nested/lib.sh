@@ -124,7 +124,7 @@ nested_boot() {
 		nested_fault_digest "$qlog" | sed "s/^/$tag: /"
 		# Kept in the console log too: tests/image-nested.sh reads the
 		# verdict there.
-		nested_fault_root_verdict "$qlog" "$out" | sed "s/^/$tag: /" | tee -a "$out"
+		nested_fault_root_verdict "$qlog" "$out" "$kernel" | sed "s/^/$tag: /" | tee -a "$out"
 	fi
 	rm -f "$qlog"
 }
@@ -146,14 +146,31 @@ nested_fault_digest() {
 	head -n "$at" "$log" | tail -n 90
 }
 
-# nested_fault_root_verdict QEMU-INT-LOG OUT: whether the page-table root
-# (CR3) of the last exception before the shutdown is among the roots
+# nested_after_vmrun VMLINUX RIP: whether RIP (16 hex digits, no 0x) is the
+# address right after a VMRUN instruction of the level-1 kernel VMLINUX;
+# prints the instruction's symbol+offset.
+nested_after_vmrun() {
+	local vmlinux=$1 rip=$2 start line
+	command -v objdump >/dev/null || return 1
+	[ ${#rip} -eq 16 ] || return 1
+	# Two's complement wraps: printf prints the 64-bit address again.
+	start=$(printf '%x' $((0x$rip - 3)))
+	line=$(objdump -d --start-address="0x$start" --stop-address="0x$rip" "$vmlinux" 2>/dev/null |
+		grep -B2 "^$start:.*vmrun" | grep -o "<[^>]*>" | tr -d "<>" | head -n1)
+	[ -n "$line" ] || return 1
+	printf '%s\n' "$line"
+}
+
+# nested_fault_root_verdict QEMU-INT-LOG OUT [KERNEL]: whether the page-table
+# root (CR3) of the last exception before the shutdown is among the roots
 # ldt-vmm's fault scan (LDT_VMM_FAULT_SCAN, vmm/src/vm/fault_scan.rs) found
 # intact in its memory: yes means the level-2 guest read the root through a
 # stale translation, no means the memory behind it lost the root (zeroed,
-# or reused by the level-2 kernel).
+# or reused by the level-2 kernel), or that the state is not level 2's at
+# all (checked against KERNEL, the level-1 bzImage: its vmlinux sits in
+# linux/ beside it in images/build-nested.sh's cache).
 nested_fault_root_verdict() {
-	local log=$1 out=$2 at cr3 root scan intact=no
+	local log=$1 out=$2 kernel=${3:-} at cr3 root scan intact=no
 	[ -s "$log" ] || return 0
 	at=$(grep -n 'check_exception old: 0x8 new' "$log" | tail -n1 | cut -d: -f1)
 	[ -n "$at" ] || return 0
@@ -176,6 +193,20 @@ nested_fault_root_verdict() {
 			fi
 		done
 		echo "fault root: CR3 $root is NOT among the roots in ldt-vmm's memory; all zeros there: $zero"
+		# The faulting state may be level 1's own, as a #VMEXIT leaves it:
+		# RIP just after level 1's VMRUN, level 1's CR3 and CR4.  A level-2
+		# guest cannot be there (level 1's code and tables are not in its
+		# memory), ldt-vmm never sets such a state, and KVM saves only what
+		# the processor left in the VMCB; so the emulator ran level 1's
+		# state as level 2's (seen in QEMU 7.2 TCG, README Known problems).
+		local rip vmlinux at_insn
+		rip=$(head -n "$at" "$log" | grep -o 'RIP=[0-9a-f]*' | tail -n1 | cut -d= -f2)
+		vmlinux=$(dirname "${kernel:-/nonexistent}")/linux/vmlinux
+		if [ -n "$rip" ] && [ -f "$vmlinux" ] &&
+			at_insn=$(nested_after_vmrun "$vmlinux" "$rip"); then
+			echo "fault state: RIP 0x$rip is level 1's return from the VMRUN at $at_insn ($vmlinux) under CR3 $root"
+			echo "fault verdict: not the guest's: the emulator ran level 1's state after a #VMEXIT as the level-2 guest"
+		fi
 	fi
 	# Where the last #PF was: on a page exception delivery reads (IDT,
 	# GDT, TSS) or in the kernel image, whether memory maps it under that
