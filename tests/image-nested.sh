@@ -125,6 +125,9 @@ verdict_case() {
 	grep -q "^fault verdict: not the guest's: the emulator ran level 1's state" <<<"$v" ||
 		why="no verdict for RIP $ret (the VMRUN return) under a non-level-2 root: $v"
 	grep -q "__svm_vcpu_run+0x" <<<"$v" || why="${why:+$why; }the verdict does not name the VMRUN: $v"
+	# The same kernel named by its tree's bzImage (kmod/run-nested-kmod.sh).
+	v=$(nested_fault_root_verdict "$dir/q1" "$dir/out" "${kernel%/bzImage}/linux/arch/x86/boot/bzImage") || true
+	grep -q "^fault verdict: not the guest's" <<<"$v" || why="${why:+$why; }no verdict with the tree's bzImage: $v"
 	# One byte off, or no level-1 kernel to check against: no verdict.
 	fault_log "$(printf '%x' $((0x$ret + 1)))" 0000000000763000 >"$dir/q2"
 	v=$(nested_fault_root_verdict "$dir/q2" "$dir/out" "$kernel") || true

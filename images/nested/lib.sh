@@ -168,7 +168,8 @@ nested_after_vmrun() {
 # stale translation, no means the memory behind it lost the root (zeroed,
 # or reused by the level-2 kernel), or that the state is not level 2's at
 # all (checked against KERNEL, the level-1 bzImage: its vmlinux sits in
-# linux/ beside it in images/build-nested.sh's cache).
+# linux/ beside it in images/build-nested.sh's cache, or above it in its
+# own tree).
 nested_fault_root_verdict() {
 	local log=$1 out=$2 kernel=${3:-} at cr3 root scan intact=no
 	[ -s "$log" ] || return 0
@@ -201,7 +202,10 @@ nested_fault_root_verdict() {
 		# state as level 2's (seen in QEMU 7.2 TCG, README Known problems).
 		local rip vmlinux at_insn
 		rip=$(head -n "$at" "$log" | grep -o 'RIP=[0-9a-f]*' | tail -n1 | cut -d= -f2)
+		# The cache's bzImage has its tree in linux/ beside it; a tree's own
+		# arch/x86/boot/bzImage (kmod/run-nested-kmod.sh) has it above.
 		vmlinux=$(dirname "${kernel:-/nonexistent}")/linux/vmlinux
+		[ -f "$vmlinux" ] || vmlinux=${kernel%/arch/x86/boot/bzImage}/vmlinux
 		if [ -n "$rip" ] && [ -f "$vmlinux" ] &&
 			at_insn=$(nested_after_vmrun "$vmlinux" "$rip"); then
 			echo "fault state: RIP 0x$rip is level 1's return from the VMRUN at $at_insn ($vmlinux) under CR3 $root"
