@@ -106,6 +106,7 @@ static DEFINE_MUTEX(ldt_attached_lock);
 static LIST_HEAD(ldt_attached);
 
 static u64 ldt_dirty_mask;		/* PT_DIRTY_MASK (NPT) or VMX_EPT_DIRTY_BIT */
+static u64 ldt_mmu_writable_mask;	/* KVM may make the SPTE writable itself */
 static bool ldt_is_vmx;
 static u64 ldt_features;
 
@@ -394,7 +395,9 @@ struct ldt_walk {
 	gfn_t lo, hi;			/* the part walked under this lock hold */
 	unsigned long *d, *c, *w;	/* bit i = gfn start + i */
 	u64 cleared;
+	u64 unprotected;
 	bool report;
+	bool unprotect;			/* ATTACH of a slot whose KVM log we own */
 };
 
 /* Set bits for [gfn, gfn + n) ∩ harvested range in bm. */
@@ -457,6 +460,22 @@ static void ldt_walk_entry(struct ldt_walk *w, u64 *sptep, int level, gfn_t gfn)
 			w->cleared++;
 			ldt_set_in(w, w->d, gfn, span);
 			ldt_pend_outside(w, gfn, span);
+			spte &= ~ldt_dirty_mask;
+		}
+		/*
+		 * A 4 KiB SPTE KVM write-protected for its dirty log (a
+		 * KVM_CLEAR_DIRTY_LOG before the attach, which also splits huge
+		 * SPTEs): made writable, clean, as KVM's fast page fault would
+		 * at the first write; its D bit now reports that write, without
+		 * the fault.  Only where KVM allows it without a full fault
+		 * (MMU-writable: not write-tracked, host page writable).
+		 */
+		if (w->unprotect && level == PG_LEVEL_4K && !is_writable_pte(spte) &&
+		    (spte & ldt_mmu_writable_mask)) {
+			if (!try_cmpxchg64(sptep, &spte, spte | PT_WRITABLE_MASK))
+				continue;
+			spte |= PT_WRITABLE_MASK;
+			w->unprotected++;
 		}
 		if (is_writable_pte(spte))
 			ldt_set_in(w, w->w, gfn, span);
@@ -746,6 +765,8 @@ static int ldt_harvest_range(struct ldt_tracker *t, int as_id,
 		.start = ms->base_gfn + off,
 		.end = ms->base_gfn + off + n,
 		.report = report,
+		/* the KVM log is the module's from ATTACH on (UAPI.md) */
+		.unprotect = !report && t->consume_kvm_log && ms->dirty_bitmap,
 	};
 	struct kvm_mmu_page *root;
 	bool other_mmu;
@@ -829,6 +850,8 @@ static int ldt_harvest_range(struct ldt_tracker *t, int as_id,
 		t->st.tlb_flushes++;
 		t->st.sptes_cleared += w.cleared;
 	}
+	/* Made more permissive only: no flush (a stale entry faults once). */
+	t->st.sptes_unprotected += w.unprotected;
 
 	/* After the walk: marks made before any zap the walk missed. */
 	if (atomic_xchg(&t->mark_all, 0))
@@ -1190,9 +1213,11 @@ static int __init ldt_init(void)
 {
 	if (boot_cpu_has(X86_FEATURE_SVM)) {
 		ldt_dirty_mask = PT_DIRTY_MASK;
+		ldt_mmu_writable_mask = DEFAULT_SPTE_MMU_WRITABLE;
 		ldt_features |= LDT_KVM_FEAT_NPT;
 	} else if (boot_cpu_has(X86_FEATURE_VMX)) {
 		ldt_dirty_mask = VMX_EPT_DIRTY_BIT;
+		ldt_mmu_writable_mask = EPT_SPTE_MMU_WRITABLE;
 		ldt_is_vmx = true;
 		ldt_features |= LDT_KVM_FEAT_EPT;
 	} else {

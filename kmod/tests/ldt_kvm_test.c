@@ -551,7 +551,7 @@ static void print_stats(int fd, const char *name)
 	diag("%s stats: harvests %llu (%.3f ms avg), reported %llu = dbit %llu + conservative %llu;"
 	     " notifier events %llu pages %llu, unmapped %llu, slot-change %llu, all-marks %llu,"
 	     " kvm-log %llu, sptes cleared %llu, flushes %llu, root changes %llu, unattributed %llu,"
-	     " shadow %llu",
+	     " shadow %llu, unprotected %llu",
 	     name, (unsigned long long)s.harvests,
 	     s.harvests ? s.harvest_ns_total / 1e6 / s.harvests : 0.0,
 	     (unsigned long long)s.pages_reported, (unsigned long long)s.pages_dbit,
@@ -561,7 +561,8 @@ static void print_stats(int fd, const char *name)
 	     (unsigned long long)s.pages_kvm_log, (unsigned long long)s.sptes_cleared,
 	     (unsigned long long)s.tlb_flushes, (unsigned long long)s.root_changes,
 	     (unsigned long long)s.unattributed_invalidations,
-	     (unsigned long long)s.shadow_mmu_harvests);
+	     (unsigned long long)s.shadow_mmu_harvests,
+	     (unsigned long long)s.sptes_unprotected);
 }
 
 enum { ORDER_NONE, ORDER_KVM_FIRST, ORDER_LDT_FIRST, ORDER_ALTERNATE };

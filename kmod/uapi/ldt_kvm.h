@@ -138,7 +138,10 @@ struct ldt_kvm_stats {
 					 * (CONSUME_KVM_LOG) */
 	__u64 shadow_mmu_harvests;	/* harvests that found KVM shadow pages
 					 * (nested guests): whole VM reported */
-	__u64 reserved[5];
+	__u64 sptes_unprotected;	/* 4 KiB SPTEs KVM had write-protected
+					 * for its log, made writable at ATTACH
+					 * (CONSUME_KVM_LOG) */
+	__u64 reserved[4];
 };
 
 #define LDT_KVM_GET_VERSION	_IOWR(LDT_KVM_IOC_MAGIC, 0x80, struct ldt_kvm_version)

@@ -43,6 +43,10 @@ pub struct DirtyBenchResult {
     /// measured rounds (tracking makes KVM map 4 KiB pages), if known.
     pub kvm_mapped_after_touch: Option<MappedPages>,
     pub kvm_mapped_after_rounds: Option<MappedPages>,
+    /// Page faults KVM handled for the vCPU during the measured rounds
+    /// (`pf_taken` + `pf_fast`), if known: the write-protection faults a
+    /// KVM source costs the guest, none for host-ldt.
+    pub kvm_page_faults_rounds: Option<u64>,
     /// One more round of the same writes once the source stopped (a
     /// cancelled migration): whether the guest gets its speed back.
     pub write_ms_after_stop: f64,
@@ -146,9 +150,11 @@ fn run_mode(
     let machine_vm = vm.machine.vm.clone();
     let ring = vm.machine.ring.clone();
     let mode = kind.map_or("untracked".into(), |k| k.name().to_string());
+    let vcpu_stats = kvm_stats::Stats::open(&vm.machine.vcpus[0].fd).ok();
     let result = measure(
         cfg,
         &machine_vm,
+        vcpu_stats.as_ref(),
         &mut |pages, bytes, value| write_pages(&mut vm, pages, bytes, value),
         &|n| WriterVm::command_pages(n.min(MAX_PAGES_PER_COMMAND)),
         kind,
@@ -171,9 +177,11 @@ fn run_mode_ldt_pv(cfg: &DirtyBenchConfig, tracked: bool) -> anyhow::Result<Dirt
     } else {
         LDT_PV_BASELINE.to_string()
     };
+    // The vCPU runs on the harness's own thread: no statistics here.
     let result = measure(
         cfg,
         &machine_vm,
+        None,
         &mut |pages, bytes, value| write_pages_ldt_pv(&mut vm, pages, bytes, value),
         &|n| LdtPvWriterVm::named_pages_for(frames, n.min(LdtPvWriterVm::MAX_PAGES)),
         kind,
@@ -193,9 +201,11 @@ type WriteRound<'a> = dyn FnMut(&[u64], u32, u8) -> Result<Duration, FlatError> 
 /// The rounds of one mode: `write` has the guest write the pages, `named`
 /// gives the pages a harvest may hold besides them (the VMM's command
 /// block, the payload's own record).
+#[allow(clippy::too_many_arguments)]
 fn measure(
     cfg: &DirtyBenchConfig,
     vm: &crate::vm::Vm,
+    vcpu_stats: Option<&kvm_stats::Stats>,
     write: &mut WriteRound,
     named: &dyn Fn(usize) -> Vec<u64>,
     kind: Option<DirtySourceKind>,
@@ -224,6 +234,8 @@ fn measure(
     let mut rng = Rng::new(cfg.seed);
     let (mut writes, mut harvests) = (Vec::new(), Vec::new());
     let (mut written, mut reported, mut missed, mut fps) = (0, 0, 0, 0);
+    let faults = || vcpu_stats.and_then(|s| s.sum(kvm_stats::VCPU_PAGE_FAULTS).ok());
+    let faults_before = faults();
     for round in 0..cfg.rounds {
         let pages: Vec<u64> = rng
             .sample(cfg.working_set_pages, cfg.write_pages)
@@ -248,6 +260,7 @@ fn measure(
         }
     }
     let kvm_mapped_after_rounds = kvm_stats::mapped_pages(&vm.fd).ok();
+    let kvm_page_faults_rounds = faults_before.zip(faults()).map(|(a, b)| b - a);
     if let Some(mut s) = source {
         s.stop(vm)?;
     }
@@ -266,6 +279,7 @@ fn measure(
         host_huge_kib,
         kvm_mapped_after_touch,
         kvm_mapped_after_rounds,
+        kvm_page_faults_rounds,
         write_ms_after_stop: after_stop.as_secs_f64() * 1e3,
         kvm_mapped_after_stop,
         write_ms_median: median(&mut writes),

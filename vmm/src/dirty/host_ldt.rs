@@ -125,10 +125,11 @@ impl HostLdt {
     /// (kmod/UAPI.md): on THP-backed memory host-ldt resent its working set
     /// whole each round and never converged (nested bench, 2026-12-02).
     /// One KVM_CLEAR_DIRTY_LOG of every page, before round 0 reads memory,
-    /// splits them (eagerly, or at the first write) and write-protects each
-    /// 4 KiB page once; the bits it drops were all set by INITIALLY_SET
-    /// (round 0 sends all memory anyway), and later writes come to the
-    /// module through KVM's log.
+    /// splits them (eagerly) and write-protects the 4 KiB pages, which the
+    /// module's attach makes writable again, clean, so no write faults for
+    /// tracking; the bits it drops were all set by INITIALLY_SET (round 0
+    /// sends all memory anyway). A huge mapping KVM could not split stays
+    /// write-protected and is split at its first write.
     fn split_huge_mappings(vm: &Vm) -> Result<(), DirtyError> {
         // 1 GiB of pages a call (KVM wants multiples of 64 but at the end).
         const CHUNK: u64 = 1 << 18;

@@ -1,11 +1,13 @@
-//! KVM's binary statistics of a VM (`KVM_GET_STATS_FD`, which kvm-ioctls
-//! does not wrap): among them `pages_4k`, `pages_2m`, `pages_1g`, how many
-//! guest pages KVM maps at each size, which tells whether huge host pages
-//! reach the guest's (shadow or TDP) mappings.
+//! KVM's binary statistics of a VM or a vCPU (`KVM_GET_STATS_FD`, which
+//! kvm-ioctls does not wrap): among the VM's `pages_4k`, `pages_2m`,
+//! `pages_1g`, how many guest pages KVM maps at each size, which tells
+//! whether huge host pages reach the guest's (shadow or TDP) mappings;
+//! among a vCPU's `pf_taken` and `pf_fast`, the page faults KVM handled
+//! (a write-protection fault for dirty logging is one of them).
 
 use std::fs::File;
 use std::io;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 
 use kvm_bindings::{kvm_stats_desc, kvm_stats_header};
@@ -20,40 +22,82 @@ fn read_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
 }
 
+/// An open statistics file: the descriptors are read once, the values at
+/// every `read` (KVM updates them in place).
+pub struct Stats {
+    file: File,
+    /// Single-valued statistics: name and offset in the data block.
+    values: Vec<(String, u64)>,
+    data_offset: u64,
+}
+
+impl Stats {
+    /// The statistics of `fd`, a KVM VM or vCPU.
+    pub fn open(fd: &impl AsRawFd) -> io::Result<Stats> {
+        // SAFETY: the ioctl takes no argument and returns a new fd or -1.
+        let raw = unsafe { ioctl(fd, KVM_GET_STATS_FD()) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd that nothing else owns.
+        let file = unsafe { File::from_raw_fd(raw) };
+        let mut head = vec![0u8; std::mem::size_of::<kvm_stats_header>()];
+        file.read_exact_at(&mut head, 0)?;
+        let (name_size, num_desc) = (read_u32(&head, 4) as usize, read_u32(&head, 8) as usize);
+        let (desc_offset, data_offset) = (read_u32(&head, 16) as u64, read_u32(&head, 20) as u64);
+        let desc_len = std::mem::size_of::<kvm_stats_desc>() + name_size;
+        let mut descs = vec![0u8; desc_len * num_desc];
+        file.read_exact_at(&mut descs, desc_offset)?;
+        let mut values = Vec::new();
+        for d in descs.chunks_exact(desc_len) {
+            // flags u32, exponent i16, size u16, offset u32, bucket_size u32, name.
+            if u16::from_le_bytes([d[6], d[7]]) != 1 {
+                continue;
+            }
+            let name = &d[16..];
+            let name = String::from_utf8_lossy(
+                &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())],
+            )
+            .into_owned();
+            values.push((name, read_u32(d, 8) as u64));
+        }
+        Ok(Stats {
+            file,
+            values,
+            data_offset,
+        })
+    }
+
+    /// Every single-valued statistic, by name, as it is now.
+    pub fn read(&self) -> io::Result<Vec<(String, u64)>> {
+        let mut out = Vec::with_capacity(self.values.len());
+        for (name, offset) in &self.values {
+            let mut v = [0u8; 8];
+            self.file.read_exact_at(&mut v, self.data_offset + offset)?;
+            out.push((name.clone(), u64::from_le_bytes(v)));
+        }
+        Ok(out)
+    }
+
+    /// The sum of the named statistics now; an error if one is missing.
+    pub fn sum(&self, names: &[&str]) -> io::Result<u64> {
+        let now = self.read()?;
+        names.iter().try_fold(0u64, |acc, n| {
+            now.iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| acc + v)
+                .ok_or_else(|| io::Error::other(format!("no {n} statistic")))
+        })
+    }
+}
+
+/// The page faults a vCPU's KVM handled: slow path and fast path (a
+/// write-protection fault of dirty logging takes the fast one on TDP).
+pub const VCPU_PAGE_FAULTS: &[&str] = &["pf_taken", "pf_fast"];
+
 /// Every single-valued VM statistic, by name.
 pub fn vm_stats(vm: &VmFd) -> io::Result<Vec<(String, u64)>> {
-    // SAFETY: the ioctl takes no argument and returns a new fd or -1.
-    let fd = unsafe { ioctl(vm, KVM_GET_STATS_FD()) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd that nothing else owns.
-    let file = unsafe { File::from_raw_fd(fd) };
-    let mut head = vec![0u8; std::mem::size_of::<kvm_stats_header>()];
-    file.read_exact_at(&mut head, 0)?;
-    let (name_size, num_desc) = (read_u32(&head, 4) as usize, read_u32(&head, 8) as usize);
-    let (desc_offset, data_offset) = (read_u32(&head, 16) as u64, read_u32(&head, 20) as u64);
-    let desc_len = std::mem::size_of::<kvm_stats_desc>() + name_size;
-    let mut descs = vec![0u8; desc_len * num_desc];
-    file.read_exact_at(&mut descs, desc_offset)?;
-    let mut out = Vec::new();
-    for d in descs.chunks_exact(desc_len) {
-        // flags u32, exponent i16, size u16, offset u32, bucket_size u32, name.
-        let size = u16::from_le_bytes([d[6], d[7]]);
-        let offset = read_u32(d, 8) as u64;
-        if size != 1 {
-            continue;
-        }
-        let name = &d[16..];
-        let name = String::from_utf8_lossy(
-            &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())],
-        )
-        .into_owned();
-        let mut v = [0u8; 8];
-        file.read_exact_at(&mut v, data_offset + offset)?;
-        out.push((name, u64::from_le_bytes(v)));
-    }
-    Ok(out)
+    Stats::open(vm)?.read()
 }
 
 /// Guest memory KVM maps with 4 KiB, 2 MiB and 1 GiB pages right now.
@@ -88,6 +132,21 @@ mod tests {
         let m = mapped_pages(&vm.machine.vm.fd).unwrap();
         // 1 MiB written, plus the payload, its stack and page tables.
         assert!(m.pages_4k + 512 * m.pages_2m >= 256, "{m:?}");
+        vm.stop().unwrap();
+    }
+
+    #[test]
+    fn a_vcpu_counts_the_page_faults_of_first_touches() {
+        let mut vm = WriterVm::new(16, None).unwrap();
+        let stats = Stats::open(&vm.machine.vcpus[0].fd).unwrap();
+        let before = stats.sum(VCPU_PAGE_FAULTS).unwrap();
+        // 1 MiB the payload never touched: KVM maps each page at a fault
+        // (TDP or shadow paging alike), so the count must grow.
+        let pages: Vec<u64> = (0..256).map(|i| (8 << 20) + i * 4096).collect();
+        vm.write_round(&pages, 1, 1).unwrap();
+        let after = stats.sum(VCPU_PAGE_FAULTS).unwrap();
+        assert!(after > before, "pf_taken + pf_fast {before} -> {after}");
+        assert!(stats.sum(&["no_such_statistic"]).is_err());
         vm.stop().unwrap();
     }
 }
