@@ -76,17 +76,18 @@ fn never_misses_in(
     never_misses_on(kind, options, rounds, per_round, bytes, MemBacking::Anon)
 }
 
-fn never_misses_on(
+/// `rounds` rounds of `per_round` random pages with `bytes` bytes each on a
+/// started `source`, every harvest checked against the pages written.
+fn checked_rounds(
+    vm: &mut WriterVm,
+    source: &mut dyn DirtySource,
     kind: DirtySourceKind,
-    options: DirtyOptions,
     rounds: u32,
     per_round: u64,
     bytes: u32,
-    backing: MemBacking,
-) -> (Option<u64>, Outcome) {
-    let (mut vm, mut source) = writer_on(kind, options, backing);
+) -> Outcome {
     // The first harvest may report everything (INITIALLY_SET); start clean.
-    dirty::harvest(source.as_mut(), &vm.machine.vm).unwrap();
+    dirty::harvest(source, &vm.machine.vm).unwrap();
     let mut rng = Rng::new(0x1d7 + kind as u64);
     let mut out = Outcome {
         rounds: 0,
@@ -101,7 +102,7 @@ fn never_misses_on(
             .collect();
         let value = 0x40 + round as u8;
         vm.write_round(&pages, bytes, value).unwrap();
-        let harvested = dirty::harvest(source.as_mut(), &vm.machine.vm).unwrap();
+        let harvested = dirty::harvest(source, &vm.machine.vm).unwrap();
 
         let written: BTreeSet<u64> = pages.iter().copied().collect();
         let named: BTreeSet<u64> = WriterVm::command_pages(pages.len()).into_iter().collect();
@@ -136,6 +137,19 @@ fn never_misses_on(
             assert!(b.iter().all(|x| *x == value), "{kind}: page {p:#x} content");
         }
     }
+    out
+}
+
+fn never_misses_on(
+    kind: DirtySourceKind,
+    options: DirtyOptions,
+    rounds: u32,
+    per_round: u64,
+    bytes: u32,
+    backing: MemBacking,
+) -> (Option<u64>, Outcome) {
+    let (mut vm, mut source) = writer_on(kind, options, backing);
+    let out = checked_rounds(&mut vm, source.as_mut(), kind, rounds, per_round, bytes);
     source.stop(&vm.machine.vm).unwrap();
     let full_exits = vm.machine.ring.as_ref().map(|r| r.full_exits());
     vm.stop().unwrap();
@@ -274,4 +288,36 @@ fn every_source_reports_every_page_written_over_huge_host_pages() {
             assert_eq!(o.rounds, 4, "{kind} on {backing}");
         }
     }
+}
+
+/// One VM, the sources one after another (a failed migration retried with
+/// another source, a snapshot chain after a migration): a source must not
+/// inherit the KVM log mode the previous one left. kvm-clear leaves manual
+/// protection on, and KVM_GET_DIRTY_LOG then neither clears nor
+/// write-protects: kvm-bitmap reported every page written since it
+/// started, every round (all memory after INITIALLY_SET), and never
+/// converged.
+#[test]
+fn a_source_after_another_on_the_same_vm_reports_each_rounds_writes() {
+    use DirtySourceKind::{KvmBitmap, KvmClear};
+    let mut vm = WriterVm::new(MEM_MIB, None).expect("writer VM boots");
+    let plain = DirtyOptions {
+        initially_set: false,
+        ..Default::default()
+    };
+    let runs = [
+        (KvmClear, plain),
+        (KvmBitmap, DirtyOptions::default()),
+        (KvmClear, DirtyOptions::default()),
+        (KvmBitmap, DirtyOptions::default()),
+    ];
+    for (kind, options) in runs {
+        let mut source = dirty::create(kind, options, None).unwrap();
+        dirty::reset_vmm_writes(&vm.machine.vm);
+        source.start(&vm.machine.vm).unwrap();
+        let out = checked_rounds(&mut vm, source.as_mut(), kind, 4, 256, 1);
+        assert_eq!(out.rounds, 4);
+        source.stop(&vm.machine.vm).unwrap();
+    }
+    vm.stop().unwrap();
 }

@@ -1,6 +1,9 @@
 //! `kvm-bitmap`: `KVM_GET_DIRTY_LOG`, which returns a slot's bitmap and
 //! write-protects its pages again in one call (Firecracker, Cloud Hypervisor).
 
+use kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
+
+use super::kvm_ioctls_ext::{check_vm_extension, enable_vm_cap};
 use super::{DirtyBitmap, DirtyError, DirtySource, DirtySourceKind};
 use crate::vm::Vm;
 
@@ -42,6 +45,14 @@ impl DirtySource for KvmBitmap {
     }
 
     fn start(&mut self, vm: &Vm) -> Result<(), DirtyError> {
+        // kvm-clear and host-ldt leave manual protection on for the VM;
+        // KVM_GET_DIRTY_LOG then neither clears the log nor write-protects
+        // (every page ever written is reported every round): KVM's default.
+        if check_vm_extension(&vm.fd, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) != 0 {
+            enable_vm_cap(&vm.fd, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, 0).map_err(|e| {
+                DirtyError::Ioctl("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2, 0)", e)
+            })?;
+        }
         vm.set_dirty_logging(true)?;
         Ok(())
     }
