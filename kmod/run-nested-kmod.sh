@@ -18,6 +18,7 @@
 #                    needed: passed through the kernel command line encoded)
 #   --soak-sources L the soak's dirty sources, comma-separated (default
 #                    kvm-bitmap,kvm-clear,host-ldt,kvm-ring,guest-ldt)
+#   --soak-backing B the soak's guest RAM backing (ldt-vmm --mem-backing)
 #   --soak N         instead of the tests, the live-migration soak
 #                    (images/nested/soak-l2): N migrations per dirty source
 #                    (scripts/soak-migrate-nested.sh summarizes it)
@@ -45,9 +46,10 @@ smp=2
 test_args=
 soak=
 soak_sources=
+soak_backing=
 while [ $# -gt 0 ]; do
 	case "$1" in
-	--timeout | --log | --kdir | --smp | --test-args | --soak | --soak-sources)
+	--timeout | --log | --kdir | --smp | --test-args | --soak | --soak-sources | --soak-backing)
 		[ $# -ge 2 ] || fail "$1 needs a value"
 		case "$1" in
 		--timeout) timeout_s=$2 ;;
@@ -57,6 +59,7 @@ while [ $# -gt 0 ]; do
 		--test-args) test_args=$2 ;;
 		--soak) soak=$2 ;;
 		--soak-sources) soak_sources=$2 ;;
+		--soak-backing) soak_backing=$2 ;;
 		esac
 		shift 2
 		;;
@@ -129,6 +132,7 @@ words=
 [ -z "$test_args" ] || words="ldt.kmodtest=${test_args// /%20}"
 [ -z "$soak" ] || words="$words ldt.soak=$soak"
 [ -z "$soak_sources" ] || words="$words ldt.soak_sources=$soak_sources"
+[ -z "$soak_backing" ] || words="$words ldt.soak_backing=$soak_backing"
 out=$work/console.log
 nested_boot run-nested-kmod "$kernel" "$work/initramfs.cpio" "$words" "$smp" "$timeout_s" "$out"
 rc=$NESTED_RC

@@ -12,6 +12,8 @@
 #   --sources LIST  comma-separated dirty sources (default kvm-bitmap,
 #                   kvm-clear,host-ldt,kvm-ring,guest-ldt; guest-ldt guests
 #                   run with --ldt-pv)
+#   --backing B     guest RAM backing on both sides (ldt-vmm --mem-backing:
+#                   anon, the default, thp or hugetlbfs)
 #   --log FILE      keep the nested machine's console output
 # Prints every migration's line and then a summary:
 #   soak: R migrations, F failed; G guests, H failed
@@ -23,10 +25,12 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 per=25
 log=
 sources=
+backing=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--per-source) per=$2; shift 2 ;;
 	--sources) sources=$2; shift 2 ;;
+	--backing) backing=$2; shift 2 ;;
 	--log) log=$2; shift 2 ;;
 	-h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;
 	*) echo "soak: unknown argument $1 (try --help)" >&2; exit 2 ;;
@@ -40,7 +44,8 @@ echo "soak: start $(date -u +%FT%TZ), $per migrations per source"
 # 5-40 s a migration in the nested machine (the copy is emulated: it
 # depends on the load of this host), plus a guest boot every few
 # migrations: the timeout allows 30 s each and 15 min besides.
-"$ROOT/kmod/run-nested-kmod.sh" --soak "$per" ${sources:+--soak-sources "$sources"} --timeout $((per * 4 * 30 + 900)) 2>&1 |
+"$ROOT/kmod/run-nested-kmod.sh" --soak "$per" ${sources:+--soak-sources "$sources"} \
+	${backing:+--soak-backing "$backing"} --timeout $((per * 4 * 30 + 900)) 2>&1 |
 	tee "$out" | grep --line-buffered -E '^soak:|not ok|Kernel panic|triple fault'
 rc=${PIPESTATUS[0]}
 [ -z "$log" ] || cp "$out" "$log"
