@@ -140,6 +140,11 @@ nested_boot() {
 # RIP, CR2, then the registers and segments QEMU dumps) before the double
 # fault that ended in the shutdown exit, and the exception chain lines.
 nested_fault_digest() {
+	# Called in pipelines of scripts that run with errexit, which the
+	# pipeline's subshell inherits: a grep that finds nothing must not end
+	# it (options local to the function).
+	local -
+	set +e
 	local log=$1 at
 	[ -s "$log" ] || { echo "no QEMU exception log"; return; }
 	at=$(grep -n 'check_exception old: 0x8 new' "$log" | tail -n1 | cut -d: -f1)
@@ -177,6 +182,9 @@ nested_after_vmrun() {
 # linux/ beside it in images/build-nested.sh's cache, or above it in its
 # own tree).
 nested_fault_root_verdict() {
+	# As nested_fault_digest: greps that find nothing are answers here.
+	local -
+	set +e
 	local log=$1 out=$2 kernel=${3:-} at cr3 root scan intact=no
 	[ -s "$log" ] || return 0
 	at=$(grep -n 'check_exception old: 0x8 new' "$log" | tail -n1 | cut -d: -f1)
