@@ -27,7 +27,7 @@ fn read_u32(b: &[u8], at: usize) -> u32 {
 pub struct Stats {
     file: File,
     /// Single-valued statistics: name and offset in the data block.
-    values: Vec<(String, u64)>,
+    offsets: Vec<(String, u64)>,
     data_offset: u64,
 }
 
@@ -48,7 +48,7 @@ impl Stats {
         let desc_len = std::mem::size_of::<kvm_stats_desc>() + name_size;
         let mut descs = vec![0u8; desc_len * num_desc];
         file.read_exact_at(&mut descs, desc_offset)?;
-        let mut values = Vec::new();
+        let mut offsets = Vec::new();
         for d in descs.chunks_exact(desc_len) {
             // flags u32, exponent i16, size u16, offset u32, bucket_size u32, name.
             if u16::from_le_bytes([d[6], d[7]]) != 1 {
@@ -59,34 +59,39 @@ impl Stats {
                 &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())],
             )
             .into_owned();
-            values.push((name, read_u32(d, 8) as u64));
+            offsets.push((name, read_u32(d, 8) as u64));
         }
         Ok(Stats {
             file,
-            values,
+            offsets,
             data_offset,
         })
     }
 
-    /// Every single-valued statistic, by name, as it is now.
-    pub fn read(&self) -> io::Result<Vec<(String, u64)>> {
-        let mut out = Vec::with_capacity(self.values.len());
-        for (name, offset) in &self.values {
-            let mut v = [0u8; 8];
-            self.file.read_exact_at(&mut v, self.data_offset + offset)?;
-            out.push((name.clone(), u64::from_le_bytes(v)));
-        }
-        Ok(out)
+    fn value_at(&self, offset: u64) -> io::Result<u64> {
+        let mut v = [0u8; 8];
+        self.file.read_exact_at(&mut v, self.data_offset + offset)?;
+        Ok(u64::from_le_bytes(v))
     }
 
-    /// The sum of the named statistics now; an error if one is missing.
+    /// Every single-valued statistic, by name, as it is now.
+    pub fn read(&self) -> io::Result<Vec<(String, u64)>> {
+        self.offsets
+            .iter()
+            .map(|(name, offset)| Ok((name.clone(), self.value_at(*offset)?)))
+            .collect()
+    }
+
+    /// The sum of the named statistics now (only those are read); an
+    /// error if one is missing.
     pub fn sum(&self, names: &[&str]) -> io::Result<u64> {
-        let now = self.read()?;
         names.iter().try_fold(0u64, |acc, n| {
-            now.iter()
+            let (_, offset) = self
+                .offsets
+                .iter()
                 .find(|(k, _)| k == n)
-                .map(|(_, v)| acc + v)
-                .ok_or_else(|| io::Error::other(format!("no {n} statistic")))
+                .ok_or_else(|| io::Error::other(format!("no {n} statistic")))?;
+            Ok(acc + self.value_at(*offset)?)
         })
     }
 }
