@@ -177,6 +177,8 @@ words="ldt.run=\"$run\""
 [ -z "${LDT_BENCH_RUNS:-}" ] || words="$words ldt.bench_runs=$LDT_BENCH_RUNS"
 # The memcheck rates (workloads) of --bench-migrate, comma-separated.
 [ -z "${LDT_BENCH_RATES:-}" ] || words="$words ldt.bench_rates=$LDT_BENCH_RATES"
+# Its modes, comma-separated, in their order (bench-migrate-l2).
+[ -z "${LDT_BENCH_MODES:-}" ] || words="$words ldt.bench_modes=$LDT_BENCH_MODES"
 # Rounds, working set and bytes for --bench-dirty-linux (bench-dirty-l2).
 [ -z "${LDT_BENCH_ROUNDS:-}" ] || words="$words ldt.bench_rounds=$LDT_BENCH_ROUNDS"
 [ -z "${LDT_BENCH_WS:-}" ] || words="$words ldt.bench_ws=$LDT_BENCH_WS"

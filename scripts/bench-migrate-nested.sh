@@ -11,13 +11,17 @@
 # own KVM, where QEMU cannot boot the kernel (see README).
 #
 # Usage: scripts/bench-migrate-nested.sh [--runs N] [--rates LIST] [--host-ldt]
-#                                         [--vmm FILE] [--json FILE] [--log FILE]
-#                                         [--from-log FILE]
+#                                         [--modes LIST] [--vmm FILE] [--json FILE]
+#                                         [--log FILE] [--from-log FILE]
 #   --runs N          migrations per mode and workload (default 5)
 #   --rates LIST      the workloads: memcheck rates in pages/s,
 #                     comma-separated, 0 = max rate (default 4000,0)
 #   --host-ldt        also the host-ldt source (the nested machine loads
 #                     kmod/'s module: images/run-nested.sh --host-ldt)
+#   --modes LIST      the modes, comma-separated, in their order (default:
+#                     every dirty source, then qemu); "SOURCE+nice" is an
+#                     ldt-vmm source with its copying threads at nice 19
+#                     (migrate --precopy-nice, run --incoming-nice)
 #   --vmm FILE        this static ldt-vmm in the nested machine (default:
 #                     build one, images/run-nested.sh)
 #   --json FILE       write every migration as JSON (schema below)
@@ -30,7 +34,8 @@
 #             load at the start), "git": str (commit, "+dirty" if
 #             changed), "kernel": str (host kernel; nested kernel and
 #             guest image inputs), "image": str (guest.img SHA-256)},
-#    "runs": [{"mode": "kvm-bitmap"|"kvm-clear"|"kvm-ring"|"host-ldt"|"guest-ldt"|"qemu",
+#    "runs": [{"mode": "kvm-bitmap"|"kvm-clear"|"kvm-ring"|"host-ldt"|"guest-ldt"|"qemu"
+#              (a source with "+nice": --modes),
 #              "run": int (1..N), "rate": int (memcheck pages/s, 0: max),
 #              "total_ms": num, "downtime_ms": num,
 #              "rounds": int (ldt-vmm: rounds incl. round 0 and the last;
@@ -61,17 +66,19 @@ runs=5
 rates=4000,0
 host_ldt=
 vmm=()
+modes=
 json=
 keep_log=
 from_log=
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--host-ldt) host_ldt=--host-ldt; shift; continue ;;
-	--runs | --rates | --vmm | --json | --log | --from-log)
+	--runs | --rates | --modes | --vmm | --json | --log | --from-log)
 		[ $# -ge 2 ] || { echo "$1 needs a value" >&2; exit 2; }
 		case "$1" in
 		--runs) runs=$2 ;;
 		--rates) rates=$2 ;;
+		--modes) modes=$2 ;;
 		--vmm) vmm=(--vmm "$2") ;;
 		--json) json=$2 ;;
 		--log) keep_log=$2 ;;
@@ -94,7 +101,10 @@ if [ -n "$from_log" ]; then
 	cp "$from_log" "$log"
 else
 	[[ "$rates" =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "--rates: comma-separated numbers" >&2; exit 2; }
-	LDT_BENCH_RUNS=$runs LDT_BENCH_RATES=$rates "$ROOT/images/run-nested.sh" --bench-migrate $host_ldt "${vmm[@]}" \
+	[[ "$modes" =~ ^([a-z-]+(\+nice)?(,[a-z-]+(\+nice)?)*)?$ ]] ||
+		{ echo "--modes: comma-separated modes (e.g. host-ldt,host-ldt+nice,qemu)" >&2; exit 2; }
+	LDT_BENCH_RUNS=$runs LDT_BENCH_RATES=$rates LDT_BENCH_MODES=$modes \
+		"$ROOT/images/run-nested.sh" --bench-migrate $host_ldt "${vmm[@]}" \
 		--timeout 14400 --log "$log" >&2 || status=$?
 fi
 [ -z "$keep_log" ] || cp "$log" "$keep_log"

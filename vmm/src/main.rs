@@ -89,8 +89,19 @@ struct RunArgs {
     incoming: Option<Endpoint>,
     /// With --incoming: the longest a connected source may take for any one
     /// frame (a silent or trickling source then ends the migration).
-    #[arg(long, value_name = "S", default_value_t = destination::DEFAULT_FRAME_TIMEOUT.as_secs(), requires = "incoming")]
-    incoming_timeout: u64,
+    /// [default: 60]
+    // clap checks `requires` neither for an argument with a default value
+    // (clap #3076) nor against an argument that conflicts with one given
+    // (--incoming with --flat or a kernel): the conflicts say it instead.
+    #[arg(long, value_name = "S", requires = "incoming", conflicts_with_all = ["kernel", "flat", "restore"])]
+    incoming_timeout: Option<u64>,
+    /// With --incoming: nice value (0-19) of the thread that receives the
+    /// migration (the whole of it, switch-over included), so that whatever
+    /// else runs on this host wins the CPUs over it; the vCPUs keep the
+    /// VMM's priority.
+    #[arg(long, value_name = "N", requires = "incoming",
+          conflicts_with_all = ["kernel", "flat", "restore"], value_parser = clap::value_parser!(u8).range(0..=19))]
+    incoming_nice: Option<u8>,
     /// Restore from snapshot files: a full snapshot, then its diffs in order.
     #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with_all = ["flat", "incoming"])]
     restore: Vec<PathBuf>,
@@ -241,6 +252,12 @@ struct MigrateArgs {
     /// Throttle the vCPUs (20%, then +10% a round, up to 90%) while rounds do not converge.
     #[arg(long)]
     auto_converge: bool,
+    /// Nice value (0-19) of the thread that sends the rounds while the guest
+    /// runs, so that the guest's vCPUs win the CPUs over it; the switch-over
+    /// runs at the VMM's own priority.
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = clap::value_parser!(u8).range(0..=19))]
+    precopy_nice: u8,
     /// Also write the JSON report to this file.
     #[arg(long, value_name = "FILE")]
     stats: Option<PathBuf>,
@@ -420,7 +437,11 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
             ConsoleOut::Stdout,
             args.dirty.dirty_ring,
             args.mem_backing,
-            std::time::Duration::from_secs(args.incoming_timeout),
+            args.incoming_timeout.map_or(
+                destination::DEFAULT_FRAME_TIMEOUT,
+                std::time::Duration::from_secs,
+            ),
+            args.incoming_nice.unwrap_or(0),
         )
         .context("incoming migration failed")?;
         VmControl::new(machine, options, hello.cpu_profile, args.paused)?
@@ -504,6 +525,7 @@ fn migrate(a: MigrateArgs) -> anyhow::Result<i32> {
         bandwidth_limit_mbps: a.bandwidth_limit,
         verify: a.verify,
         auto_converge: a.auto_converge,
+        precopy_nice: a.precopy_nice,
     };
     if a.detach {
         let resp = api::call(&a.api, &Request::Migrate(opts))?;

@@ -144,6 +144,36 @@ fn bad_sizes_are_rejected() {
 }
 
 #[test]
+fn nice_values_out_of_range_or_without_their_mode_are_rejected() {
+    let out = run(&[
+        "migrate",
+        "--api",
+        "/tmp/none.sock",
+        "--to",
+        "unix:/tmp/none-mig.sock",
+        "--precopy-nice",
+        "20",
+    ]);
+    fails_with(&out, "20 is not in 0..=19");
+    assert_eq!(out.status.code(), Some(2));
+    // Once unheard (clap did not check `requires` against a conflict).
+    for flag in ["--incoming-nice", "--incoming-timeout"] {
+        for mode in [
+            &["--flat", "/dev/null"][..],
+            &["/tmp/no-kernel"],
+            &["--restore", "/dev/null"],
+        ] {
+            let mut args = vec!["run"];
+            args.extend_from_slice(mode);
+            args.extend_from_slice(&[flag, "5"]);
+            let out = run(&args);
+            fails_with(&out, &format!("cannot be used with '{flag} "));
+            assert_eq!(out.status.code(), Some(2), "{args:?}");
+        }
+    }
+}
+
+#[test]
 fn unknown_dirty_source_is_rejected() {
     let out = run(&[
         "ctl",

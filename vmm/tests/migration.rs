@@ -281,6 +281,63 @@ fn migrates_over_tcp() {
     );
 }
 
+/// (name, nice value) of every thread of process `pid`.
+fn thread_nices(pid: u32) -> Vec<(String, i64)> {
+    let mut all = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let stat = std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap();
+        // "tid (comm) state ppid ...": nice is field 19, the 17th after comm.
+        let (head, rest) = stat.rsplit_once(") ").unwrap();
+        let name = head.split_once(" (").unwrap().1.to_string();
+        let nice = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
+        all.push((name, nice));
+    }
+    all
+}
+
+/// This test process's nice value: what the VMMs it starts inherit.
+fn own_nice() -> i64 {
+    thread_nices(std::process::id())
+        .into_iter()
+        .map(|(_, n)| n)
+        .min()
+        .unwrap()
+}
+
+#[test]
+fn pre_copy_and_receiving_run_nicer_and_the_vcpus_do_not() {
+    let base = own_nice();
+    let report = migrate_and_check_on(
+        "nice",
+        unix_url,
+        &[],
+        &["--incoming-nice", "13"],
+        &["--dirty-source", "kvm-bitmap", "--precopy-nice", "11"],
+        &|side, pid| {
+            // Before the migration on the source, after it on the
+            // destination: no thread (vCPU, API, main) is nicer than the
+            // VMM was started at.
+            let nices = thread_nices(pid);
+            assert!(
+                nices.iter().all(|(_, n)| *n == base),
+                "{side}: {nices:?} (started at {base})"
+            );
+            if side == "destination" {
+                let err = std::fs::read_link(format!("/proc/{pid}/fd/2")).unwrap();
+                let err = std::fs::read_to_string(err).unwrap();
+                assert!(
+                    err.contains(&format!("receiving the migration at nice {}", base.max(13))),
+                    "{err}"
+                );
+            }
+        },
+    );
+    assert_eq!(report["precopy_nice"], base.max(11), "{report}");
+    // Without the option the rounds run at the VMM's own value.
+    let plain = migrate_and_check("nice-0", unix_url, &[], &["--dirty-source", "kvm-bitmap"]);
+    assert_eq!(plain["precopy_nice"], base, "{plain}");
+}
+
 #[test]
 fn force_policy_switches_over_a_throttled_guest_that_never_converges() {
     let s = Scratch::new("force");

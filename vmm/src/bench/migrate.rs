@@ -239,6 +239,7 @@ fn run_one(
         bandwidth_limit_mbps: cfg.bandwidth_limit_mbps,
         verify: false,
         auto_converge: cfg.auto_converge,
+        precopy_nice: 0,
     };
     let (c0, _) = last_counter(&src.out)?;
     let resp = api::migrate_and_wait(&src_api, &opts, &mut |_| {})?;

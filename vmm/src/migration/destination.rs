@@ -13,6 +13,7 @@ use ldt_migration::{
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::digest::PageHashes;
+use super::priority;
 use super::transport::{Connection, Listener};
 use super::{parse, Hello, MachineState, MigrationError, Ready};
 use crate::arch::layout::PAGE_SIZE;
@@ -81,13 +82,16 @@ pub fn accept(
 
 /// The whole incoming side: waits for a source, builds the VM and receives
 /// it. While one migration runs, every other connection gets an Abort
-/// frame saying so (and never ends this one).
+/// frame saying so (and never ends this one). The receiving runs on a
+/// thread of its own at nice value `nice` (0: the VMM's), which ends with
+/// it: the vCPUs, started later from the caller's, keep the VMM's priority.
 pub fn incoming(
     listener: &Listener,
     console: ConsoleOut,
     dirty_ring_entries: Option<u32>,
     mem_backing: MemBacking,
     frame_timeout: Duration,
+    nice: u8,
 ) -> Result<(Hello, Machine), MigrationError> {
     let (mut conn, hello, machine) = accept(
         listener,
@@ -99,7 +103,19 @@ pub fn incoming(
     let done = AtomicBool::new(false);
     let received = std::thread::scope(|s| {
         s.spawn(|| refuse_while_busy(listener, &done));
-        let r = receive(&mut conn, &hello, &machine);
+        let receiver = std::thread::Builder::new()
+            .name("incoming".into())
+            .spawn_scoped(s, || {
+                let n = priority::lower_current_thread(nice).map_err(MigrationError::Priority)?;
+                if n > 0 {
+                    eprintln!("ldt-vmm: receiving the migration at nice {n}");
+                }
+                receive(&mut conn, &hello, &machine)
+            });
+        let r = match receiver {
+            Ok(t) => t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            Err(e) => Err(MigrationError::Priority(e)),
+        };
         done.store(true, Ordering::Relaxed);
         r
     });

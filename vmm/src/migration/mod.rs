@@ -31,6 +31,7 @@
 
 pub mod destination;
 pub mod digest;
+pub mod priority;
 pub mod report;
 pub mod snapshot;
 pub mod source;
@@ -198,6 +199,8 @@ pub enum MigrationError {
     Input(#[from] crate::input_file::InputError),
     #[error("{0}")]
     Build(String),
+    #[error("cannot start the migration's copying thread at its priority: {0}")]
+    Priority(std::io::Error),
 }
 
 /// Decodes a JSON message body.

@@ -112,6 +112,9 @@ pub struct MigrationReport {
     pub memcpy_mb_s: f64,
     /// Auto-converge throttle reached (percent of time vCPUs were parked).
     pub throttle_pct: u32,
+    /// The nice value the pre-copy rounds ran at (`migrate --precopy-nice`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precopy_nice: Option<i32>,
     /// With --verify: digest of the source's memory (hashed after the
     /// commit, outside the downtime) and of what the destination received.
     pub digest_source: Option<String>,

@@ -7,6 +7,7 @@ use ldt_migration::{encode_memory_header, MemoryRange, MessageKind, RANGE_ZERO};
 use serde::{Deserialize, Serialize};
 
 use super::digest::PageHashes;
+use super::priority;
 use super::report::{
     memcpy_rate_mb_s, DowntimeBreakdown, GuestLdtFinal, MigrationReport, Progress, RoundStats,
 };
@@ -114,6 +115,10 @@ pub struct MigrateOptions {
     /// Throttle the vCPUs when rounds do not shrink (see `throttle`).
     #[serde(default)]
     pub auto_converge: bool,
+    /// Nice value of the thread that sends the rounds while the vCPUs run
+    /// (0: the VMM's own); the switch-over runs at the VMM's priority.
+    #[serde(default)]
+    pub precopy_nice: u8,
 }
 
 /// One memory message being filled: runs of zero and non-zero pages, and
@@ -446,7 +451,7 @@ fn expect(frame: ldt_migration::Frame, kind: MessageKind) -> Result<Vec<u8>, Mig
 pub fn migrate(
     ctl: &VmControl,
     opts: &MigrateOptions,
-    progress: &mut dyn FnMut(&Progress),
+    progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<MigrationReport, MigrationError> {
     migrate_cancellable(ctl, opts, progress, &AtomicBool::new(false))
 }
@@ -457,7 +462,7 @@ pub fn migrate(
 pub fn migrate_cancellable(
     ctl: &VmControl,
     opts: &MigrateOptions,
-    progress: &mut dyn FnMut(&Progress),
+    progress: &mut (dyn FnMut(&Progress) + Send),
     cancel: &AtomicBool,
 ) -> Result<MigrationReport, MigrationError> {
     ctl.claim_tracking(TrackingUser::Migration)?;
@@ -469,7 +474,7 @@ pub fn migrate_cancellable(
 fn migrate_claimed(
     ctl: &VmControl,
     opts: &MigrateOptions,
-    progress: &mut dyn FnMut(&Progress),
+    progress: &mut (dyn FnMut(&Progress) + Send),
     cancel: &AtomicBool,
 ) -> Result<MigrationReport, MigrationError> {
     let started = Instant::now();
@@ -541,7 +546,7 @@ fn run_rounds(
     conn: &mut Connection,
     source: &mut dyn DirtySource,
     started: Instant,
-    progress: &mut dyn FnMut(&Progress),
+    progress: &mut (dyn FnMut(&Progress) + Send),
     cancel: &AtomicBool,
 ) -> Result<MigrationReport, MigrationError> {
     let setup_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -560,61 +565,78 @@ fn run_rounds(
     let mut dirty_rate = 0.0;
     let mut round = 1;
     let throttle = Throttle::default();
+    let mut precopy_nice = None;
     let precopy = std::thread::scope(|s| {
         if opts.auto_converge {
             s.spawn(|| throttle.run(ctl));
         }
-        let result = (|| loop {
-            check_cancel(Some(cancel))?;
-            let dirty = dirty::harvest(source, &ctl.vm)?;
-            let last = rounds.last().unwrap();
-            let remaining = dirty.count() * PAGE_SIZE;
-            let bw = last.bytes as f64 / (last.duration_ms / 1e3).max(1e-9);
-            expected_ms = switchover_estimate_ms(remaining, ctl.vcpu_count, bw);
-            dirty_rate = dirty.count() as f64 / (last.duration_ms / 1e3).max(1e-9);
-            progress(&Progress {
-                round,
-                remaining_bytes: remaining,
-                dirty_rate_pages_s: dirty_rate,
-                bandwidth_mb_s: bw / 1e6,
-                expected_downtime_ms: expected_ms,
-                throttle_pct: throttle.pct(),
-            });
-            let out_of_rounds = round > opts.max_rounds;
-            let out_of_time = started.elapsed() >= Duration::from_secs(opts.timeout_s);
-            if expected_ms <= target.as_secs_f64() * 1e3
-                && (out_of_rounds || out_of_time || !another_round_pays(dirty.count(), last.pages))
-            {
-                return Ok(dirty);
-            }
-            if out_of_rounds || out_of_time {
-                let why = if out_of_rounds {
-                    format!("{} rounds done", opts.max_rounds)
-                } else {
-                    format!("{} s timeout", opts.timeout_s)
-                };
-                match opts.policy {
-                    ConvergencePolicy::Cancel => {
-                        return Err(MigrationError::NotConverged(format!(
-                            "{why}, expected downtime {expected_ms:.0} ms > target {} ms",
-                            opts.downtime_ms
-                        )))
-                    }
-                    ConvergencePolicy::Force => {
-                        converged = false;
+        // The rounds run on a thread of their own that ends with them, so
+        // that its nice value (`priority`) never reaches the switch-over.
+        let rounds_thread = std::thread::Builder::new()
+            .name("precopy".into())
+            .spawn_scoped(s, || {
+                precopy_nice = Some(
+                    priority::lower_current_thread(opts.precopy_nice)
+                        .map_err(MigrationError::Priority)?,
+                );
+                loop {
+                    check_cancel(Some(cancel))?;
+                    let dirty = dirty::harvest(source, &ctl.vm)?;
+                    let last = rounds.last().unwrap();
+                    let remaining = dirty.count() * PAGE_SIZE;
+                    let bw = last.bytes as f64 / (last.duration_ms / 1e3).max(1e-9);
+                    expected_ms = switchover_estimate_ms(remaining, ctl.vcpu_count, bw);
+                    dirty_rate = dirty.count() as f64 / (last.duration_ms / 1e3).max(1e-9);
+                    progress(&Progress {
+                        round,
+                        remaining_bytes: remaining,
+                        dirty_rate_pages_s: dirty_rate,
+                        bandwidth_mb_s: bw / 1e6,
+                        expected_downtime_ms: expected_ms,
+                        throttle_pct: throttle.pct(),
+                    });
+                    let out_of_rounds = round > opts.max_rounds;
+                    let out_of_time = started.elapsed() >= Duration::from_secs(opts.timeout_s);
+                    if expected_ms <= target.as_secs_f64() * 1e3
+                        && (out_of_rounds
+                            || out_of_time
+                            || !another_round_pays(dirty.count(), last.pages))
+                    {
                         return Ok(dirty);
                     }
+                    if out_of_rounds || out_of_time {
+                        let why = if out_of_rounds {
+                            format!("{} rounds done", opts.max_rounds)
+                        } else {
+                            format!("{} s timeout", opts.timeout_s)
+                        };
+                        match opts.policy {
+                            ConvergencePolicy::Cancel => {
+                                return Err(MigrationError::NotConverged(format!(
+                                    "{why}, expected downtime {expected_ms:.0} ms > target {} ms",
+                                    opts.downtime_ms
+                                )))
+                            }
+                            ConvergencePolicy::Force => {
+                                converged = false;
+                                return Ok(dirty);
+                            }
+                        }
+                    }
+                    // Round 1 still includes the first touch; throttle from round 2.
+                    if opts.auto_converge && round >= 2 {
+                        throttle.increase();
+                    }
+                    let mut stats = sender.send_round(conn, round, &dirty)?;
+                    stats.dirty_rate_pages_s = dirty_rate;
+                    rounds.push(stats);
+                    round += 1;
                 }
-            }
-            // Round 1 still includes the first touch; throttle from round 2.
-            if opts.auto_converge && round >= 2 {
-                throttle.increase();
-            }
-            let mut stats = sender.send_round(conn, round, &dirty)?;
-            stats.dirty_rate_pages_s = dirty_rate;
-            rounds.push(stats);
-            round += 1;
-        })();
+            });
+        let result = match rounds_thread {
+            Ok(t) => t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            Err(e) => Err(MigrationError::Priority(e)),
+        };
         throttle.stop();
         result
     });
@@ -739,6 +761,7 @@ fn run_rounds(
         copy_mb_s,
         memcpy_mb_s: 0.0,
         throttle_pct: throttle.pct(),
+        precopy_nice,
         verify_ms,
         digest_source,
         digest_destination: ready.digest,
@@ -784,6 +807,7 @@ mod tests {
             bandwidth_limit_mbps: None,
             verify: false,
             auto_converge: false,
+            precopy_nice: 0,
         };
         assert_eq!(
             switchover_budget(&o, 10.0),
