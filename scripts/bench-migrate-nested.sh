@@ -21,7 +21,9 @@
 #   --modes LIST      the modes, comma-separated, in their order (default:
 #                     every dirty source, then qemu); "SOURCE+nice" is an
 #                     ldt-vmm source with its copying threads at nice 19
-#                     (migrate --precopy-nice, run --incoming-nice)
+#                     (migrate --precopy-nice, run --incoming-nice); "+pin"
+#                     (also qemu+pin): the source's vCPU thread alone on one
+#                     CPU, every other thread of both VMMs on the other
 #   --vmm FILE        this static ldt-vmm in the nested machine (default:
 #                     build one, images/run-nested.sh)
 #   --json FILE       write every migration as JSON (schema below)
@@ -35,7 +37,7 @@
 #             changed), "kernel": str (host kernel; nested kernel and
 #             guest image inputs), "image": str (guest.img SHA-256)},
 #    "runs": [{"mode": "kvm-bitmap"|"kvm-clear"|"kvm-ring"|"host-ldt"|"guest-ldt"|"qemu"
-#              (a source with "+nice": --modes),
+#              (with "+nice", "+pin": --modes),
 #              "run": int (1..N), "rate": int (memcheck pages/s, 0: max),
 #              "total_ms": num, "downtime_ms": num,
 #              "rounds": int (ldt-vmm: rounds incl. round 0 and the last;
@@ -101,7 +103,7 @@ if [ -n "$from_log" ]; then
 	cp "$from_log" "$log"
 else
 	[[ "$rates" =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "--rates: comma-separated numbers" >&2; exit 2; }
-	[[ "$modes" =~ ^([a-z-]+(\+nice)?(,[a-z-]+(\+nice)?)*)?$ ]] ||
+	[[ "$modes" =~ ^([a-z-]+(\+(nice|pin))*(,[a-z-]+(\+(nice|pin))*)*)?$ ]] ||
 		{ echo "--modes: comma-separated modes (e.g. host-ldt,host-ldt+nice,qemu)" >&2; exit 2; }
 	LDT_BENCH_RUNS=$runs LDT_BENCH_RATES=$rates LDT_BENCH_MODES=$modes \
 		"$ROOT/images/run-nested.sh" --bench-migrate $host_ldt "${vmm[@]}" \
@@ -127,7 +129,14 @@ def throughput(r):
 
 runs = []
 for line in sys.stdin:
-    r = json.loads(line)
+    try:
+        r = json.loads(line)
+    except ValueError as e:
+        # One bad record (a console line cut by the switch-over, before
+        # bench-migrate-l2 left those out) must not lose the whole run.
+        print(f"bench-migrate-nested: skipped a malformed record ({e}): {line[:120]}...",
+              file=sys.stderr)
+        continue
     # Logs of before the workloads existed ran the fixed rate only.
     rate = r.get("rate", 4000)
     if "error" in r:
