@@ -89,19 +89,19 @@ struct RunArgs {
     incoming: Option<Endpoint>,
     /// With --incoming: the longest a connected source may take for any one
     /// frame (a silent or trickling source then ends the migration).
-    /// [default: 60]
-    // clap checks `requires` neither for an argument with a default value
-    // (clap #3076) nor against an argument that conflicts with one given
-    // (--incoming with --flat or a kernel): the conflicts say it instead.
-    #[arg(long, value_name = "S", requires = "incoming", conflicts_with_all = ["kernel", "flat", "restore"])]
-    incoming_timeout: Option<u64>,
+    // clap does not check `requires` against an argument that conflicts
+    // with one given (--incoming with --flat, a kernel or --restore): the
+    // conflicts say it instead.
+    #[arg(long, value_name = "S", default_value_t = destination::DEFAULT_FRAME_TIMEOUT.as_secs(),
+          requires = "incoming", conflicts_with_all = ["kernel", "flat", "restore"])]
+    incoming_timeout: u64,
     /// With --incoming: nice value (0-19) of the thread that receives the
     /// migration (the whole of it, switch-over included), so that whatever
     /// else runs on this host wins the CPUs over it; the vCPUs keep the
     /// VMM's priority.
-    #[arg(long, value_name = "N", requires = "incoming",
+    #[arg(long, value_name = "N", default_value_t = 0, requires = "incoming",
           conflicts_with_all = ["kernel", "flat", "restore"], value_parser = clap::value_parser!(u8).range(0..=19))]
-    incoming_nice: Option<u8>,
+    incoming_nice: u8,
     /// Restore from snapshot files: a full snapshot, then its diffs in order.
     #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with_all = ["flat", "incoming"])]
     restore: Vec<PathBuf>,
@@ -437,11 +437,8 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
             ConsoleOut::Stdout,
             args.dirty.dirty_ring,
             args.mem_backing,
-            args.incoming_timeout.map_or(
-                destination::DEFAULT_FRAME_TIMEOUT,
-                std::time::Duration::from_secs,
-            ),
-            args.incoming_nice.unwrap_or(0),
+            std::time::Duration::from_secs(args.incoming_timeout),
+            args.incoming_nice,
         )
         .context("incoming migration failed")?;
         VmControl::new(machine, options, hello.cpu_profile, args.paused)?

@@ -103,19 +103,12 @@ pub fn incoming(
     let done = AtomicBool::new(false);
     let received = std::thread::scope(|s| {
         s.spawn(|| refuse_while_busy(listener, &done));
-        let receiver = std::thread::Builder::new()
-            .name("incoming".into())
-            .spawn_scoped(s, || {
-                let n = priority::lower_current_thread(nice).map_err(MigrationError::Priority)?;
-                if n > 0 {
-                    eprintln!("ldt-vmm: receiving the migration at nice {n}");
-                }
-                receive(&mut conn, &hello, &machine)
-            });
-        let r = match receiver {
-            Ok(t) => t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
-            Err(e) => Err(MigrationError::Priority(e)),
-        };
+        let r = priority::run_at_nice("incoming", nice, |n| {
+            if n > 0 {
+                eprintln!("ldt-vmm: receiving the migration at nice {n}");
+            }
+            receive(&mut conn, &hello, &machine)
+        });
         done.store(true, Ordering::Relaxed);
         r
     });

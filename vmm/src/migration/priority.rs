@@ -12,6 +12,8 @@
 
 use std::io;
 
+use super::MigrationError;
+
 /// The highest nice value Linux has.
 pub const MAX_NICE: u8 = 19;
 
@@ -51,6 +53,26 @@ pub fn lower_current_thread(nice: u8) -> io::Result<i32> {
         return Err(io::Error::last_os_error());
     }
     current_thread_nice()
+}
+
+/// Runs `f` on a thread of its own named `name`, made at least as nice as
+/// `nice` first (`lower_current_thread`), and waits for it; `f` gets the
+/// nice value it runs at. The caller's own priority is never touched, so
+/// whatever it does afterwards (a switch-over, starting vCPUs) keeps it.
+pub fn run_at_nice<T: Send>(
+    name: &str,
+    nice: u8,
+    f: impl FnOnce(i32) -> Result<T, MigrationError> + Send,
+) -> Result<T, MigrationError> {
+    std::thread::scope(|s| {
+        let t = std::thread::Builder::new()
+            .name(name.into())
+            .spawn_scoped(s, || {
+                f(lower_current_thread(nice).map_err(MigrationError::Priority)?)
+            })
+            .map_err(MigrationError::Priority)?;
+        t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
 }
 
 #[cfg(test)]

@@ -572,71 +572,62 @@ fn run_rounds(
         }
         // The rounds run on a thread of their own that ends with them, so
         // that its nice value (`priority`) never reaches the switch-over.
-        let rounds_thread = std::thread::Builder::new()
-            .name("precopy".into())
-            .spawn_scoped(s, || {
-                precopy_nice = Some(
-                    priority::lower_current_thread(opts.precopy_nice)
-                        .map_err(MigrationError::Priority)?,
-                );
-                loop {
-                    check_cancel(Some(cancel))?;
-                    let dirty = dirty::harvest(source, &ctl.vm)?;
-                    let last = rounds.last().unwrap();
-                    let remaining = dirty.count() * PAGE_SIZE;
-                    let bw = last.bytes as f64 / (last.duration_ms / 1e3).max(1e-9);
-                    expected_ms = switchover_estimate_ms(remaining, ctl.vcpu_count, bw);
-                    dirty_rate = dirty.count() as f64 / (last.duration_ms / 1e3).max(1e-9);
-                    progress(&Progress {
-                        round,
-                        remaining_bytes: remaining,
-                        dirty_rate_pages_s: dirty_rate,
-                        bandwidth_mb_s: bw / 1e6,
-                        expected_downtime_ms: expected_ms,
-                        throttle_pct: throttle.pct(),
-                    });
-                    let out_of_rounds = round > opts.max_rounds;
-                    let out_of_time = started.elapsed() >= Duration::from_secs(opts.timeout_s);
-                    if expected_ms <= target.as_secs_f64() * 1e3
-                        && (out_of_rounds
-                            || out_of_time
-                            || !another_round_pays(dirty.count(), last.pages))
-                    {
-                        return Ok(dirty);
-                    }
-                    if out_of_rounds || out_of_time {
-                        let why = if out_of_rounds {
-                            format!("{} rounds done", opts.max_rounds)
-                        } else {
-                            format!("{} s timeout", opts.timeout_s)
-                        };
-                        match opts.policy {
-                            ConvergencePolicy::Cancel => {
-                                return Err(MigrationError::NotConverged(format!(
-                                    "{why}, expected downtime {expected_ms:.0} ms > target {} ms",
-                                    opts.downtime_ms
-                                )))
-                            }
-                            ConvergencePolicy::Force => {
-                                converged = false;
-                                return Ok(dirty);
-                            }
+        let result = priority::run_at_nice("precopy", opts.precopy_nice, |n| {
+            precopy_nice = Some(n);
+            loop {
+                check_cancel(Some(cancel))?;
+                let dirty = dirty::harvest(source, &ctl.vm)?;
+                let last = rounds.last().unwrap();
+                let remaining = dirty.count() * PAGE_SIZE;
+                let bw = last.bytes as f64 / (last.duration_ms / 1e3).max(1e-9);
+                expected_ms = switchover_estimate_ms(remaining, ctl.vcpu_count, bw);
+                dirty_rate = dirty.count() as f64 / (last.duration_ms / 1e3).max(1e-9);
+                progress(&Progress {
+                    round,
+                    remaining_bytes: remaining,
+                    dirty_rate_pages_s: dirty_rate,
+                    bandwidth_mb_s: bw / 1e6,
+                    expected_downtime_ms: expected_ms,
+                    throttle_pct: throttle.pct(),
+                });
+                let out_of_rounds = round > opts.max_rounds;
+                let out_of_time = started.elapsed() >= Duration::from_secs(opts.timeout_s);
+                if expected_ms <= target.as_secs_f64() * 1e3
+                    && (out_of_rounds
+                        || out_of_time
+                        || !another_round_pays(dirty.count(), last.pages))
+                {
+                    return Ok(dirty);
+                }
+                if out_of_rounds || out_of_time {
+                    let why = if out_of_rounds {
+                        format!("{} rounds done", opts.max_rounds)
+                    } else {
+                        format!("{} s timeout", opts.timeout_s)
+                    };
+                    match opts.policy {
+                        ConvergencePolicy::Cancel => {
+                            return Err(MigrationError::NotConverged(format!(
+                                "{why}, expected downtime {expected_ms:.0} ms > target {} ms",
+                                opts.downtime_ms
+                            )))
+                        }
+                        ConvergencePolicy::Force => {
+                            converged = false;
+                            return Ok(dirty);
                         }
                     }
-                    // Round 1 still includes the first touch; throttle from round 2.
-                    if opts.auto_converge && round >= 2 {
-                        throttle.increase();
-                    }
-                    let mut stats = sender.send_round(conn, round, &dirty)?;
-                    stats.dirty_rate_pages_s = dirty_rate;
-                    rounds.push(stats);
-                    round += 1;
                 }
-            });
-        let result = match rounds_thread {
-            Ok(t) => t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
-            Err(e) => Err(MigrationError::Priority(e)),
-        };
+                // Round 1 still includes the first touch; throttle from round 2.
+                if opts.auto_converge && round >= 2 {
+                    throttle.increase();
+                }
+                let mut stats = sender.send_round(conn, round, &dirty)?;
+                stats.dirty_rate_pages_s = dirty_rate;
+                rounds.push(stats);
+                round += 1;
+            }
+        });
         throttle.stop();
         result
     });
