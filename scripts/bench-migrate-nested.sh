@@ -22,8 +22,9 @@
 #                     every dirty source, then qemu); "SOURCE+nice" is an
 #                     ldt-vmm source with its copying threads at nice 19
 #                     (migrate --precopy-nice, run --incoming-nice); "+pin"
-#                     (also qemu+pin): the source's vCPU thread alone on one
-#                     CPU, every other thread of both VMMs on the other
+#                     (also qemu+pin): the vCPU threads alone on one CPU,
+#                     every other thread of both VMMs on the other (ldt-vmm:
+#                     run --vcpu-cpus 0 --vmm-cpus 1)
 #   --vmm FILE        this static ldt-vmm in the nested machine (default:
 #                     build one, images/run-nested.sh)
 #   --json FILE       write every migration as JSON (schema below)

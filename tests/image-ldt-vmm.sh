@@ -8,7 +8,9 @@
 #      switches);
 #   3. smp: --vcpus 2, both CPUs come up ("smp: Brought up 1 node, 2 CPUs"),
 #      user space sees 2 CPUs, and a guest status other than 0 (7) comes
-#      back as ldt-vmm's exit status;
+#      back as ldt-vmm's exit status; smp-placement: the vCPU threads (one
+#      --vcpu-cpus each) and every other thread (--vmm-cpus) run where the
+#      options put them;
 #   4. panic: the guest panics on purpose (sysrq c); its pvpanic report
 #      (guest-kernel-patch/vmm-0001) ends ldt-vmm with status 3 and the
 #      one-line message, not with the reset's 0.
@@ -96,10 +98,40 @@ run_case syscheck 0 '' 'earlyprintk=ttyS0 ldt.run=/bin/ldt-syscheck' \
 	'ldt-syscheck: PASS' 'ldt-init: exit status 0'
 # `[ $(nproc) = 2 ] && exit 7`: 7 proves the guest saw 2 CPUs and that a
 # non-zero status reaches ldt-vmm's exit code; a failed test exits 1.
+# It also places the threads, one --vcpu-cpus per vCPU in reverse order:
+# vcpu0 on the last CPU this script may use, vcpu1 and every other thread
+# (main, API, KVM's worker) on the first; a watcher lists them meanwhile.
+cpus=$(sed -n 's/^Cpus_allowed_list:\s*//p' /proc/self/status | tr ',-' '\n\n')
+first=$(head -n1 <<<"$cpus") last=$(tail -n1 <<<"$cpus")
+watch_threads() {
+	local pid t i
+	for i in $(seq 600); do
+		pid=$(pgrep -f "^$VMM run .*$logdir/smp.api" || true)
+		[ -n "$pid" ] && [ -e "/proc/$pid/task" ] && grep -qx vcpu1 /proc/"$pid"/task/*/comm 2>/dev/null && break
+		sleep 0.5
+	done
+	[ -n "$pid" ] || return 0
+	sleep 1
+	for t in /proc/"$pid"/task/*; do
+		echo "$(cat "$t/comm") $(sed -n 's/^Cpus_allowed_list:\s*//p' "$t/status")"
+	done >"$logdir/smp.threads"
+}
+watch_threads &
+watcher=$!
 # shellcheck disable=SC2016 # $(nproc) is for the guest's shell
-run_case smp 7 '--vcpus 2' 'earlyprintk=ttyS0 ldt.run=[%20$(nproc)%20=%202%20]%20&&%20exit%207' \
+run_case smp 7 "--vcpus 2 --vcpu-cpus $last --vcpu-cpus $first --vmm-cpus $first --api $logdir/smp.api" \
+	'earlyprintk=ttyS0 ldt.run=[%20$(nproc)%20=%202%20]%20&&%20exit%207' \
 	'smp: Brought up 1 node, 2 CPUs' 'ldt-init: user space reached' \
 	'ldt-init: exit status 7'
+wait "$watcher" || true
+why=
+threads=$(cat "$logdir/smp.threads" 2>/dev/null || true)
+[ -n "$threads" ] || why="no thread list of the smp run"
+while read -r name placed; do
+	case $name in vcpu0) want=$last ;; *) want=$first ;; esac
+	[ "$placed" = "$want" ] || why="${why:+$why; }thread $name on CPUs $placed, expected $want"
+done <<<"$threads"
+record smp-placement "$(tr '\n' ' ' <<<"$threads")"
 
 # panic_case NAME CMDLINE_APPEND: the guest kernel panics; ldt-vmm must end
 # with status 3 and say so (the reset that panic=-1 makes comes too late).

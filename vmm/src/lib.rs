@@ -6,6 +6,7 @@
 //! → `flat` (the flat-payload harness used by tests and benches) →
 //! `runner` and `api` (running a VM and controlling it).
 
+pub mod affinity;
 pub mod api;
 pub mod arch;
 pub mod bench;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use ldt_vmm::affinity::{self, CpuSet, VcpuAffinity};
 use ldt_vmm::api::{self, Request};
 use ldt_vmm::arch::cpuid::CpuProfile;
 use ldt_vmm::bench::migrate::{MigrateBenchConfig, Workload};
@@ -153,6 +154,15 @@ struct RunArgs {
     /// migration fails when KVM saw a write that no guest report has.
     #[arg(long, requires = "ldt_pv")]
     ldt_pv_audit: bool,
+    /// Host CPUs the vCPU threads run on ("0-3,8", as in Cpus_allowed_list):
+    /// given once, every vCPU; given once per vCPU, the Nth for vCPU N-1.
+    /// With --incoming, once (the vCPU count comes from the stream).
+    #[arg(long, value_name = "LIST", action = clap::ArgAction::Append)]
+    vcpu_cpus: Vec<CpuSet>,
+    /// Host CPUs every other thread of the VMM runs on (API, migration,
+    /// console, and everything they start): libvirt's emulatorpin.
+    #[arg(long, value_name = "LIST")]
+    vmm_cpus: Option<CpuSet>,
     /// CPU features: `compat` hides what this project's PVM hosts cannot emulate.
     /// Default: compat where /sys/module/kvm_pvm exists, host elsewhere.
     #[arg(long, value_enum)]
@@ -418,6 +428,7 @@ struct DirtyBenchArgs {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let vcpu_cpus = place_threads(&args)?;
     let profile = args.cpu_profile.unwrap_or_else(CpuProfile::detect);
     let options = args.dirty.options();
     ldt_vmm::vm::memory::set_overcommit_percent(args.mem_overcommit);
@@ -472,7 +483,33 @@ fn run(args: RunArgs) -> anyhow::Result<i32> {
         ),
         None => None,
     };
-    runner::run(ctl)
+    runner::run(ctl, &vcpu_cpus)
+}
+
+/// Checks `--vcpu-cpus` and `--vmm-cpus` against the CPUs this process may
+/// use and moves this thread, before it starts any other, to `--vmm-cpus`;
+/// the vCPU threads place themselves when they start.
+fn place_threads(args: &RunArgs) -> anyhow::Result<VcpuAffinity> {
+    let allowed = affinity::current_thread().context("sched_getaffinity")?;
+    for set in &args.vcpu_cpus {
+        set.check_within(&allowed)
+            .map_err(|e| anyhow::anyhow!("--vcpu-cpus {set}: {e}"))?;
+    }
+    if args.incoming.is_some() && args.vcpu_cpus.len() > 1 {
+        anyhow::bail!("--incoming takes --vcpu-cpus once (the vCPU count comes from the stream)");
+    }
+    let vcpus = VcpuAffinity::new(args.vcpu_cpus.clone());
+    if args.incoming.is_none() && args.restore.is_empty() {
+        vcpus
+            .for_vcpu(0, args.vcpus.into())
+            .map_err(anyhow::Error::msg)?;
+    }
+    if let Some(set) = &args.vmm_cpus {
+        set.check_within(&allowed)
+            .map_err(|e| anyhow::anyhow!("--vmm-cpus {set}: {e}"))?;
+        affinity::pin_current_thread(set).with_context(|| format!("--vmm-cpus {set}"))?;
+    }
+    Ok(vcpus)
 }
 
 fn resources(args: &RunArgs, profile: CpuProfile) -> anyhow::Result<VmResources> {

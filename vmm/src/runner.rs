@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 use vmm_sys_util::terminal::Terminal;
 
+use crate::affinity::{self, CpuSet, VcpuAffinity};
 use crate::builder::Machine;
 use crate::devices::LegacyDevices;
 use crate::dirty::{self, DirtyError, DirtyOptions, DirtySource, DirtySourceKind};
@@ -416,20 +417,45 @@ impl MutEventSubscriber for ConsoleLoop {
 }
 
 /// Runs the VM until the guest resets or is shut down; returns the exit
-/// status for the process.
-pub fn run(ctl: Arc<VmControl>) -> anyhow::Result<i32> {
+/// status for the process. Each vCPU thread first restricts itself to its
+/// set of `vcpu_cpus` (the other threads keep the mask they inherit).
+pub fn run(ctl: Arc<VmControl>, vcpu_cpus: &VcpuAffinity) -> anyhow::Result<i32> {
     vcpu::register_kick_handler()?;
+    let placement = (0..ctl.vcpus.len())
+        .map(|i| {
+            vcpu_cpus
+                .for_vcpu(i, ctl.vcpus.len())
+                .map(Option::<&CpuSet>::cloned)
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(anyhow::Error::msg)?;
 
+    // KVM's own worker threads would otherwise start from a vCPU thread and
+    // share its CPUs: this thread (on the VMM's) makes them first.
+    if placement.iter().any(Option::is_some) {
+        if let Some(v) = ctl.vcpus.first() {
+            v.lock().unwrap().run_no_entry()?;
+        }
+    }
     let stdin = std::io::stdin();
     let raw = stdin.is_terminal() && stdin.lock().set_raw_mode().is_ok();
     // The list is held while spawning so that a pause or stop issued
     // meanwhile kicks every vCPU thread, not only those pushed so far.
     let mut threads = ctl.threads.lock().unwrap();
-    for (i, v) in ctl.vcpus.iter().enumerate() {
+    for (i, (v, cpus)) in ctl.vcpus.iter().zip(placement).enumerate() {
         let (c, v) = (ctl.clone(), v.clone());
         let h = std::thread::Builder::new()
             .name(format!("vcpu{i}"))
-            .spawn(move || vcpu_thread(v, c))?;
+            .spawn(move || {
+                if let Some(cpus) = cpus {
+                    if let Err(e) = affinity::pin_current_thread(&cpus) {
+                        eprintln!("ldt-vmm: vCPU {i} cannot be placed on CPUs {cpus}: {e}");
+                        c.stop(1);
+                        return;
+                    }
+                }
+                vcpu_thread(v, c)
+            })?;
         threads.push(h);
     }
     drop(threads);

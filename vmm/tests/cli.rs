@@ -174,6 +174,38 @@ fn nice_values_out_of_range_or_without_their_mode_are_rejected() {
 }
 
 #[test]
+fn cpu_lists_that_cannot_be_honoured_are_refused_before_anything_runs() {
+    for (list, why) in [
+        ("1-0", "range `1-0` runs backwards"),
+        ("x", "`x` is not a CPU number"),
+        ("4096", "CPU 4096 is beyond the 1024"),
+    ] {
+        for flag in ["--vcpu-cpus", "--vmm-cpus"] {
+            let out = run(&["run", "--flat", "/dev/null", flag, list]);
+            fails_with(&out, why);
+            assert_eq!(out.status.code(), Some(2), "{flag} {list}");
+        }
+    }
+    // Parsed, but not a CPU this process may use; before the payload is read.
+    for flag in ["--vcpu-cpus", "--vmm-cpus"] {
+        let out = run(&["run", "--flat", "/dev/null", flag, "1023"]);
+        fails_with(
+            &out,
+            &format!("{flag} 1023: CPU 1023 is not among the CPUs this process may run on ("),
+        );
+        assert_eq!(out.status.code(), Some(1));
+    }
+    let twice = ["--vcpu-cpus", "0", "--vcpu-cpus", "0"];
+    let mut args = vec!["run", "--flat", "/dev/null"];
+    args.extend_from_slice(&twice);
+    fails_with(&run(&args), "--vcpu-cpus given 2 times for 1 vCPUs");
+    let mut args = vec!["run", "--incoming", "unix:/tmp/ldt-vmm-cli-never.sock"];
+    args.extend_from_slice(&twice);
+    fails_with(&run(&args), "--incoming takes --vcpu-cpus once");
+    assert!(!std::path::Path::new("/tmp/ldt-vmm-cli-never.sock").exists());
+}
+
+#[test]
 fn unknown_dirty_source_is_rejected() {
     let out = run(&[
         "ctl",

@@ -350,6 +350,54 @@ fn pre_copy_and_receiving_run_nicer_and_the_vcpus_do_not() {
     assert_eq!(plain["precopy_nice"], base, "{plain}");
 }
 
+/// Each thread of `pid`: its name and the CPUs it may run on, as the
+/// kernel lists them (`Cpus_allowed_list`).
+fn thread_cpus(pid: u32) -> Vec<(String, String)> {
+    let mut all = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().path();
+        let name = std::fs::read_to_string(t.join("comm")).unwrap();
+        let status = std::fs::read_to_string(t.join("status")).unwrap();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap();
+        all.push((name.trim().to_string(), cpus.trim().to_string()));
+    }
+    all
+}
+
+#[test]
+fn vcpu_and_vmm_threads_run_on_the_cpus_each_side_gives_them() {
+    let allowed = ldt_vmm::affinity::current_thread().unwrap().to_string();
+    // The first and the last CPU this test may use (one and the same on
+    // a one-CPU machine, where this checks less).
+    let cpus: Vec<String> = allowed.split([',', '-']).map(str::to_string).collect();
+    let (a, b) = (cpus[0].as_str(), cpus[cpus.len() - 1].as_str());
+    if a == b {
+        eprintln!("only CPU {a} is allowed here: every thread goes to it");
+    }
+    // The destination swaps them: its placement is its own, not the source's.
+    let check = |side: &str, pid: u32| {
+        let (vcpu, vmm) = if side == "source" { (a, b) } else { (b, a) };
+        let threads = thread_cpus(pid);
+        assert!(threads.iter().any(|(n, _)| n == "vcpu0"), "{threads:?}");
+        for (name, cpus) in &threads {
+            let want = if name.starts_with("vcpu") { vcpu } else { vmm };
+            assert_eq!(cpus, want, "{side}: thread {name} of {threads:?}");
+        }
+    };
+    let report = migrate_and_check_on(
+        "affinity",
+        unix_url,
+        &["--vcpu-cpus", a, "--vmm-cpus", b],
+        &["--vcpu-cpus", b, "--vmm-cpus", a],
+        &["--dirty-source", "kvm-clear"],
+        &check,
+    );
+    assert_eq!(report["converged"], true, "{report}");
+}
+
 #[test]
 fn force_policy_switches_over_a_throttled_guest_that_never_converges() {
     let s = Scratch::new("force");

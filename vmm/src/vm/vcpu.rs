@@ -167,6 +167,21 @@ impl Vcpu {
         result
     }
 
+    /// A `KVM_RUN` that returns before entering the guest (`immediate_exit`),
+    /// for KVM's first-run work on the calling thread: since Linux 6.13 the
+    /// first `KVM_RUN` of a VM starts its NX huge-page recovery worker, a
+    /// thread of this process that inherits the caller's CPU mask.
+    pub fn run_no_entry(&mut self) -> Result<(), VcpuError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let result = self.fd.run().map(|exit| format!("{exit:?}"));
+        self.fd.set_kvm_immediate_exit(0);
+        match result {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(VcpuError::Ioctl("KVM_RUN", e)),
+            Ok(exit) => Err(VcpuError::Unexpected { cpu: self.id, exit }),
+        }
+    }
+
     fn run_loop(&mut self) -> Result<VcpuEvent, VcpuError> {
         let cpu = self.id;
         loop {
