@@ -14,18 +14,36 @@ cd "$(dirname "$0")/.."
 
 passed=0
 failed=0
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
 suite() {
-    local name=$1
+    local name=$1 rc
     shift
     echo "=== $name: $*"
     local t0=$SECONDS
-    if "$@"; then
+    "$@" 2>&1 | tee "$logs/$name.log"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 0 ]; then
         passed=$((passed + 1))
         echo "=== $name: ok ($((SECONDS - t0)) s)"
+        rm -f "$logs/$name.log"
     else
         failed=$((failed + 1))
         echo "=== $name: FAILED ($((SECONDS - t0)) s)"
     fi
+}
+
+# recap: each failed suite's failure lines and retries, with the lines
+# just before them, again at the very end, where a CI log cut in the
+# middle still shows them.
+recap() {
+    local f
+    for f in "$logs"/*.log; do
+        [ -e "$f" ] || continue
+        echo "=== recap of $(basename "$f" .log): its failures and retries"
+        tr -d '\r' <"$f" | grep -a -B6 -A2 -E '^not ok|^FAIL|RETRY|^test .* FAILED|panicked at|^error' |
+            cut -c1-300 | tail -n 80
+    done
 }
 
 scripts/setup.sh >/dev/null || { echo "setup failed"; echo "0 passed, 1 failed"; exit 1; }
@@ -42,5 +60,6 @@ suite image-nested tests/image-nested.sh
 suite kmod-nested tests/kmod-nested.sh
 suite fuzz scripts/fuzz.sh
 
+recap
 echo "suites: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
