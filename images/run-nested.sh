@@ -159,7 +159,7 @@ if [ "$bench" = migrate ]; then
 	cp -rL /usr/share/qemu /usr/share/seabios "$root/usr/share/"
 fi
 install -m 0755 /bin/busybox "$root/bin/busybox"
-for a in awk sh cat dd echo grep head insmod kill mkdir mkfifo mount printf reboot rm sed sleep sync tail tee test tr; do
+for a in awk sh cat dd dmesg echo grep head insmod kill mkdir mkfifo mount printf reboot rm sed sleep sync tail tee test tr; do
 	ln -s busybox "$root/bin/$a"
 done
 install -m 0755 "$vmm" "$root/bin/ldt-vmm"
