@@ -176,6 +176,7 @@ words="ldt.run=\"$run\""
 [ -z "$bench" ] || words="$words ldt.bench=$bench"
 # Migrations per mode for --bench-migrate (images/nested/bench-migrate-l2).
 [ -z "${LDT_BENCH_RUNS:-}" ] || words="$words ldt.bench_runs=$LDT_BENCH_RUNS"
+[ -z "${LDT_BENCH_FIRST:-}" ] || words="$words ldt.bench_first=$LDT_BENCH_FIRST"
 # The memcheck rates (workloads) of --bench-migrate, comma-separated.
 [ -z "${LDT_BENCH_RATES:-}" ] || words="$words ldt.bench_rates=$LDT_BENCH_RATES"
 # Its modes, comma-separated, in their order (bench-migrate-l2).
