@@ -44,6 +44,8 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 d["runs"][1]["downtime_ms"] = "fast"
 del d["runs"][2]["throughput"]["pages_s"]
+# A failed migration is its error only, and that must be a string.
+d["runs"].append({"mode": "qemu", "run": 7, "rate": 0, "error": 3})
 json.dump(d, open(sys.argv[2], "w"))
 PYEOF
 if "$ROOT/scripts/report.sh" --replot "$work/bad" >"$work/bad.log" 2>&1; then
@@ -51,7 +53,8 @@ if "$ROOT/scripts/report.sh" --replot "$work/bad" >"$work/bad.log" 2>&1; then
 else
 	require_output "$work/bad.log" "migrate-nested.json does not match" \
 		'$.runs[1].downtime_ms: expected number, got str' \
-		'$.runs[2].throughput: missing "pages_s"'
+		'$.runs[2].throughput: missing "pages_s"' \
+		'$.runs[20].error: expected string, got int'
 	[ "$(wc -l <"$work/bad.log")" -eq 1 ] || why="${why:+$why; }more than one line of error"
 fi
 [ ! -e "$work/bad/index.html" ] || why="${why:+$why; }a page was written anyway"

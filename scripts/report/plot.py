@@ -60,12 +60,16 @@ class BadInput(Exception):
 
 
 def colour(name):
-    return COLOURS.get(name, None)
+    # A mode's variants ("host-ldt+pin") take the colour of the mode.
+    return COLOURS.get(name) or COLOURS.get(name.split("+")[0])
 
 
 def ordered(names):
-    names = set(names)
-    return [n for n in ORDER if n in names] + sorted(names - set(ORDER))
+    # In ORDER by the mode a variant belongs to, unknown names last.
+    def key(n):
+        base = n.split("+")[0]
+        return (ORDER.index(base) if base in ORDER else len(ORDER), n)
+    return sorted(set(names), key=key)
 
 
 def load(raw):
@@ -301,11 +305,18 @@ def workloads(data):
             for i, rate in enumerate(rates)]
 
 
+def completed(data):
+    """The runs of a migration file that did not fail (a failed one has
+    its "error" only)."""
+    return [r for r in data["runs"] if "error" not in r]
+
+
 def fig_migrate_timeline(data, out, suffix, workload):
-    modes = ordered(r["mode"] for r in data["runs"])
+    runs = completed(data)
+    modes = ordered(r["mode"] for r in runs)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for m in modes:
-        r = representative([r for r in data["runs"] if r["mode"] == m])
+        r = representative([r for r in runs if r["mode"] == m])
         tp = r["throughput"]
         c = colour(m)
         ys = [p / 1e3 for p in tp["pages_s"]]
@@ -326,7 +337,7 @@ def fig_migrate_timeline(data, out, suffix, workload):
                 ax.axvline(t, color=c, ls="--", lw=1)
             elif e["what"] == "resumed":
                 ax.plot([t], [y_at(t)], "^", color=c, ms=7)
-    idle = [r["throughput"]["idle_pages_s"] for r in data["runs"]]
+    idle = [r["throughput"]["idle_pages_s"] for r in runs]
     ax.axhline(statistics.median(idle) / 1e3, color="#999999", ls=":",
                label="idle (no migration)")
     ax.axvline(0, color="black", lw=0.8)
@@ -351,21 +362,24 @@ def fig_migrate_timeline(data, out, suffix, workload):
 
 
 def fig_migrate_bars(data, out, suffix, workload):
-    modes = ordered(r["mode"] for r in data["runs"])
+    runs = completed(data)
+    modes = ordered(r["mode"] for r in runs)
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     for ax, key, label in ((axes[0], "total_ms", "total migration time (ms)"),
                            (axes[1], "downtime_ms", "downtime (ms)")):
         p50s, p95s, ticks = [], [], []
         for m in modes:
-            vals = [r[key] for r in data["runs"] if r["mode"] == m]
+            vals = [r[key] for r in runs if r["mode"] == m]
             p50s.append(pct(vals, 50))
             p95s.append(pct(vals, 95))
-            fails = sum(1 for r in data["runs"] if r["mode"] == m
+            fails = sum(1 for r in runs if r["mode"] == m
                         and not r["memcheck_pass"])
+            lost = sum(1 for r in data["runs"] if r["mode"] == m and "error" in r)
             ticks.append(f"{m}\nn={len(vals)}"
+                         + (f", {lost} failed" if lost else "")
                          + (f", {fails} memcheck FAIL" if fails else ""))
         xs = list(range(len(modes)))
-        ax.bar(xs, p50s, color=[colour(m) for m in modes])
+        ax.bar(xs, p50s, color=[colour(m) or "#7f7f7f" for m in modes])
         ax.errorbar(xs, p50s, yerr=[[0] * len(modes),
                                     [b - a for a, b in zip(p50s, p95s)]],
                     fmt="none", ecolor="black", capsize=4)

@@ -77,7 +77,10 @@ MIGRATE_RUN = {
                 "what": {"migration-start", "round", "switch-over", "resumed"}}],
     "breakdown_ms": dict,
 }
-MIGRATE = {"meta": META, "runs": [MIGRATE_RUN]}
+# A migration that failed is listed with its error only.
+MIGRATE_FAILED_RUN = {"mode": str, "run": int, "rate?": int, "error": str}
+# Each run is checked against one of the two (check_file_data).
+MIGRATE = {"meta": META, "runs": [dict]}
 
 # Raw file name (in DIR/raw/) -> spec.
 FILES = {
@@ -144,7 +147,11 @@ def check_file_data(name, data):
             errs += check(row, LDT_BENCH_ROWS[bench], f"$.rows[{i}]")
     if name == "migrate-nested.json" and isinstance(data.get("runs"), list):
         for i, run in enumerate(data["runs"]):
-            tp = run.get("throughput") if isinstance(run, dict) else None
+            if not isinstance(run, dict):
+                continue  # reported by the check above
+            failed = "error" in run
+            errs += check(run, MIGRATE_FAILED_RUN if failed else MIGRATE_RUN, f"$.runs[{i}]")
+            tp = None if failed else run.get("throughput")
             if isinstance(tp, dict) and isinstance(tp.get("t_s"), list) \
                     and isinstance(tp.get("pages_s"), list) \
                     and len(tp["t_s"]) != len(tp["pages_s"]):
