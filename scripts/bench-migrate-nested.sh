@@ -110,7 +110,7 @@ else
 	[[ "$modes" =~ ^([a-z-]+(\+(nice|pin))*(,[a-z-]+(\+(nice|pin))*)*)?$ ]] ||
 		{ echo "--modes: comma-separated modes (e.g. host-ldt,host-ldt+nice,qemu)" >&2; exit 2; }
 	# One boot of the nested machine per run, every mode once in it: the
-	# nested machine's own kernel died three times in a bench (README,
+	# nested machine's own kernel has died in benches (README,
 	# Known problems), and then only that boot's run is lost. A boot that
 	# ended in a level-1 reset is made once more, loudly; its partial
 	# records stay out of the tables.
