@@ -149,6 +149,7 @@ install -m 0755 "$LDT_ROOT/images/nested/migrate-l2" "$root/bin/migrate-l2"
 install -m 0755 "$LDT_ROOT/images/nested/bench-migrate-l2" "$root/bin/bench-migrate-l2"
 install -m 0755 "$LDT_ROOT/images/nested/bench-dirty-l2" "$root/bin/bench-dirty-l2"
 install -m 0755 "$LDT_ROOT/images/nested/pin-threads" "$root/bin/pin-threads"
+install -m 0755 "$LDT_ROOT/images/nested/progress-edge" "$root/bin/progress-edge"
 if [ "$bench" = migrate ]; then
 	# QEMU for the comparison: the binary, every library ldd names, the
 	# loader, and its firmware directory, at their Debian paths.

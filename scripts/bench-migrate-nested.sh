@@ -48,24 +48,34 @@
 #                         QEMU: its dirty sync count),
 #              "sent_mb": num (10^6 bytes), "memcheck_pass": bool,
 #              "throughput": {"idle_pages_s": num (mean before the start),
-#                             "t_s": [num...], "pages_s": [num...]},
+#                             "t_s": [num...], "interval_s": [num...],
+#                             "pages_s": [num...]},
 #              "events": [{"t_s": num, "what": "migration-start"|"round"|
 #                          "switch-over"|"resumed"}],
 #              "breakdown_ms": {name: num} (ldt-vmm's downtime breakdown;
 #                              QEMU: {"setup": ...})}]}
 #   t_s is relative to the migration start: memcheck's progress lines carry
 #   the guest's uptime (continuous across the migration), aligned on the
-#   uptime of its last line before `migrate` was issued (so within 100 ms).
-#   A pages_s sample is the page rewrites of memcheck's interval ending at
-#   t_s over its length; ldt-vmm round events are at setup + the rounds'
-#   cumulative durations. Failed migrations are listed with "error" only.
+#   uptime of the line after which `migrate` was issued at once (files of
+#   before 2026-12-05: of the last line before it, so within 100 ms). A
+#   pages_s sample is the page rewrites of memcheck's interval (interval_s,
+#   absent in older files) ending at t_s over its length; ldt-vmm round
+#   events are at setup + the rounds' cumulative durations. Failed
+#   migrations are listed with "error" only.
 #
-# The table's guest columns are means of the pages_s samples over a window
-# relative to idle, p50 over the runs: "during" from the start to resumed
-# (the downtime included), "pre-copy" from the start to the switch-over
-# (what tracking and sending cost the running guest), "after" the 3 s
-# after; "min 100ms" the slowest sample of the "during" window (p50 over
-# the runs).
+# The table's guest columns are pages the guest wrote in a window, each
+# sample counted for the part of its interval inside it, over the window's
+# length, relative to idle; p50 (and p95) over the runs. The guest's clock
+# is the migration's until the pause (t0 is a progress line's, taken right
+# before the start: images/nested/progress-edge); it then stands still for
+# part of the downtime (QEMU freezes the guest's kvmclock at the pause;
+# ldt-vmm reads it when it saves the state, after the final memory).
+#   running  the start to the pause: the rate of the guest while it runs
+#            during the migration (what tracking and copying cost it);
+#   wall     the same pages over the start to resumed: the downtime
+#            counted as no progress;
+#   min 100ms  the slowest sample lying mostly before the pause;
+#   after    the 3 s after the guest resumed on the destination.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 runs=5
@@ -152,6 +162,7 @@ def throughput(r):
     idle = [p[1] / p[2] for p in pts if p[0] <= t0 and p[2] > 0]
     return {"idle_pages_s": statistics.mean(idle) if idle else 0.0,
             "t_s": [round(p[0] - t0, 3) for p in pts],
+            "interval_s": [p[2] for p in pts],
             "pages_s": [round(p[1] / p[2], 1) if p[2] > 0 else 0.0 for p in pts]}
 
 runs = []
@@ -203,13 +214,44 @@ if os.environ["JSON"]:
     with open(os.environ["JSON"], "w") as f:
         json.dump({"meta": meta, "runs": runs}, f, indent=1)
 
-def window(r, lo, hi):
+def samples(r):
+    # (start, end, pages/s) of each sample, in guest time from t0.
     th = r["throughput"]
-    return [p for t, p in zip(th["t_s"], th["pages_s"]) if lo <= t <= hi]
+    ends = th["t_s"]
+    # Files of before interval_s: from the previous sample end (0.1 s for the first).
+    ivs = th.get("interval_s") or [e - b for b, e in zip([ends[0] - 0.1] + ends, ends)]
+    return [(e - i, e, p) for e, i, p in zip(ends, ivs, th["pages_s"])]
 
-def ratio(xs, r, f):
+def pages_in(r, lo, hi):
+    return sum(p * max(0.0, min(e, hi) - max(b, lo)) for b, e, p in samples(r))
+
+def pause_s(r):
+    return (r["total_ms"] - r["downtime_ms"]) / 1e3
+
+def resumed_guest_s(r):
+    # The guest clock when it resumed: the pause, plus what of the
+    # downtime it saw pass (ldt-vmm: up to its state save).
+    b = r.get("breakdown_ms", {})
+    seen = sum(b.get(k, 0.0) for k in ("pause", "final_harvest", "final_memory", "state_save"))
+    return pause_s(r) + seen / 1e3
+
+def rel(r, x):
     idle = r["throughput"]["idle_pages_s"]
-    return f(xs) / idle if xs and idle else float("nan")
+    return x / idle if idle else float("nan")
+
+def running(r):
+    return rel(r, pages_in(r, 0.0, pause_s(r)) / max(pause_s(r), 1e-9))
+
+def wall(r):
+    return rel(r, pages_in(r, 0.0, pause_s(r)) / max(r["total_ms"] / 1e3, 1e-9))
+
+def slowest(r):
+    inside = [p for b, e, p in samples(r) if min(e, pause_s(r)) - max(b, 0.0) >= (e - b) / 2]
+    return rel(r, min(inside)) if inside else float("nan")
+
+def after(r):
+    t = resumed_guest_s(r)
+    return rel(r, pages_in(r, t, t + 3.0) / 3.0)
 
 print("Nested Linux-guest migration, %s, %s, git %s" % (meta["date"], meta["machine"], meta["git"]))
 for rate in sorted({r["rate"] for r in runs}, key=lambda x: (x == 0, x)):
@@ -218,7 +260,7 @@ for rate in sorted({r["rate"] for r in runs}, key=lambda x: (x == 0, x)):
         "%d pages/s" % rate if rate else "max rate"))
     print()
     print("| mode | ok/runs | total ms p50 | p95 | downtime ms p50 | p95 | rounds p50 | sent MB p50 "
-          "| guest idle pages/s p50 | during/idle p50 | p95 | pre-copy/idle p50 | min 100ms/idle p50 "
+          "| guest idle pages/s p50 | running/idle p50 | p95 | wall/idle p50 | min 100ms/idle p50 "
           "| after/idle p50 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     modes = []
@@ -231,18 +273,16 @@ for rate in sorted({r["rate"] for r in runs}, key=lambda x: (x == 0, x)):
         if not ok:
             print("| %s | 0/%d |%s" % (m, len(rs), " |" * 12))
             continue
-        during = [ratio(window(r, 0, r["total_ms"] / 1e3), r, statistics.mean) for r in ok]
-        precopy = [ratio(window(r, 0, (r["total_ms"] - r["downtime_ms"]) / 1e3), r, statistics.mean)
-                   for r in ok]
-        worst = [ratio(window(r, 0, r["total_ms"] / 1e3), r, min) for r in ok]
-        after = [ratio(window(r, r["total_ms"] / 1e3, r["total_ms"] / 1e3 + 3), r, statistics.mean)
-                 for r in ok]
+        run_r = [running(r) for r in ok]
+        wall_r = [wall(r) for r in ok]
+        worst = [slowest(r) for r in ok]
+        after_r = [after(r) for r in ok]
         print("| %s | %d/%d | %.0f | %.0f | %.1f | %.1f | %.0f | %.1f | %.0f | %.2f | %.2f | %.2f | %.2f | %.2f |" % (
             m, len(ok), len(rs),
             pct([r["total_ms"] for r in ok], 50), pct([r["total_ms"] for r in ok], 95),
             pct([r["downtime_ms"] for r in ok], 50), pct([r["downtime_ms"] for r in ok], 95),
             pct([r["rounds"] for r in ok], 50), pct([r["sent_mb"] for r in ok], 50),
             pct([r["throughput"]["idle_pages_s"] for r in ok], 50),
-            pct(during, 50), pct(during, 95), pct(precopy, 50), pct(worst, 50), pct(after, 50)))
+            pct(run_r, 50), pct(run_r, 95), pct(wall_r, 50), pct(worst, 50), pct(after_r, 50)))
 '
 exit "$status"

@@ -6,8 +6,8 @@
 #      page exists, each figure is on it, every image it references exists
 #      and is a valid PNG / SVG (scripts/report/check.py);
 #   2. bad-input: the same with a field of the migration file of the wrong
-#      type and one missing: the plotter refuses it with an error naming
-#      the file and both fields;
+#      type, one missing and one of the wrong length: the plotter refuses
+#      it with an error naming the file and each field;
 #   3. quick: scripts/report.sh --quick (bench dirty here, ldt-bench --short
 #      under QEMU TCG): the page, its images, the raw JSON against what the
 #      plots read, and the figures of what this machine can run.
@@ -44,6 +44,8 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 d["runs"][1]["downtime_ms"] = "fast"
 del d["runs"][2]["throughput"]["pages_s"]
+# interval_s is optional, but one per sample when present.
+d["runs"][3]["throughput"]["interval_s"] = [0.1]
 # A failed migration is its error only, and that must be a string.
 d["runs"].append({"mode": "qemu", "run": 7, "rate": 0, "error": 3})
 json.dump(d, open(sys.argv[2], "w"))
@@ -54,6 +56,7 @@ else
 	require_output "$work/bad.log" "migrate-nested.json does not match" \
 		'$.runs[1].downtime_ms: expected number, got str' \
 		'$.runs[2].throughput: missing "pages_s"' \
+		'$.runs[3].throughput: t_s has 20 values, interval_s 1' \
 		'$.runs[20].error: expected string, got int'
 	[ "$(wc -l <"$work/bad.log")" -eq 1 ] || why="${why:+$why; }more than one line of error"
 fi

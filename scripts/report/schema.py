@@ -72,7 +72,8 @@ MIGRATE_RUN = {
     "rounds": int,
     "sent_mb": NUM,
     "memcheck_pass": bool,
-    "throughput": {"idle_pages_s": NUM, "t_s": [NUM], "pages_s": [NUM]},
+    "throughput": {"idle_pages_s": NUM, "t_s": [NUM], "interval_s?": [NUM],
+                   "pages_s": [NUM]},
     "events": [{"t_s": NUM,
                 "what": {"migration-start", "round", "switch-over", "resumed"}}],
     "breakdown_ms": dict,
@@ -152,11 +153,11 @@ def check_file_data(name, data):
             failed = "error" in run
             errs += check(run, MIGRATE_FAILED_RUN if failed else MIGRATE_RUN, f"$.runs[{i}]")
             tp = None if failed else run.get("throughput")
-            if isinstance(tp, dict) and isinstance(tp.get("t_s"), list) \
-                    and isinstance(tp.get("pages_s"), list) \
-                    and len(tp["t_s"]) != len(tp["pages_s"]):
-                errs.append(f"$.runs[{i}].throughput: t_s has {len(tp['t_s'])} "
-                            f"values, pages_s {len(tp['pages_s'])}")
+            if isinstance(tp, dict) and isinstance(tp.get("t_s"), list):
+                for key in ("pages_s", "interval_s"):
+                    if isinstance(tp.get(key), list) and len(tp[key]) != len(tp["t_s"]):
+                        errs.append(f"$.runs[{i}].throughput: t_s has {len(tp['t_s'])} "
+                                    f"values, {key} {len(tp[key])}")
     if isinstance(data, dict) and isinstance(data.get("runs"), list) \
             and not data["runs"]:
         errs.append("$.runs: empty")
