@@ -74,9 +74,14 @@ fn start_destination(s: &Scratch) -> (KillOnDrop, PathBuf, String) {
 }
 
 fn migrate(api: &Path, url: &str) -> Output {
+    migrate_with(api, url, &[])
+}
+
+fn migrate_with(api: &Path, url: &str, extra: &[&str]) -> Output {
     bin()
         .args(["migrate", "--api", api.to_str().unwrap(), "--to", url])
         .args(["--dirty-source", "guest-ldt", "--verify"])
+        .args(extra)
         .output()
         .unwrap()
 }
@@ -233,6 +238,32 @@ fn the_final_rounds_kvm_log_catches_writes_after_the_last_guest_harvest() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(r["verify_mismatch_pages"].as_u64().unwrap() >= 1, "{r}");
     assert_eq!(r["guest_ldt_final"]["kvm_pages"], 0);
+}
+
+/// The payload rewrites its whole working set all the time; at 2 MB/s its
+/// 64 pages take about 130 ms to send, so the guest would rewrite all of
+/// its last set while it went out: the set goes in the pause at once
+/// (nothing sent with the vCPUs running after the last harvest), and
+/// KVM's log of that harvest's interval still covers every write.
+#[test]
+fn a_final_set_the_guest_would_rewrite_goes_in_the_pause_and_verifies() {
+    let s = Scratch::new("guest-ldt", "final-paused");
+    let mut src = start(&s, flat::LDT_PV_PAYLOAD, &["--ldt-pv"], &[]);
+    wait_announced(&src.api);
+    let (_dst, _dst_api, url) = start_destination(&s);
+    let out = migrate_with(&src.api, &url, &["--bandwidth-limit", "2"]);
+    wait_exit(&mut src.child.0, Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "migrate failed: {err}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["verify_mismatch_pages"], 0, "{r}");
+    let f = &r["guest_ldt_final"];
+    assert_eq!(f["paused_at_once"], true, "{f}");
+    // The round after the last harvest is the paused one, with the whole
+    // working set (the last pre-copy harvest's and the final one's).
+    let rounds = r["rounds"].as_array().unwrap();
+    let last = rounds.last().unwrap()["pages"].as_u64().unwrap();
+    assert!(last >= 64, "the paused round sent {last} pages: {r}");
 }
 
 /// On a VM with KVM's dirty ring (which then has no dirty bitmap) the

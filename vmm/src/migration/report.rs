@@ -132,8 +132,9 @@ pub struct MigrationReport {
 }
 
 /// The final round of a guest-ldt migration: the guest's last harvest
-/// (vCPUs running, KVM's log armed), then with the vCPUs paused KVM's log
-/// for that interval and the pages of KVM's MSR-registered areas.
+/// (vCPUs running, KVM's log armed), its set sent with the vCPUs running
+/// (or not: `paused_at_once`), then with the vCPUs paused KVM's log for
+/// that interval and the pages of KVM's MSR-registered areas.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GuestLdtFinal {
     /// The guest's last harvest (it runs before the pause, outside the downtime).
@@ -147,6 +148,10 @@ pub struct GuestLdtFinal {
     pub kvm_only_pages: u64,
     /// Pages of KVM's MSR-registered areas (kvmclock, steal time, PV EOI, async PF).
     pub msr_area_pages: u64,
+    /// The guest's last set went in the pause, not out with the vCPUs
+    /// running: the guest would have rewritten most of it meanwhile.
+    #[serde(default)]
+    pub paused_at_once: bool,
 }
 
 /// Measures memcpy over 64 MiB (median of 3).
