@@ -203,8 +203,12 @@ done
 # ldt-memcheck.  Before any of it the guest shows its direct map: the
 # driver split it to 4 KiB pages at boot (lwdt_vm_prepare()), so no huge
 # page is left in it and the migration's start does not pay for the split.
+# After it, on the destination, the driver's statistics (they migrate with
+# the guest) show that the source's harvests left direct-map page tables
+# out (gldt-0006: the ones no CPU used since the previous harvest), so the
+# audit's 0 misses are of harvests that skipped.
 run_case migrate-guest-ldt 0 \
-	'grep%20DirectMap2M%20/proc/meminfo;%20/bin/ldt-memcheck%20--until-uptime%2040%20&%20/bin/ldt-stress%20--until-uptime%2040;%20wait;%20/bin/ldt-syscheck' \
+	'grep%20DirectMap2M%20/proc/meminfo;%20/bin/ldt-memcheck%20--until-uptime%2040%20&%20/bin/ldt-stress%20--until-uptime%2040;%20wait;%20mount%20-t%20debugfs%20none%20/sys/kernel/debug;%20grep%20-q%20kernel_tables_skipped:.[1-9]%20/sys/kernel/debug/ldt_pv_stats%20&&%20echo%20ldt-pv-skip:%20yes;%20/bin/ldt-syscheck' \
 	'--migrate guest-ldt --l2-opts --ldt-pv%20--ldt-pv-audit' \
 	'ldt-pv: protocol 1, 65536 frames' '[src] DirectMap2M:           0 kB' \
 	'[src] ldt-memcheck: 32 MiB, checksum before' \
@@ -212,8 +216,8 @@ run_case migrate-guest-ldt 0 \
 	'ldt-migrate-l2: migrating with --dirty-source guest-ldt --verify' \
 	'"missed_pages":0' \
 	'ldt-migrate-l2: source ldt-vmm exited with 0' '[dst] ldt-memcheck: PASS' \
-	'[dst] ldt-stress: PASS' '[dst] ldt-syscheck: PASS' '[dst] ldt-init: exit status 0' \
-	'ldt-nested: level-2 exit status 0'
+	'[dst] ldt-stress: PASS' '[dst] ldt-pv-skip: yes' '[dst] ldt-syscheck: PASS' \
+	'[dst] ldt-init: exit status 0' 'ldt-nested: level-2 exit status 0'
 
 # Every dirty source against ground truth in a Linux guest: ldt-writer
 # rewrites a locked working set each round and every one of its frames
