@@ -38,9 +38,63 @@ pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
+    // Bound and listening under a temporary name first, then linked into
+    // place: whoever waits for the path to appear (a script, a test, a
+    // stale-socket check as above) never meets a file that refuses
+    // connections because listen() has not run yet.
+    let staging = staging_path(path);
+    let bound = match &staging {
+        Some(tmp) => tmp.as_path(),
+        None => path,
+    };
+    if staging.is_some() {
+        // Left by a process of the same pid that died between bind and link.
+        if let Ok(m) = std::fs::symlink_metadata(bound) {
+            if m.file_type().is_socket() {
+                std::fs::remove_file(bound)?;
+            }
+        }
+    }
+    let listener = bind_listen(bound)?;
+    if let Some(tmp) = &staging {
+        // link() fails with EEXIST should a file have appeared at `path`
+        // since the checks above: it is never replaced.
+        let linked = std::fs::hard_link(tmp, path);
+        let _ = std::fs::remove_file(tmp);
+        linked.map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                error(path, e.kind(), "appeared while binding: refusing to replace it")
+            } else {
+                e
+            }
+        })?;
+    }
+    Ok(listener)
+}
+
+/// A name next to `path` for binding before the socket listens, or None
+/// when such a name would not fit in a socket address (`path` is then
+/// bound directly, with the short bind-to-listen window).
+fn staging_path(path: &Path) -> Option<std::path::PathBuf> {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!(".ldt-vmm-{}-{seq}.sock", std::process::id());
+    let tmp = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.join(name),
+        _ => std::path::PathBuf::from(name),
+    };
+    (tmp.as_os_str().len() < SUN_PATH_LEN).then_some(tmp)
+}
+
+/// sizeof(sockaddr_un.sun_path), the terminating NUL included.
+const SUN_PATH_LEN: usize = 108;
+
+/// socket(), bind() to `path` with mode 0600, listen().
+fn bind_listen(path: &Path) -> io::Result<UnixListener> {
     let bytes = path.as_os_str().as_encoded_bytes();
     // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    debug_assert_eq!(addr.sun_path.len(), SUN_PATH_LEN);
     if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
         return Err(error(
             path,
@@ -72,13 +126,22 @@ pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
                 (&addr as *const libc::sockaddr_un).cast(),
                 std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
             ) != 0
-            || libc::listen(raw, 16) != 0
         {
             return Err(io::Error::last_os_error());
         }
     }
+    // From here on the file exists: it goes again if listening fails.
+    // SAFETY: listen on the descriptor bound above.
+    if unsafe { libc::listen(raw, 16) } != 0 {
+        let e = io::Error::last_os_error();
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
     // Should a kernel not apply the inode mode, the file still ends 0600.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))?;
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE)) {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
     Ok(UnixListener::from(fd))
 }
 
@@ -112,5 +175,77 @@ mod tests {
         let l = bind_private(&p).unwrap();
         drop(l);
         std::fs::remove_file(&p).unwrap();
+    }
+
+    /// No file left next to the socket, the socket works.
+    fn leftovers(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".ldt-vmm-"))
+            .collect()
+    }
+
+    #[test]
+    fn the_path_appears_only_once_it_accepts_connections() {
+        let dir = scratch("appear");
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("s.sock");
+        for _ in 0..200 {
+            let watch = p.clone();
+            // Connects the moment the file exists: a refusal means the
+            // path was visible before listen().
+            let watcher = std::thread::spawn(move || loop {
+                if std::fs::symlink_metadata(&watch).is_ok() {
+                    return UnixStream::connect(&watch).map(drop);
+                }
+                std::hint::spin_loop();
+            });
+            let l = bind_private(&p).unwrap();
+            watcher.join().unwrap().unwrap();
+            drop(l);
+            std::fs::remove_file(&p).unwrap();
+        }
+        assert_eq!(leftovers(&dir), Vec::<String>::new());
+        std::fs::remove_dir(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_that_appears_while_binding_is_not_replaced_and_nothing_is_left() {
+        let dir = scratch("race");
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("s.sock");
+        // The staging name cannot be predicted from outside, so the race is
+        // played by hand: bind under the staging name, then a file at `p`.
+        let tmp = staging_path(&p).unwrap();
+        let l = bind_listen(&tmp).unwrap();
+        std::fs::write(&p, b"keep me").unwrap();
+        let e = std::fs::hard_link(&tmp, &p).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&p).unwrap(), b"keep me");
+        drop(l);
+        std::fs::remove_file(&tmp).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        std::fs::remove_dir(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_path_with_no_room_for_the_staging_name_is_bound_directly() {
+        // A directory so deep that only a short name fits after it.
+        let base = scratch("deep");
+        let pad = SUN_PATH_LEN - 1 - base.as_os_str().len() - "/s.sock".len() - 1;
+        let dir = base.join("d".repeat(pad));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("s.sock");
+        assert_eq!(p.as_os_str().len(), SUN_PATH_LEN - 1);
+        assert!(staging_path(&p).is_none());
+        let l = bind_private(&p).unwrap();
+        UnixStream::connect(&p).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        drop(l);
+        std::fs::remove_file(&p).unwrap();
+        let e = bind_private(&dir.join("ss.sock")).unwrap_err().to_string();
+        assert!(e.contains("too long"), "{e}");
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }
