@@ -63,7 +63,11 @@ pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
         let _ = std::fs::remove_file(tmp);
         linked.map_err(|e| {
             if e.kind() == io::ErrorKind::AlreadyExists {
-                error(path, e.kind(), "appeared while binding: refusing to replace it")
+                error(
+                    path,
+                    e.kind(),
+                    "appeared while binding: refusing to replace it",
+                )
             } else {
                 e
             }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{counters, ctl, vmm as bin, wait_exit, wait_for};
+use common::{counters, ctl, vmm as bin, wait_exit, wait_for, wait_listening};
 use ldt_migration::{read_frame, write_frame, MessageKind, MAX_PAYLOAD};
 use ldt_vmm::flat::{tempfile_path::TempPath, COUNTER_FAST_PAYLOAD, COUNTER_SLOW_PAYLOAD};
 
@@ -120,11 +120,7 @@ fn start_destination_on(s: &Scratch, url: &str, extra: &[&str]) -> (Child, PathB
     let mut args = vec!["run", "--incoming", url, "--api", api.to_str().unwrap()];
     args.extend_from_slice(extra);
     let child = spawn(&args, &s.path("dst.out"), &s.path("dst.err"));
-    if let Some(p) = url.strip_prefix("unix:") {
-        wait_for(Path::new(p));
-    } else {
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_listening(&s.path("dst.err"));
     (child, api)
 }
 
@@ -811,7 +807,7 @@ fn start_destination_with(s: &Scratch, url: &str, extra: &[&str]) -> Child {
     let mut args = vec!["run", "--incoming", url, "--api", api.to_str().unwrap()];
     args.extend_from_slice(extra);
     let child = spawn(&args, &s.path("dst.out"), &s.path("dst.err"));
-    wait_for(&s.path("mig.sock"));
+    wait_listening(&s.path("dst.err"));
     child
 }
 
@@ -897,16 +893,17 @@ fn the_destination_answers_probes_and_second_sources_and_still_migrates() {
     let api = src.api.clone();
     let url2 = url.clone();
     let m = std::thread::spawn(move || migrate(&api, &url2, SLOW_FORCED));
-    // Wait until the destination has the migration (it has an API only after).
+    // Wait until the destination has the migration: the source reports
+    // progress only after the destination's HelloAck.
     let t = std::time::Instant::now();
-    while !std::fs::read_to_string(s.path("src.err"))
-        .unwrap_or_default()
-        .is_empty()
-        && t.elapsed() < Duration::from_secs(1)
-    {
+    loop {
+        let st = ctl(&src.api, &["migrate-status"]);
+        if !st["result"]["progress"].is_null() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no progress: {st}");
         std::thread::sleep(Duration::from_millis(10));
     }
-    std::thread::sleep(Duration::from_millis(300));
     let mut second = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     write_frame(&mut second, MessageKind::Hello, FAKE_HELLO).unwrap();
     let busy = read_frame(&mut second).unwrap();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{counters, ctl, vmm, wait_exit, wait_for, KillOnDrop, Scratch};
+use common::{counters, ctl, vmm, wait_exit, wait_for, wait_listening, KillOnDrop, Scratch};
 use ldt_vmm::flat::{tempfile_path::TempPath, COUNTER_SLOW_PAYLOAD};
 use ldt_vmm::migration::tls_certs;
 use ldt_vmm::migration::transport::TlsFiles;
@@ -80,17 +80,7 @@ fn start_destination(s: &Scratch, url: &str, tls: Option<&TlsFiles>) -> (KillOnD
             .spawn()
             .unwrap(),
     );
-    let t = Instant::now();
-    while !std::fs::read_to_string(&err)
-        .unwrap()
-        .contains("waiting for a migration")
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "destination never listened"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_listening(&err);
     (child, api)
 }
 

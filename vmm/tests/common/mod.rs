@@ -25,6 +25,24 @@ pub fn wait_for(path: &Path) {
     }
 }
 
+/// Waits (at most 30 s) until a destination's stderr in `err` says it
+/// listens (printed after bind and listen: a probe before it would be
+/// refused, a probe after it is a connection the destination must answer).
+pub fn wait_listening(err: &Path) {
+    let t = Instant::now();
+    while !std::fs::read_to_string(err)
+        .unwrap_or_default()
+        .contains("waiting for a migration")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the destination never listened: {}",
+            std::fs::read_to_string(err).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Waits for `child` at most `limit`: a hung VMM fails the test, not CI.
 pub fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
     let t = Instant::now();
