@@ -42,38 +42,37 @@ pub fn bind_private(path: &Path) -> io::Result<UnixListener> {
     // place: whoever waits for the path to appear (a script, a test, a
     // stale-socket check as above) never meets a file that refuses
     // connections because listen() has not run yet.
-    let staging = staging_path(path);
-    let bound = match &staging {
-        Some(tmp) => tmp.as_path(),
-        None => path,
+    let Some(tmp) = staging_path(path) else {
+        return bind_listen(path);
     };
-    if staging.is_some() {
-        // Left by a process of the same pid that died between bind and link.
-        if let Ok(m) = std::fs::symlink_metadata(bound) {
-            if m.file_type().is_socket() {
-                std::fs::remove_file(bound)?;
-            }
+    // Left by a process of the same pid that died between bind and link.
+    if let Ok(m) = std::fs::symlink_metadata(&tmp) {
+        if m.file_type().is_socket() {
+            std::fs::remove_file(&tmp)?;
         }
     }
-    let listener = bind_listen(bound)?;
-    if let Some(tmp) = &staging {
-        // link() fails with EEXIST should a file have appeared at `path`
-        // since the checks above: it is never replaced.
-        let linked = std::fs::hard_link(tmp, path);
-        let _ = std::fs::remove_file(tmp);
-        linked.map_err(|e| {
-            if e.kind() == io::ErrorKind::AlreadyExists {
-                error(
-                    path,
-                    e.kind(),
-                    "appeared while binding: refusing to replace it",
-                )
-            } else {
-                e
-            }
-        })?;
-    }
+    let listener = bind_listen(&tmp)?;
+    link_into_place(&tmp, path)?;
     Ok(listener)
+}
+
+/// Links the bound socket file `tmp` to `path` and removes `tmp`. link()
+/// fails with EEXIST should a file have appeared at `path` since
+/// `bind_private`'s checks: it is never replaced.
+fn link_into_place(tmp: &Path, path: &Path) -> io::Result<()> {
+    let linked = std::fs::hard_link(tmp, path);
+    let _ = std::fs::remove_file(tmp);
+    linked.map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            error(
+                path,
+                e.kind(),
+                "appeared while binding: refusing to replace it",
+            )
+        } else {
+            e
+        }
+    })
 }
 
 /// A name next to `path` for binding before the socket listens, or None
@@ -181,7 +180,7 @@ mod tests {
         std::fs::remove_file(&p).unwrap();
     }
 
-    /// No file left next to the socket, the socket works.
+    /// The staging names left in `dir`.
     fn leftovers(dir: &Path) -> Vec<String> {
         std::fs::read_dir(dir)
             .unwrap()
@@ -224,11 +223,12 @@ mod tests {
         let tmp = staging_path(&p).unwrap();
         let l = bind_listen(&tmp).unwrap();
         std::fs::write(&p, b"keep me").unwrap();
-        let e = std::fs::hard_link(&tmp, &p).unwrap_err();
+        let e = link_into_place(&tmp, &p).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert!(e.to_string().contains("appeared while binding"), "{e}");
         assert_eq!(std::fs::read(&p).unwrap(), b"keep me");
+        assert_eq!(leftovers(&dir), Vec::<String>::new());
         drop(l);
-        std::fs::remove_file(&tmp).unwrap();
         std::fs::remove_file(&p).unwrap();
         std::fs::remove_dir(&dir).unwrap();
     }
